@@ -1,0 +1,1 @@
+"""Flows: the Prefect DAG and the `colorize` CLI."""

@@ -1,0 +1,31 @@
+"""Point Prefect and MLflow at the work dir, before either is imported.
+
+Prefect reads its settings (home, database, result storage) when first imported, so this must run
+first: ``colorize`` keeps every piece of state inside the work dir, nothing in the home folder, and
+turns telemetry off. A value the user already exported wins (a shared Prefect or MLflow server).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def configure(workdir: Path) -> None:
+    workdir = workdir.resolve()
+    defaults = {
+        "PREFECT_HOME": str(workdir / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "true",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "DO_NOT_TRACK": "1",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ["COLORIZE_WORKDIR"] = str(workdir)

@@ -1,0 +1,1 @@
+"""Networks and numerics: Lab conversion, the colorizer, Real-ESRGAN loading, metrics."""

@@ -1,0 +1,1 @@
+"""Stage folders and manifests, atomic writes, shards, downloads, archives, MLflow helpers."""

@@ -1,0 +1,243 @@
+"""Stage folders keyed by their inputs, config and code; ``manifest.json`` written last as proof of completion.
+
+Layout under the work dir::
+
+    <stage>/<key>/            finished output; manifest.json lists every file with sha256 and size
+    <stage>/<key>.partial/    work in progress, kept across crashes so a stage can resume (shards, checkpoints)
+    <stage>/<key>.lock        flock held while a process works on that key: two runs never write one folder
+    <stage>/last.json         the last state of the stage in this work dir (for ``colorize status``)
+
+A stage is done only if its manifest exists, its self-checksum matches and every listed file has the
+recorded size and sha256. Anything else is redone, never trusted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import json
+import logging
+import platform
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from storage.atomic import fsync_dir, is_temp, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+SCRATCH = "scratch"  # resumable state inside a .partial folder; dropped when the stage finishes
+_VERSIONED = ("torch", "torchvision", "numpy", "pillow", "webdataset", "prefect", "mlflow", "scikit-image")
+
+
+class StageError(RuntimeError):
+    """A stage could not run or its stored output is unusable; the message is meant for the user."""
+
+
+def canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj)).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def code_version(*modules: ModuleType) -> str:
+    """Hash of the source files that define a stage: editing any of them changes the stage key."""
+    h = hashlib.sha256()
+    for mod in sorted(modules, key=lambda m: m.__name__):
+        h.update(mod.__name__.encode())
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def input_ref(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """What a downstream key depends on: the upstream stage, key and the digest of its file contents."""
+    if set(manifest) == {"stage", "key", "content"}:
+        return dict(manifest)
+    return {"stage": manifest["stage"], "key": manifest["key"], "content": manifest["content"]}
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+def list_files(folder: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.is_file() and rel.as_posix() != MANIFEST and not is_temp(p) and rel.parts[0] != SCRATCH:
+            files[rel.as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return files
+
+
+def _self_digest(manifest: Mapping[str, Any]) -> str:
+    return digest({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+
+
+def verify(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Return (manifest, None) for an intact finished stage, else (None, why it cannot be trusted)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None, f"no {MANIFEST} in {folder}"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return None, f"unreadable {path}: {exc}"
+    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _self_digest(manifest):
+        return None, f"{path} was edited or corrupted (self-checksum mismatch)"
+    for rel, meta in manifest["files"].items():
+        p = folder / rel
+        if not p.is_file():
+            return None, f"missing file {p}"
+        if p.stat().st_size != meta["size"]:
+            return None, f"{p} has {p.stat().st_size} bytes, manifest says {meta['size']} (truncated?)"
+        if sha256_file(p) != meta["sha256"]:
+            return None, f"{p} does not match its sha256 in the manifest"
+    return manifest, None
+
+
+@dataclass
+class StageResult:
+    manifest: dict[str, Any]
+    cached: bool
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.manifest["folder"])
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path, what: str) -> Iterator[None]:
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%s is being produced by another run; waiting for it", what)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _discard(folder: Path) -> None:
+    """Move a folder aside (atomic) and delete it, so a crash mid-delete never leaves a half folder."""
+    if folder.exists():
+        trash = folder.with_name(f".{folder.name}.trash-{uuid.uuid4().hex[:8]}")
+        folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def _record(stage_dir: Path, **state: Any) -> None:
+    with contextlib.suppress(OSError):
+        write_json(stage_dir / "last.json", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **state})
+
+
+def make_plan(workdir: Path | str, stage: str, inputs: Sequence[Mapping[str, Any]], config: Mapping[str, Any],
+              code: str) -> dict[str, Any]:
+    """Everything that decides a stage's output, as plain JSON: what Prefect hashes for its cache and what
+    names the stage folder. Input manifests are reduced to their references."""
+    plan = {"workdir": str(Path(workdir).resolve()), "stage": stage, "inputs": [input_ref(m) for m in inputs],
+            "config": json.loads(canonical_json(config)), "code": code}
+    plan["key"] = digest({k: plan[k] for k in ("stage", "inputs", "config", "code")})[:16]
+    return plan
+
+
+def plan_folder(plan: Mapping[str, Any]) -> Path:
+    return Path(plan["workdir"]) / plan["stage"] / plan["key"]
+
+
+def finished(plan: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The verified manifest of a planned stage if it is done and intact, else None."""
+    manifest, _ = verify(plan_folder(plan))
+    if manifest is not None:
+        manifest["folder"] = str(plan_folder(plan))
+    return manifest
+
+
+def run_stage(plan: Mapping[str, Any], work: Callable[[Path], Mapping[str, Any]], *,
+              force: bool = False) -> StageResult:
+    """Produce the planned stage folder unless an intact one exists; return its manifest.
+
+    ``work(partial_dir)`` writes the outputs (each file atomically) and returns extra manifest fields
+    (counts, seed, ...). It may keep resumable state in ``partial_dir/scratch``. The manifest is
+    written last and the folder renamed into place, so a reader sees a finished stage or none.
+    """
+    stage, key = plan["stage"], plan["key"]
+    final = plan_folder(plan)
+    stage_dir = final.parent
+    partial = stage_dir / f"{key}.partial"
+    with _locked(stage_dir / f"{key}.lock", f"{stage}/{key}"):
+        if force:
+            _discard(final)
+            _discard(partial)
+        elif final.exists():
+            manifest, problem = verify(final)
+            if manifest is not None:
+                manifest["folder"] = str(final)
+                _record(stage_dir, state="cached", key=key, seconds=0.0)
+                return StageResult(manifest, cached=True)
+            log.warning("%s/%s: %s; redoing the stage", stage, key, problem)
+            _discard(final)
+        partial.mkdir(parents=True, exist_ok=True)
+        for leftover in [p for p in partial.rglob("*") if is_temp(p)]:
+            leftover.unlink(missing_ok=True) if leftover.is_file() else shutil.rmtree(leftover, True)
+        start = time.time()
+        try:
+            extra = dict(work(partial))
+        except BaseException as exc:
+            _record(stage_dir, state="failed", key=key, seconds=round(time.time() - start, 2), error=str(exc))
+            raise
+        seconds = round(time.time() - start, 2)
+        shutil.rmtree(partial / SCRATCH, ignore_errors=True)
+        files = list_files(partial)
+        manifest = {
+            "stage": stage,
+            "key": key,
+            "config": plan["config"],
+            "inputs": plan["inputs"],
+            "code_version": plan["code"],
+            "files": files,
+            "content": digest(files),
+            "timings": {"seconds": seconds},
+            "versions": versions(),
+            **extra,
+        }
+        manifest["manifest_sha256"] = _self_digest(manifest)
+        write_json(partial / MANIFEST, manifest)
+        partial.rename(final)
+        fsync_dir(stage_dir)
+        _record(stage_dir, state="ran", key=key, seconds=seconds)
+        manifest["folder"] = str(final)
+        return StageResult(manifest, cached=False)
+
+
+def load_manifest(folder: Path | str) -> dict[str, Any]:
+    """Load and verify a finished stage, raising a one-line StageError if it cannot be trusted."""
+    manifest, problem = verify(Path(folder))
+    if manifest is None:
+        raise StageError(problem)
+    manifest["folder"] = str(folder)
+    return manifest
