@@ -47,8 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default="sample", help=f"one of {', '.join(DATASETS)} (default: sample)")
     r.add_argument("--path", help="with --dataset folder: the folder of photos")
     r.add_argument("--preset", default=None, help="tiny, demo (default for sample) or paper")
-    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a setting, e.g. --set train.lr=1e-3 (repeatable)")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting, e.g. --set train.lr=1e-3 (repeatable)",
+    )
     r.add_argument("--variants", help=f"comma list of fusion variants ({', '.join(VARIANTS)})")
     r.add_argument("--until", default="register", help=f"last stage to run ({', '.join(STAGES)})")
     r.add_argument("--only", help="run just this stage (its inputs must be finished)")
@@ -94,9 +100,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure(workdir)
     from flows.pipeline import pipeline
 
-    result = pipeline(dataset=args.dataset, preset=preset, overrides=overrides,
-                      path=str(Path(args.path).resolve()) if args.path else None, workdir=str(workdir),
-                      until=until, force=args.force)
+    result = pipeline(
+        dataset=args.dataset,
+        preset=preset,
+        overrides=overrides,
+        path=str(Path(args.path).resolve()) if args.path else None,
+        workdir=str(workdir),
+        until=until,
+        force=args.force,
+    )
     for call in result["calls"]:
         print(f"  {call['stage']:<16} {call['state']:<7} {call['key'] or ''}")
     for stage, folder in result["stages"].items():
@@ -114,8 +126,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if last.is_file():
             s = json.loads(last.read_text())
             err = f"  ({s['error']})" if s.get("error") else ""
-            print(f"{stage:<10} {s['state']:<7} {s.get('seconds', ''):>8}  {s.get('key', ''):<17} "
-                  f"{s.get('time', '')}{err}")
+            print(
+                f"{stage:<10} {s['state']:<7} {s.get('seconds', ''):>8}  {s.get('key', ''):<17} "
+                f"{s.get('time', '')}{err}"
+            )
         else:
             print(f"{stage:<10} {'-':<7}")
     return 0

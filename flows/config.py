@@ -140,12 +140,18 @@ with warnings.catch_warnings():
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "tiny": {
-        "download": {"lowres_crops_per_photo": 3, "highres_crops_per_photo": 2, "highres_size": 64,
-                     "limit": 40},
+        "download": {"lowres_crops_per_photo": 3, "highres_crops_per_photo": 2, "highres_size": 64, "limit": 40},
         "upscale": {"batch_size": 8},
         "prepare": {"image_size": 32},
-        "train": {"batch_size": 4, "epochs": 1, "max_steps": 3, "checkpoint_every": 2, "log_every": 1,
-                  "decoder_width": 16, "lr": 1e-3},
+        "train": {
+            "batch_size": 4,
+            "epochs": 1,
+            "max_steps": 3,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "decoder_width": 16,
+            "lr": 1e-3,
+        },
         "evaluate": {"grid_images": 4, "batch_size": 8},
     },
     "paper": {

@@ -31,8 +31,9 @@ NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
 
 
 @task(name="download", cache_policy=STAGE_CACHE, persist_result=True, **NETWORK_RETRIES)
-def download_task(plan: dict[str, Any], cfg: dict[str, Any], dataset: str, path: str | None,
-                  force: bool = False) -> dict[str, Any]:
+def download_task(
+    plan: dict[str, Any], cfg: dict[str, Any], dataset: str, path: str | None, force: bool = False
+) -> dict[str, Any]:
     config = PipelineConfig.model_validate(cfg)
     return download_stage.run_download(plan, config, dataset, Path(path) if path else None, force).manifest
 
@@ -60,12 +61,14 @@ class Runner:
         intact = not forced and finished(plan) is not None
         if not intact and stage not in self.force and plan_folder(plan).exists():
             log.warning("%s: stored output at %s failed verification; recomputing", name, plan_folder(plan))
-        state = fn.with_options(name=name, refresh_cache=not intact)(plan=plan, return_state=True,
-                                                                     force=forced, **kwargs)
+        state = fn.with_options(name=name, refresh_cache=not intact)(
+            plan=plan, return_state=True, force=forced, **kwargs
+        )
         if state.is_failed():
             self.calls.append(StageCall(name, "failed", plan["key"], str(state.message)))
-            write_json(self.workdir / stage / "last.json", {"state": "failed", "key": plan["key"],
-                                                            "error": str(state.message)})
+            write_json(
+                self.workdir / stage / "last.json", {"state": "failed", "key": plan["key"], "error": str(state.message)}
+            )
             raise RuntimeError(f"{name} failed: {state.message}")
         manifest = state.result()
         cached = state.name == "Cached"
@@ -76,9 +79,15 @@ class Runner:
 
 
 @flow(name="colorize-pipeline", log_prints=True, persist_result=True)
-def pipeline(dataset: str = "sample", preset: str = "demo", overrides: list[str] | None = None,
-             path: str | None = None, workdir: str = "work", until: str = "register",
-             force: list[str] | None = None) -> dict[str, Any]:
+def pipeline(
+    dataset: str = "sample",
+    preset: str = "demo",
+    overrides: list[str] | None = None,
+    path: str | None = None,
+    workdir: str = "work",
+    until: str = "register",
+    force: list[str] | None = None,
+) -> dict[str, Any]:
     """Run the stages up to ``until``; return what each did and where its output is."""
     cfg = build_config(preset, overrides)
     wd = Path(workdir).resolve()

@@ -51,9 +51,18 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
         total = resp.headers.get("Content-Length")
         total = int(total) + have if total is not None else None
         mode = "ab" if have else "wb"
-        with open(part, mode) as out, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                            desc=Path(url).name or url, disable=not progress,
-                                            leave=False) as bar:
+        with (
+            open(part, mode) as out,
+            tqdm(
+                total=total,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                desc=Path(url).name or url,
+                disable=not progress,
+                leave=False,
+            ) as bar,
+        ):
             while block := resp.read(_CHUNK):
                 out.write(block)
                 bar.update(len(block))
@@ -63,8 +72,17 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
             raise OSError(f"connection closed after {part.stat().st_size} of {total} bytes")
 
 
-def download(url: str, dest: Path | str, *, md5: str | None = None, sha256: str | None = None,
-             retries: int = 3, timeout: float = 60.0, backoff: float = 1.0, progress: bool = True) -> Path:
+def download(
+    url: str,
+    dest: Path | str,
+    *,
+    md5: str | None = None,
+    sha256: str | None = None,
+    retries: int = 3,
+    timeout: float = 60.0,
+    backoff: float = 1.0,
+    progress: bool = True,
+) -> Path:
     """Download ``url`` to ``dest`` (reused if already there and valid).
 
     With no checksum given, the sha256 of the first complete download is recorded beside the file
@@ -104,5 +122,7 @@ def download(url: str, dest: Path | str, *, md5: str | None = None, sha256: str 
         if expected is None:
             recorded.write_text(f"{got}  {dest.name}\n")
         return dest
-    raise DownloadError(f"could not download {url} after {retries + 1} tries ({last_error}); "
-                        f"check the connection or place the file at {dest}")
+    raise DownloadError(
+        f"could not download {url} after {retries + 1} tries ({last_error}); "
+        f"check the connection or place the file at {dest}"
+    )

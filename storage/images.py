@@ -80,6 +80,9 @@ def load_photo(path: Path | str, max_pixels: int = 80_000_000) -> Photo:
 def find_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` (recursive, sorted for a stable order), hidden files skipped."""
     return sorted(
-        p for p in folder.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not any(s.startswith(".") for s in p.relative_to(folder).parts)
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(s.startswith(".") for s in p.relative_to(folder).parts)
     )

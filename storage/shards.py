@@ -28,8 +28,14 @@ SHARD_MAXSIZE = 256 * 1024 * 1024
 class ShardWriter:
     """Write samples (dicts with ``__key__`` and encoded fields) into count- and size-bounded shards."""
 
-    def __init__(self, folder: Path | str, prefix: str, maxcount: int = SHARD_MAXCOUNT,
-                 maxsize: int = SHARD_MAXSIZE, start_index: int = 0) -> None:
+    def __init__(
+        self,
+        folder: Path | str,
+        prefix: str,
+        maxcount: int = SHARD_MAXCOUNT,
+        maxsize: int = SHARD_MAXSIZE,
+        start_index: int = 0,
+    ) -> None:
         if maxcount < 1 or maxsize < 1:
             raise ValueError("shard bounds must be positive")
         self.folder, self.prefix = Path(folder), prefix
@@ -125,8 +131,9 @@ def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def iter_samples(shards: Iterable[Path | str], *, seed: int | None = None, buffer: int = 1000,
-                 skip: int = 0) -> Iterator[dict[str, Any]]:
+def iter_samples(
+    shards: Iterable[Path | str], *, seed: int | None = None, buffer: int = 1000, skip: int = 0
+) -> Iterator[dict[str, Any]]:
     """Raw samples from shards. ``seed=None``: file order. Otherwise shards and a buffer of samples are
     shuffled with ``random.Random(seed)``, so the same seed always gives the same order. ``skip`` drops
     the first samples without decoding them (resuming mid-epoch)."""
@@ -149,8 +156,13 @@ class ShardDataset(IterableDataset):
     mid-epoch from a checkpoint's data position.
     """
 
-    def __init__(self, shards: Iterable[Path | str], decode: Callable[[dict[str, Any]], Any],
-                 seed: int | None = None, buffer: int = 1000) -> None:
+    def __init__(
+        self,
+        shards: Iterable[Path | str],
+        decode: Callable[[dict[str, Any]], Any],
+        seed: int | None = None,
+        buffer: int = 1000,
+    ) -> None:
         self.shards = [str(s) for s in shards]
         self.decode, self.seed, self.buffer = decode, seed, buffer
         self.epoch, self.skip = 0, 0
@@ -167,5 +179,6 @@ class ShardDataset(IterableDataset):
 def shard_paths(manifest: dict[str, Any], prefix: str) -> list[Path]:
     """Finished shards of one set/split, from a stage manifest (never a directory listing)."""
     folder = Path(manifest["folder"])
-    return [folder / name for name in sorted(manifest["files"]) if name.startswith(prefix + "-")
-            and name.endswith(".tar")]
+    return [
+        folder / name for name in sorted(manifest["files"]) if name.startswith(prefix + "-") and name.endswith(".tar")
+    ]

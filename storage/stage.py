@@ -155,12 +155,18 @@ def _record(stage_dir: Path, **state: Any) -> None:
         write_json(stage_dir / "last.json", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **state})
 
 
-def make_plan(workdir: Path | str, stage: str, inputs: Sequence[Mapping[str, Any]], config: Mapping[str, Any],
-              code: str) -> dict[str, Any]:
+def make_plan(
+    workdir: Path | str, stage: str, inputs: Sequence[Mapping[str, Any]], config: Mapping[str, Any], code: str
+) -> dict[str, Any]:
     """Everything that decides a stage's output, as plain JSON: what Prefect hashes for its cache and what
     names the stage folder. Input manifests are reduced to their references."""
-    plan = {"workdir": str(Path(workdir).resolve()), "stage": stage, "inputs": [input_ref(m) for m in inputs],
-            "config": json.loads(canonical_json(config)), "code": code}
+    plan = {
+        "workdir": str(Path(workdir).resolve()),
+        "stage": stage,
+        "inputs": [input_ref(m) for m in inputs],
+        "config": json.loads(canonical_json(config)),
+        "code": code,
+    }
     plan["key"] = digest({k: plan[k] for k in ("stage", "inputs", "config", "code")})[:16]
     return plan
 
@@ -177,8 +183,9 @@ def finished(plan: Mapping[str, Any]) -> dict[str, Any] | None:
     return manifest
 
 
-def run_stage(plan: Mapping[str, Any], work: Callable[[Path], Mapping[str, Any]], *,
-              force: bool = False) -> StageResult:
+def run_stage(
+    plan: Mapping[str, Any], work: Callable[[Path], Mapping[str, Any]], *, force: bool = False
+) -> StageResult:
     """Produce the planned stage folder unless an intact one exists; return its manifest.
 
     ``work(partial_dir)`` writes the outputs (each file atomically) and returns extra manifest fields

@@ -65,37 +65,44 @@ def split_groups(groups: list[str], seed: int, n_test: int, n_val: int) -> dict[
 
 
 def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BOX if rgb.shape[0] >= size
-                                                  else Image.Resampling.BICUBIC))
+    return np.asarray(
+        Image.fromarray(rgb).resize(
+            (size, size), Image.Resampling.BOX if rgb.shape[0] >= size else Image.Resampling.BICUBIC
+        )
+    )
 
 
-def lowres_crops(rgb: np.ndarray, rng: np.random.Generator, n: int, size: int,
-                 fraction: tuple[float, float]) -> Iterator[np.ndarray]:
+def lowres_crops(
+    rgb: np.ndarray, rng: np.random.Generator, n: int, size: int, fraction: tuple[float, float]
+) -> Iterator[np.ndarray]:
     """Random square regions (a fraction of the short side) box-downscaled to ``size``: CIFAR-like
     images that show a whole object at low resolution, not a magnified patch."""
     h, w = rgb.shape[:2]
     for _ in range(n):
         side = max(size, int(min(h, w) * rng.uniform(*fraction)))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
-        yield _resize(rgb[y:y + side, x:x + side], size)
+        yield _resize(rgb[y : y + side, x : x + side], size)
 
 
 def highres_crops(rgb: np.ndarray, rng: np.random.Generator, n: int, size: int) -> Iterator[np.ndarray]:
     h, w = rgb.shape[:2]
     if min(h, w) < size:
         scale = size / min(h, w)
-        rgb = np.asarray(Image.fromarray(rgb).resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                                                     Image.Resampling.BICUBIC))
+        rgb = np.asarray(
+            Image.fromarray(rgb).resize(
+                (max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC
+            )
+        )
         h, w = rgb.shape[:2]
     for _ in range(n):
         y, x = rng.integers(0, h - size + 1), rng.integers(0, w - size + 1)
-        yield np.ascontiguousarray(rgb[y:y + size, x:x + size])
+        yield np.ascontiguousarray(rgb[y : y + size, x : x + size])
 
 
 def center_square(rgb: np.ndarray) -> np.ndarray:
     h, w = rgb.shape[:2]
     s = min(h, w)
-    return rgb[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    return rgb[(h - s) // 2 : (h - s) // 2 + s, (w - s) // 2 : (w - s) // 2 + s]
 
 
 class _Writers:
@@ -126,8 +133,9 @@ def _sample(cfg: PipelineConfig, writers: _Writers) -> dict[str, Any]:
         split = splits[scene]
         rng = np.random.default_rng([cfg.seed, idx])
         meta = {"source": name, "scene": scene}
-        for i, crop in enumerate(lowres_crops(rgb, rng, d.lowres_crops_per_photo, d.lowres_size,
-                                              d.lowres_crop_fraction)):
+        for i, crop in enumerate(
+            lowres_crops(rgb, rng, d.lowres_crops_per_photo, d.lowres_size, d.lowres_crop_fraction)
+        ):
             writers.write("lowres", split, f"{name}-lo{i:05d}", crop, meta)
         for i, crop in enumerate(highres_crops(rgb, rng, d.highres_crops_per_photo, d.highres_size)):
             writers.write("highres", split, f"{name}-hi{i:05d}", crop, meta)
@@ -138,7 +146,9 @@ def _folder(cfg: PipelineConfig, root: Path, writers: _Writers) -> dict[str, Any
     d = cfg.download
     files = find_images(root)
     if not files:
-        raise ConfigError(f"no images found under {root} (looked for {', '.join(sorted(storage.images.IMAGE_SUFFIXES))})")
+        raise ConfigError(
+            f"no images found under {root} (looked for {', '.join(sorted(storage.images.IMAGE_SUFFIXES))})"
+        )
     photos: list[tuple[str, np.ndarray]] = []
     skipped: list[dict[str, str]] = []
     for f in files:
@@ -153,8 +163,10 @@ def _folder(cfg: PipelineConfig, root: Path, writers: _Writers) -> dict[str, Any
             continue
         photos.append((rel, photo.rgb))
     if not photos:
-        raise ConfigError(f"none of the {len(files)} images under {root} is a usable colour photo "
-                          f"(first problem: {skipped[0]['file']}: {skipped[0]['reason']})")
+        raise ConfigError(
+            f"none of the {len(files)} images under {root} is a usable colour photo "
+            f"(first problem: {skipped[0]['file']}: {skipped[0]['reason']})"
+        )
     n = len(photos)
     n_test = max(1, round(n * d.test_fraction)) if n >= 3 else 0
     n_val = max(1, round(n * d.val_fraction)) if n >= 3 else 0
@@ -176,9 +188,14 @@ class _CifarUnpickler(pickle.Unpickler):
     """CIFAR's python batches are pickles: allow only what they contain (numpy arrays, builtins), so a
     tampered archive cannot run code even if it passed the checksum."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar")}
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
@@ -195,8 +212,9 @@ def read_cifar_batch(path: Path) -> np.ndarray:
 
 def _cifar10(cfg: PipelineConfig, cache: Path, writers: _Writers) -> dict[str, Any]:
     d = cfg.download
-    archive = download(d.cifar10_url, cache / "cifar-10-python.tar.gz", md5=d.cifar10_md5,
-                       retries=d.retries, timeout=d.timeout)
+    archive = download(
+        d.cifar10_url, cache / "cifar-10-python.tar.gz", md5=d.cifar10_md5, retries=d.retries, timeout=d.timeout
+    )
     root = extract(archive, cache / "cifar-10-python") / "cifar-10-batches-py"
     if not root.is_dir():
         raise ValueError(f"{archive.name}: no cifar-10-batches-py folder inside; is this the CIFAR-10 python archive?")
@@ -263,8 +281,9 @@ def plan_download(cfg: PipelineConfig, dataset: str, workdir: Path, path: Path |
     return make_plan(workdir, "download", [], download_config(cfg, dataset, path), code)
 
 
-def run_download(plan: dict[str, Any], cfg: PipelineConfig, dataset: str, path: Path | None = None,
-                 force: bool = False) -> StageResult:
+def run_download(
+    plan: dict[str, Any], cfg: PipelineConfig, dataset: str, path: Path | None = None, force: bool = False
+) -> StageResult:
     cache = Path(plan["workdir"]) / "downloads"
 
     def work(out: Path) -> dict[str, Any]:
