@@ -7,6 +7,7 @@ removes. Readers shuffle with an explicit seed (shards, then a sample buffer), o
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -55,7 +56,7 @@ class ShardWriter:
     def _open(self) -> None:
         self._tmp = temp_name(self.folder / self.shard_name(self.index))
         self._stream = open(self._tmp, "wb")  # noqa: SIM115 - closed in _close
-        self._tar = wds.TarWriter(self._stream)
+        self._tar = wds.TarWriter(self._stream, mtime=0.0)  # fixed mtime: same samples, same bytes
         self._count = self._size = 0
 
     def _close(self) -> None:
@@ -89,6 +90,8 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (its temp file), keep the finished ones."""
         if self._tar is not None:
+            with contextlib.suppress(Exception):
+                self._tar.close()
             self._stream.close()
             self._tmp.unlink(missing_ok=True)
             self._tar = self._stream = self._tmp = None

@@ -195,6 +195,7 @@ class _CifarUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 encode bytes through it
     }
 
     def find_class(self, module: str, name: str) -> Any:

@@ -1,0 +1,60 @@
+"""The `colorize` command: bad input is one line and exit 2 before any work; runs reuse finished stages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        return int(exc.code)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["run", "--until", "deploy"], "--until: unknown stage 'deploy'"),
+        (["run", "--force", "nope"], "--force: unknown stage 'nope'"),
+        (["run", "--preset", "huge"], "unknown preset 'huge'"),
+        (["run", "--variants", "concat,sum"], "train.variants"),
+        (["run", "--set", "train.batch_size=-4"], "train.batch_size"),
+        (["run", "--set", "prepare.image_size=100"], "multiple of 32"),
+        (["run", "--set", "download.crops=3"], "download.crops: unknown setting"),
+        (["run", "--set", "novalue"], "expects key=value"),
+        (["run", "--dataset", "folder"], "needs --path"),
+        (["run", "--dataset", "folder", "--path", "/does/not/exist"], "no such folder"),
+        (["run", "--workdir", "/proc/forbidden"], "not writable"),
+        (["run", "--workdir", "/sys/colorize-readonly"], "not writable"),  # a read-only mount
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys, tmp_path: Path) -> None:
+    if "--workdir" not in argv and argv[0] == "run":
+        argv = [*argv, "--workdir", str(tmp_path / "w")]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w" / "download").exists()  # nothing ran
+
+
+def test_run_until_download_writes_manifest_and_second_run_reuses_it(prefect_harness, tmp_path: Path, capsys) -> None:
+    argv = ["run", "--dataset", "sample", "--preset", "tiny", "--until", "download", "--workdir", str(tmp_path)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    manifests = list((tmp_path / "download").glob("*/manifest.json"))
+    assert len(manifests) == 1
+    m = json.loads(manifests[0].read_text())
+    assert set(m["sets"]) == {"lowres", "highres"} and m["dataset"] == "sample"
+    assert "download         ran" in first
+    assert main(argv) == 0
+    assert "download         cached" in capsys.readouterr().out
+    assert main(["status", "--workdir", str(tmp_path)]) == 0
+    assert "download   cached" in capsys.readouterr().out
