@@ -17,16 +17,33 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from flows.config import LOWRES_SOURCES, STAGES, PipelineConfig, build_config
+from flows.config import STAGES, PipelineConfig, build_config
 from storage.stage import finished, plan_folder, write_json
 from tasks import download as download_stage
+from tasks import prepare as prepare_stage
+from tasks import upscale as upscale_stage
 
 log = logging.getLogger(__name__)
 
 
-# The plan carries the config section and code hash that matter; the full config and MLflow parent are
-# excluded so that an unrelated setting does not invalidate every stage.
-STAGE_CACHE = INPUTS - "cfg" - "parent_run_id" - "force" + TASK_SOURCE
+# The plan carries what decides a stage's output (input content digests, its config section, its code
+# hash); the full config, the input manifests and run bookkeeping are excluded so an unrelated setting
+# does not invalidate every stage.
+_NOT_KEYED = (
+    "cfg",
+    "download",
+    "upscaled",
+    "prepared",
+    "trained",
+    "evaluated",
+    "parent_run_id",
+    "force",
+    "path",
+    "dataset",
+)
+STAGE_CACHE = INPUTS + TASK_SOURCE
+for _name in _NOT_KEYED:  # the plan already holds their digests
+    STAGE_CACHE = STAGE_CACHE - _name
 NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
 
 
@@ -36,6 +53,25 @@ def download_task(
 ) -> dict[str, Any]:
     config = PipelineConfig.model_validate(cfg)
     return download_stage.run_download(plan, config, dataset, Path(path) if path else None, force).manifest
+
+
+@task(name="upscale", cache_policy=STAGE_CACHE, persist_result=True)
+def upscale_task(
+    plan: dict[str, Any], cfg: dict[str, Any], download: dict[str, Any], force: bool = False
+) -> dict[str, Any]:
+    return upscale_stage.run_upscale(plan, PipelineConfig.model_validate(cfg), download, force).manifest
+
+
+@task(name="prepare", cache_policy=STAGE_CACHE, persist_result=True)
+def prepare_task(
+    plan: dict[str, Any],
+    cfg: dict[str, Any],
+    download: dict[str, Any],
+    upscaled: dict[str, Any] | None,
+    force: bool = False,
+) -> dict[str, Any]:
+    config = PipelineConfig.model_validate(cfg)
+    return prepare_stage.run_prepare(plan, config, download, upscaled, force).manifest
 
 
 @dataclass
@@ -96,17 +132,27 @@ def pipeline(
     out: dict[str, Any] = {"workdir": str(wd), "stages": {}}
 
     plan = download_stage.plan_download(cfg, dataset, wd, Path(path) if path else None)
-    dl = run("download", download_task, plan, cfg=cfg.model_dump(), dataset=dataset, path=path)
+    cfg_dict = cfg.model_dump()
+    dl = run("download", download_task, plan, cfg=cfg_dict, dataset=dataset, path=path)
     out["stages"]["download"] = dl["folder"]
-    if stop == 0:
+    if stop == STAGES.index("download"):
         return _finish(out, run)
-    raise NotImplementedError(f"stages after download arrive with later issues (asked --until {until})")
+
+    up = None
+    if upscale_stage.has_lowres(dl):  # high-res-only sources skip Real-ESRGAN: the DAG decides
+        up = run("upscale", upscale_task, upscale_stage.plan_upscale(cfg, dl, wd), cfg=cfg_dict, download=dl)
+        out["stages"]["upscale"] = up["folder"]
+    if stop == STAGES.index("upscale"):
+        return _finish(out, run)
+
+    prep_plan = prepare_stage.plan_prepare(cfg, dl, up, wd)
+    prep = run("prepare", prepare_task, prep_plan, cfg=cfg_dict, download=dl, upscaled=up)
+    out["stages"]["prepare"] = prep["folder"]
+    if stop == STAGES.index("prepare"):
+        return _finish(out, run)
+    raise NotImplementedError(f"stages after prepare arrive with later issues (asked --until {until})")
 
 
 def _finish(out: dict[str, Any], run: Runner) -> dict[str, Any]:
     out["calls"] = [c.__dict__ for c in run.calls]
     return out
-
-
-def uses_upscale(dataset: str) -> bool:
-    return dataset in LOWRES_SOURCES

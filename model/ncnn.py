@@ -1,0 +1,81 @@
+"""Read the convolution weights of an ncnn model (``.param`` text + ``.bin`` blob) into numpy.
+
+Format facts used here (ncnn's ModelBin): layers are stored in ``.param`` order; a Convolution's weight
+blob starts with a 4-byte tag (``0x01306B47``: fp16 data; ``0``: fp32) and is padded to 4 bytes; its
+bias follows as raw fp32 without a tag. Only Convolution layers carry weights in the networks we read;
+any other weighted layer type is refused rather than silently skipped, and every byte must be consumed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+FP16_TAG = 0x01306B47
+FP32_TAG = 0
+_WEIGHTED = {"InnerProduct", "BatchNorm", "Deconvolution", "ConvolutionDepthWise", "Scale", "PReLU", "MemoryData"}
+
+
+class NcnnFormatError(ValueError):
+    """The ncnn files do not have the layout this reader expects."""
+
+
+@dataclass
+class Conv:
+    name: str
+    weight: np.ndarray  # [out, in, kh, kw] float32
+    bias: np.ndarray | None  # [out] float32
+
+
+def _params(tokens: list[str]) -> dict[int, str]:
+    out = {}
+    for tok in tokens:
+        k, _, v = tok.partition("=")
+        out[int(k)] = v
+    return out
+
+
+def read_convolutions(param_path: Path | str, bin_path: Path | str) -> list[Conv]:
+    lines = Path(param_path).read_text().split("\n")
+    if lines[0].strip() != "7767517":
+        raise NcnnFormatError(f"{param_path}: not an ncnn param file (magic {lines[0]!r})")
+    blob = Path(bin_path).read_bytes()
+    pos = 0
+    convs: list[Conv] = []
+    for line in lines[2:]:
+        parts = line.split()
+        if not parts:
+            continue
+        kind, name, n_in, n_out = parts[0], parts[1], int(parts[2]), int(parts[3])
+        params = _params(parts[4 + n_in + n_out :])
+        if kind in _WEIGHTED:
+            raise NcnnFormatError(f"{param_path}: layer {name} of type {kind} has weights this reader does not map")
+        if kind != "Convolution":
+            continue
+        out_ch, kw = int(params[0]), int(params[1])
+        kh = int(params.get(11, kw))
+        size = int(params[6])
+        in_ch = size // (out_ch * kh * kw)
+        if in_ch * out_ch * kh * kw != size:
+            raise NcnnFormatError(f"{name}: weight_data_size {size} is not out*in*{kh}*{kw}")
+        (tag,) = struct.unpack_from("<I", blob, pos)
+        pos += 4
+        if tag == FP16_TAG:
+            w = np.frombuffer(blob, dtype="<f2", count=size, offset=pos).astype(np.float32)
+            pos += (size * 2 + 3) // 4 * 4
+        elif tag == FP32_TAG:
+            w = np.frombuffer(blob, dtype="<f4", count=size, offset=pos).copy()
+            pos += size * 4
+        else:
+            raise NcnnFormatError(f"{name}: unsupported weight tag {tag:#x} at byte {pos - 4}")
+        bias = None
+        if int(params.get(5, 0)):
+            bias = np.frombuffer(blob, dtype="<f4", count=out_ch, offset=pos).copy()
+            pos += out_ch * 4
+        convs.append(Conv(name, w.reshape(out_ch, in_ch, kh, kw), bias))
+    if pos != len(blob):
+        raise NcnnFormatError(f"{bin_path}: {len(blob) - pos} bytes left after the last layer; layout mismatch")
+    return convs

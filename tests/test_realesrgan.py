@@ -1,0 +1,146 @@
+"""Real-ESRGAN: the torchvision shim, the weight resolution order, the real ncnn-derived network."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from model import realesrgan as resr
+from storage.fetch import DownloadError
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    return tmp_path / "torch" / "hub" / "checkpoints"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, resr.WeightsInfo]:
+    """The real network from the shipped ncnn fp16 weights, converted once for this module."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch")))
+        info = resr.resolve_weights(allow_download=False)
+        net, _ = resr.load_upscaler(info)
+    return net, info
+
+
+def test_shim_lets_basicsr_and_realesrgan_import_in_a_fresh_interpreter() -> None:
+    code = (
+        "from model.realesrgan import install_torchvision_shim; install_torchvision_shim()\n"
+        "from realesrgan import RealESRGANer\nfrom basicsr.archs.rrdbnet_arch import RRDBNet\n"
+        "import torchvision.transforms.functional_tensor as ft; print(ft.rgb_to_grayscale.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "rgb_to_grayscale"
+
+
+def _save_random_weights(path: Path) -> dict[str, torch.Tensor]:
+    sd = resr.rrdbnet().state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"params_ema": sd}, path)
+    return sd
+
+
+def test_explicit_path_wins_and_loads_strictly(tmp_path: Path, torch_home: Path) -> None:
+    sd = _save_random_weights(tmp_path / "mine.pth")
+    _save_random_weights(torch_home / resr.WEIGHTS_NAME)  # present, but the explicit path comes first
+    net, info = resr.load_upscaler(resr.resolve_weights(tmp_path / "mine.pth"))
+    assert info.source == "explicit"
+    assert torch.equal(net.state_dict()["conv_first.weight"], sd["conv_first.weight"])
+
+
+def test_explicit_path_that_is_missing_or_wrong_is_a_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(resr.WeightsError, match="no such file"):
+        resr.resolve_weights(tmp_path / "nope.pth")
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(resr.WeightsError, match="not a RealESRGAN_x4plus state dict") as exc:
+        resr.load_upscaler(resr.resolve_weights(tmp_path / "wrong.pth"))
+    assert "\n" not in str(exc.value)
+
+
+def test_hub_cache_is_used_before_any_download(torch_home: Path) -> None:
+    _save_random_weights(torch_home / resr.WEIGHTS_NAME)
+    info = resr.resolve_weights(url="http://127.0.0.1:9/never-asked")
+    assert info.source == "cache" and Path(info.path) == torch_home / resr.WEIGHTS_NAME
+
+
+def test_download_with_right_checksum_is_cached(torch_home: Path, tmp_path: Path, http_server) -> None:
+    _save_random_weights(tmp_path / "w.pth")
+    body = (tmp_path / "w.pth").read_bytes()
+    url = http_server.add("/RealESRGAN_x4plus.pth", body)
+    info = resr.resolve_weights(url=url, sha256=hashlib.sha256(body).hexdigest())
+    assert info.source == "download"
+    assert (torch_home / resr.WEIGHTS_NAME).read_bytes() == body
+    resr.load_upscaler(info)  # strict load of what was downloaded
+
+
+def test_download_with_wrong_checksum_is_rejected_not_cached_and_falls_back(torch_home: Path, http_server) -> None:
+    url = http_server.add("/RealESRGAN_x4plus.pth", b"not the weights")
+    with pytest.raises(DownloadError, match="sha256 mismatch"):
+        from storage.fetch import download
+
+        download(url, torch_home / resr.WEIGHTS_NAME, sha256=resr.WEIGHTS_SHA256, retries=0, progress=False)
+    assert not (torch_home / resr.WEIGHTS_NAME).exists()
+    info = resr.resolve_weights(url=url, timeout=5)
+    assert info.source == "ncnn" and "fp16-derived" in info.note
+    assert not (torch_home / resr.WEIGHTS_NAME).exists()
+    assert (torch_home / resr.NCNN_CACHE_NAME).exists()  # the conversion is cached under its own name
+
+
+@pytest.mark.slow
+def test_ncnn_weights_map_onto_every_convolution(converted) -> None:
+    net, info = converted
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == len(resr.conv_names()) == 351
+    assert sum(p.numel() for p in net.parameters()) == resr.N_PARAMETERS
+    sd = resr.load_state(Path(info.path))
+    assert set(sd) == set(net.state_dict())
+    assert all(sd[k].abs().sum() > 0 for k in sd if k.endswith("weight"))  # nothing left at zero
+
+
+def _edge_energy(rgb: np.ndarray) -> float:
+    gy, gx = np.gradient(rgb.astype(np.float64) @ np.array([0.299, 0.587, 0.114]))
+    return float(np.hypot(gx, gy).mean())
+
+
+@pytest.mark.slow
+def test_real_network_restores_edge_structure_that_bicubic_loses(converted) -> None:
+    """On real photo crops, box-downscaled 4x then upscaled: Real-ESRGAN's edge energy is much closer to
+    the original's than bicubic's (bicubic blurs). Pixel SSIM does *not* favour it (it invents texture)."""
+    net, _ = converted
+    hr = [data.astronaut()[100:228, 180:308], data.coffee()[150:278, 200:328]]
+    lr = [np.asarray(Image.fromarray(h).resize((32, 32), Image.Resampling.BOX)) for h in hr]
+    sr = resr.upscale(net, torch.from_numpy(np.stack(lr)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert sr.shape == (2, 128, 128, 3)
+    gaps_sr, gaps_bic = [], []
+    for h, low, s in zip(hr, lr, sr, strict=True):
+        bic = np.asarray(Image.fromarray(low).resize((128, 128), Image.Resampling.BICUBIC))
+        e_orig = _edge_energy(h)
+        gaps_sr.append(abs(_edge_energy(s) - e_orig))
+        gaps_bic.append(abs(_edge_energy(bic) - e_orig))
+        assert gaps_sr[-1] < gaps_bic[-1]
+        assert np.abs(s.astype(float).mean((0, 1)) - h.astype(float).mean((0, 1))).max() < 12  # colours kept
+    assert np.mean(gaps_sr) < 0.75 * np.mean(gaps_bic)
+
+
+@pytest.mark.slow
+def test_batched_path_matches_realesrganer_within_one_level(converted) -> None:
+    net, info = converted
+    resr.install_torchvision_shim()
+    from realesrgan import RealESRGANer
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    base = RealESRGANer(scale=4, model_path=info.path, model=resr.rrdbnet(), tile=0, pre_pad=10, half=False)
+    ref = np.stack([base.enhance(im[..., ::-1].copy(), outscale=4)[0][..., ::-1] for im in images])
+    ours = resr.upscale(net, torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1

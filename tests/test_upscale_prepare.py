@@ -1,0 +1,110 @@
+"""The upscale and prepare stages: per-shard resume, and the prepared data's contract with training."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from skimage import color
+
+from flows.config import build_config
+from storage.shards import decode_png, iter_samples, shard_paths
+from tasks import upscale as up
+from tasks.download import plan_download, run_download
+from tasks.prepare import decode_sample, fit, plan_prepare, run_prepare
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory: pytest.TempPathFactory):
+    """download -> upscale -> prepare on 8 low-res and 8 high-res crops, with the real Real-ESRGAN weights."""
+    wd = tmp_path_factory.mktemp("work")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(wd / "torch"))
+        cfg = build_config(
+            "tiny",
+            ["download.lowres_crops_per_photo=1", "download.highres_crops_per_photo=1", "download.shard_maxcount=2"],
+        )
+        dl = run_download(plan_download(cfg, "sample", wd), cfg, "sample").manifest
+        calls: list[int] = []
+        crashed: list[bool] = []
+        real = up.upscale
+
+        def flaky(net, images, **kw):
+            calls.append(len(images))
+            if len(calls) == 2 and not crashed:
+                crashed.append(True)
+                raise RuntimeError("killed mid-stage")
+            return real(net, images, **kw)
+
+        mp.setattr(up, "upscale", flaky)
+        plan = up.plan_upscale(cfg, dl, wd)
+        with pytest.raises(RuntimeError, match="killed"):
+            up.run_upscale(plan, cfg, dl)
+        first_try = list(calls)
+        calls.clear()
+        upscaled = up.run_upscale(plan, cfg, dl).manifest
+        prep = run_prepare(plan_prepare(cfg, dl, upscaled, wd), cfg, dl, upscaled).manifest
+    return {"cfg": cfg, "download": dl, "upscaled": upscaled, "prepared": prep, "calls": (first_try, calls)}
+
+
+def test_upscale_resumes_after_a_crash_without_redoing_finished_shards(staged) -> None:
+    first_try, resumed = staged["calls"]
+    total = sum(staged["download"]["sets"]["lowres"].values())
+    assert first_try[0] == 2  # the first shard (2 images) finished before the crash
+    assert sum(resumed) == total - first_try[0]
+    assert sum(staged["upscaled"]["sets"]["upscaled"].values()) == total
+
+
+def test_upscaled_shards_are_x4_and_keep_keys_and_splits(staged) -> None:
+    dl, upm = staged["download"], staged["upscaled"]
+    for split in ("train", "val", "test"):
+        lo = {s["__key__"] for s in iter_samples(shard_paths(dl, f"lowres-{split}"))}
+        hi = list(iter_samples(shard_paths(upm, f"upscaled-{split}")))
+        assert {s["__key__"] for s in hi} == lo
+        assert all(decode_png(s["png"]).shape == (128, 128, 3) for s in hi)
+    assert upm["weights"]["source"] == "ncnn" and "fp16-derived" in upm["weights"]["note"]
+
+
+def test_prepared_samples_are_normalized_lab_at_model_size(staged) -> None:
+    prep = staged["prepared"]
+    size = staged["cfg"].prepare.image_size
+    assert prep["counts"]["train"] > 0 and prep["counts"]["test"] > 0
+    samples = list(iter_samples(shard_paths(prep, "test")))
+    assert len(samples) == prep["counts"]["test"]
+    kinds = {json.loads(s["json"])["set"] for s in samples}
+    assert kinds == {"upscaled", "highres"}
+    l_norm, ab = decode_sample(samples[0])
+    assert l_norm.shape == (1, size, size) and ab.shape == (2, size, size)
+    assert l_norm.min() >= 0 and l_norm.max() <= 1 and ab.abs().max() <= 1
+    assert set(prep["stats"]) == {"train", "val", "test"} and prep["stats"]["train"]["colorfulness"] > 0
+
+
+def test_prepared_lab_matches_skimage_on_the_fitted_image(staged) -> None:
+    """The stored Lab is the fitted RGB image's Lab (to float16 precision), not some other normalization."""
+    prep, up_m = staged["prepared"], staged["upscaled"]
+    size = staged["cfg"].prepare.image_size
+    src = next(iter_samples(shard_paths(up_m, "upscaled-test")))
+    stored = {s["__key__"]: s for s in iter_samples(shard_paths(prep, "test"))}[src["__key__"]]
+    fitted = fit(decode_png(src["png"]), size, None)
+    lab = color.rgb2lab(fitted)
+    l_norm, ab = decode_sample(stored)
+    assert np.abs(l_norm[0].numpy() * 100 - lab[..., 0]).max() < 0.06
+    assert np.abs(ab.permute(1, 2, 0).numpy() * 110 - lab[..., 1:]).max() < 0.06
+
+
+def test_fit_keeps_aspect_and_crops() -> None:
+    wide = np.zeros((100, 300, 3), np.uint8)
+    wide[:, 140:160] = 255  # a bar in the centre
+    out = fit(wide, 32, None)
+    assert out.shape == (32, 32, 3)
+    assert out[:, 16].mean() > 200  # centre crop kept the bar, un-squashed
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    assert np.array_equal(fit(wide, 32, rng_a), fit(wide, 32, rng_b))
+
+
+def test_upscale_is_skipped_for_high_res_only_sources() -> None:
+    assert not up.has_lowres({"sets": {"highres": {"train": 5}}})
+    assert up.has_lowres({"sets": {"lowres": {"train": 1, "val": 0, "test": 0}}})
+    assert torch.get_num_threads() >= 1
