@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import os
 import threading
@@ -69,10 +70,8 @@ class LocalServer:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                     self.wfile.write(chunk)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
