@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from flows.config import DATASETS, STAGES, VARIANTS, ConfigError, build_config
+from storage.errors import UserFacingError
 
 EXIT_USAGE = 2
 
@@ -57,12 +58,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--variants", help=f"comma list of fusion variants ({', '.join(VARIANTS)})")
     r.add_argument("--until", default="register", help=f"last stage to run ({', '.join(STAGES)})")
-    r.add_argument("--only", help="run just this stage (its inputs must be finished)")
+    r.add_argument("--only", help="run just this stage (earlier stages must be finished)")
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE despite its cache")
     r.add_argument("--workdir", help="where data, runs and models go (default ./work or $COLORIZE_WORKDIR)")
 
     s = sub.add_parser("status", help="each stage's last state in the work dir")
     s.add_argument("--workdir")
+
+    i = sub.add_parser("image", help="colorize photos with the registered champion (or a given model)")
+    i.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
+    i.add_argument("--out", "-o", default=None, help="output file (one input) or folder (default: ./colorized)")
+    i.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a trained stage folder")
+    i.add_argument("--upscale", action="store_true", help="Real-ESRGAN x4 before colorizing (small photos)")
+    i.add_argument("--upscale-max", type=int, default=256, help="only upscale photos up to this many px (longer side)")
+    i.add_argument("--size", type=int, default=None, help="network input size (default: the model's training size)")
+    i.add_argument("--max-pixels", type=int, default=80_000_000, help="refuse larger images (default 80 MP)")
+    i.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
+
+    u = sub.add_parser("ui", help="start the MLflow and Prefect UIs on 127.0.0.1 for the work dir")
+    u.add_argument("--workdir")
+    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    u.add_argument("--mlflow-port", type=int, default=5000)
+    u.add_argument("--prefect-port", type=int, default=4200)
     return p
 
 
@@ -84,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise UserError(str(exc)) from None
     until = _check_stage(args.until, "--until")
+    only = _check_stage(args.only, "--only") if args.only else None
     for f in args.force:
         _check_stage(f, "--force")
     if args.dataset == "folder":
@@ -100,6 +118,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure(workdir)
     from flows.pipeline import pipeline
 
+    for name in ("prefect.flow_runs", "prefect.task_runs"):  # failures are reported below, in one line
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
     result = pipeline(
         dataset=args.dataset,
         preset=preset,
@@ -107,13 +128,32 @@ def cmd_run(args: argparse.Namespace) -> int:
         path=str(Path(args.path).resolve()) if args.path else None,
         workdir=str(workdir),
         until=until,
+        only=only,
         force=args.force,
     )
+    print_summary(result, workdir)
+    return 0
+
+
+def print_summary(result: dict, workdir: Path) -> None:
+    print("\nstages:")
     for call in result["calls"]:
         print(f"  {call['stage']:<16} {call['state']:<7} {call['key'] or ''}")
     for stage, folder in result["stages"].items():
-        print(f"{stage}: {folder}")
-    return 0
+        print(f"  {stage}: {folder}")
+    if "metrics_md" in result:
+        print(f"\ntest metrics ({result['metrics_md']}):\n")
+        print(Path(result["metrics_md"]).read_text())
+    if "registered" in result:
+        r = result["registered"]
+        verdict = "beats" if r["beats_baseline"] else "does NOT beat"
+        print(
+            f"champion: models:/{r['model_name']}@{r['alias']} = version {r['version']} ({r['variant']} fusion, "
+            f"{r['metric']}={r['value']:.5g}, {verdict} the grayscale baseline)"
+        )
+        print("\nnext:")
+        print(f"  colorize image photo.jpg --out photo_color.png --workdir {workdir}")
+        print(f"  colorize ui --workdir {workdir}        # MLflow and Prefect UIs on 127.0.0.1")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -135,17 +175,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from flows.colorize_images import colorize_files
+
+    workdir = Path(args.workdir or os.environ.get("COLORIZE_WORKDIR") or "work").resolve()
+    from flows.env import configure
+
+    configure(workdir)
+    return colorize_files(args, workdir)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from flows.ui import serve
+
+    workdir = Path(args.workdir or os.environ.get("COLORIZE_WORKDIR") or "work").resolve()
+    if not workdir.is_dir():
+        raise UserError(f"no work dir at {workdir}; run `colorize run` first")
+    return serve(workdir, args.host, args.mlflow_port, args.prefect_port)
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "status": cmd_status}
+    handlers = {"run": cmd_run, "status": cmd_status, "image": cmd_image, "ui": cmd_ui}
     try:
         return handlers[args.command](args)
     except (UserError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except UserFacingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, rerun the same command to resume", file=sys.stderr)
         return 130

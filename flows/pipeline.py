@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.context import get_run_context
 
 from flows.config import STAGES, PipelineConfig, build_config
+from storage import tracking
+from storage.errors import UserFacingError
 from storage.stage import finished, plan_folder, write_json
 from tasks import download as download_stage
+from tasks import evaluate as evaluate_stage
 from tasks import prepare as prepare_stage
+from tasks import register as register_stage
+from tasks import train as train_stage
 from tasks import upscale as upscale_stage
 
 log = logging.getLogger(__name__)
-
 
 # The plan carries what decides a stage's output (input content digests, its config section, its code
 # hash); the full config, the input manifests and run bookkeeping are excluded so an unrelated setting
@@ -40,6 +45,7 @@ _NOT_KEYED = (
     "force",
     "path",
     "dataset",
+    "variant",
 )
 STAGE_CACHE = INPUTS + TASK_SOURCE
 for _name in _NOT_KEYED:  # the plan already holds their digests
@@ -47,31 +53,49 @@ for _name in _NOT_KEYED:  # the plan already holds their digests
 NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
 
 
+def _cfg(cfg: dict[str, Any]) -> PipelineConfig:
+    return PipelineConfig.model_validate(cfg)
+
+
 @task(name="download", cache_policy=STAGE_CACHE, persist_result=True, **NETWORK_RETRIES)
-def download_task(
-    plan: dict[str, Any], cfg: dict[str, Any], dataset: str, path: str | None, force: bool = False
-) -> dict[str, Any]:
-    config = PipelineConfig.model_validate(cfg)
-    return download_stage.run_download(plan, config, dataset, Path(path) if path else None, force).manifest
+def download_task(plan: dict, cfg: dict, dataset: str, path: str | None, force: bool = False) -> dict[str, Any]:
+    return download_stage.run_download(plan, _cfg(cfg), dataset, Path(path) if path else None, force).manifest
 
 
 @task(name="upscale", cache_policy=STAGE_CACHE, persist_result=True)
-def upscale_task(
-    plan: dict[str, Any], cfg: dict[str, Any], download: dict[str, Any], force: bool = False
-) -> dict[str, Any]:
-    return upscale_stage.run_upscale(plan, PipelineConfig.model_validate(cfg), download, force).manifest
+def upscale_task(plan: dict, cfg: dict, download: dict, force: bool = False) -> dict[str, Any]:
+    return upscale_stage.run_upscale(plan, _cfg(cfg), download, force).manifest
 
 
 @task(name="prepare", cache_policy=STAGE_CACHE, persist_result=True)
-def prepare_task(
-    plan: dict[str, Any],
-    cfg: dict[str, Any],
-    download: dict[str, Any],
-    upscaled: dict[str, Any] | None,
-    force: bool = False,
+def prepare_task(plan: dict, cfg: dict, download: dict, upscaled: dict | None, force: bool = False) -> dict[str, Any]:
+    return prepare_stage.run_prepare(plan, _cfg(cfg), download, upscaled, force).manifest
+
+
+@task(name="train", cache_policy=STAGE_CACHE, persist_result=True)
+def train_task(
+    plan: dict, cfg: dict, prepared: dict, variant: str, parent_run_id: str | None = None, force: bool = False
 ) -> dict[str, Any]:
-    config = PipelineConfig.model_validate(cfg)
-    return prepare_stage.run_prepare(plan, config, download, upscaled, force).manifest
+    return train_stage.run_train(plan, _cfg(cfg), prepared, variant, parent_run_id, force).manifest
+
+
+@task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
+def evaluate_task(
+    plan: dict, cfg: dict, prepared: dict, trained: list[dict], parent_run_id: str | None = None, force: bool = False
+) -> dict[str, Any]:
+    return evaluate_stage.run_evaluate(plan, _cfg(cfg), prepared, trained, parent_run_id, force).manifest
+
+
+@task(name="register", cache_policy=STAGE_CACHE, persist_result=True)
+def register_task(plan: dict, cfg: dict, evaluated: dict, trained: list[dict], force: bool = False) -> dict[str, Any]:
+    return register_stage.run_register(plan, _cfg(cfg), evaluated, trained, force).manifest
+
+
+class StageFailed(UserFacingError):
+    """A stage failed; finished stages stay cached, so rerunning the same command resumes."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"{message} (finished stages are kept: rerun the same command to resume)")
 
 
 @dataclass
@@ -85,33 +109,79 @@ class StageCall:
 
 
 class Runner:
-    """Calls stage tasks, records how each ended, and honours --force / --only."""
+    """Calls stage tasks, records how each ended, and honours --force and --only."""
 
-    def __init__(self, workdir: Path, force: set[str]) -> None:
-        self.workdir, self.force = workdir, force
+    def __init__(self, workdir: Path, force: set[str], only: str | None) -> None:
+        self.workdir, self.force, self.only = workdir, force, only
         self.calls: list[StageCall] = []
 
-    def __call__(self, name: str, fn: Callable[..., Any], plan: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    def _options(self, name: str, plan: dict[str, Any], intact_check: Callable[[], bool] | None) -> dict[str, Any]:
         stage = plan["stage"]
         forced = stage in self.force
-        intact = not forced and finished(plan) is not None
-        if not intact and stage not in self.force and plan_folder(plan).exists():
+        intact = not forced and finished(plan) is not None and (intact_check is None or intact_check())
+        if not intact and not forced and plan_folder(plan).exists():
             log.warning("%s: stored output at %s failed verification; recomputing", name, plan_folder(plan))
-        state = fn.with_options(name=name, refresh_cache=not intact)(
-            plan=plan, return_state=True, force=forced, **kwargs
-        )
-        if state.is_failed():
-            self.calls.append(StageCall(name, "failed", plan["key"], str(state.message)))
-            write_json(
-                self.workdir / stage / "last.json", {"state": "failed", "key": plan["key"], "error": str(state.message)}
+        if self.only and STAGES.index(stage) < STAGES.index(self.only) and not intact:
+            raise StageFailed(
+                f"--only {self.only} needs a finished {stage} stage; run `colorize run --until {stage}` first"
             )
-            raise RuntimeError(f"{name} failed: {state.message}")
-        manifest = state.result()
+        return {"refresh_cache": not intact, "forced": forced}
+
+    def submit(
+        self, name: str, fn: Any, plan: dict[str, Any], intact_check: Callable[[], bool] | None = None, **kwargs: Any
+    ) -> Any:
+        opts = self._options(name, plan, intact_check)
+        return fn.with_options(name=name, refresh_cache=opts["refresh_cache"]).submit(
+            plan=plan, force=opts["forced"], **kwargs
+        )
+
+    def resolve(self, name: str, plan: dict[str, Any], future: Any) -> dict[str, Any] | None:
+        """The manifest of a finished task, or None (recorded as failed) if it failed."""
+        future.wait()
+        state = future.state
+        if state.is_failed() or state.is_crashed():
+            message = str(state.message or "failed")
+            self.calls.append(StageCall(name, "failed", plan["key"], message))
+            write_json(
+                self.workdir / plan["stage"] / "last.json", {"state": "failed", "key": plan["key"], "error": message}
+            )
+            return None
         cached = state.name == "Cached"
         self.calls.append(StageCall(name, "cached" if cached else "ran", plan["key"]))
         if cached:
-            write_json(self.workdir / stage / "last.json", {"state": "cached", "key": plan["key"], "seconds": 0})
+            write_json(
+                self.workdir / plan["stage"] / "last.json", {"state": "cached", "key": plan["key"], "seconds": 0}
+            )
+        return state.result()
+
+    def __call__(
+        self, name: str, fn: Any, plan: dict[str, Any], intact_check: Callable[[], bool] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        manifest = self.resolve(name, plan, self.submit(name, fn, plan, intact_check, **kwargs))
+        if manifest is None:
+            raise StageFailed(f"{name} failed: {self.calls[-1].error}")
         return manifest
+
+
+def _registered(workdir: Path, plan: dict[str, Any]) -> Callable[[], bool]:
+    """The register stage is intact only if the registry still has the version its manifest names."""
+
+    def check() -> bool:
+        manifest = finished(plan)
+        try:
+            version = tracking.client(workdir).get_model_version_by_alias(manifest["model_name"], manifest["alias"])
+        except Exception:  # noqa: BLE001 - no registry, no model, no alias: all mean "not intact"
+            return False
+        return int(version.version) == manifest["version"]
+
+    return check
+
+
+def _flow_run_id() -> str:
+    try:
+        return str(get_run_context().flow_run.id)
+    except Exception:  # noqa: BLE001
+        return "unknown"
 
 
 @flow(name="colorize-pipeline", log_prints=True, persist_result=True)
@@ -122,37 +192,113 @@ def pipeline(
     path: str | None = None,
     workdir: str = "work",
     until: str = "register",
+    only: str | None = None,
     force: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the stages up to ``until``; return what each did and where its output is."""
+    """Run the stages up to ``until`` (or just ``only``); return what each did and where its output is."""
     cfg = build_config(preset, overrides)
-    wd = Path(workdir).resolve()
-    run = Runner(wd, set(force or []))
-    stop = STAGES.index(until)
-    out: dict[str, Any] = {"workdir": str(wd), "stages": {}}
-
-    plan = download_stage.plan_download(cfg, dataset, wd, Path(path) if path else None)
     cfg_dict = cfg.model_dump()
-    dl = run("download", download_task, plan, cfg=cfg_dict, dataset=dataset, path=path)
+    wd = Path(workdir).resolve()
+    run = Runner(wd, set(force or []), only)
+    stop = STAGES.index(only or until)
+    out: dict[str, Any] = {"workdir": str(wd), "stages": {}, "calls": []}
+
+    def done() -> dict[str, Any]:
+        out["calls"] = [asdict(c) for c in run.calls]
+        return out
+
+    def runs(stage: str) -> bool:
+        return only is None or STAGES.index(stage) <= STAGES.index(only)
+
+    dl = run(
+        "download",
+        download_task,
+        download_stage.plan_download(cfg, dataset, wd, Path(path) if path else None),
+        cfg=cfg_dict,
+        dataset=dataset,
+        path=path,
+    )
     out["stages"]["download"] = dl["folder"]
     if stop == STAGES.index("download"):
-        return _finish(out, run)
+        return done()
 
     up = None
     if upscale_stage.has_lowres(dl):  # high-res-only sources skip Real-ESRGAN: the DAG decides
         up = run("upscale", upscale_task, upscale_stage.plan_upscale(cfg, dl, wd), cfg=cfg_dict, download=dl)
         out["stages"]["upscale"] = up["folder"]
     if stop == STAGES.index("upscale"):
-        return _finish(out, run)
+        return done()
 
-    prep_plan = prepare_stage.plan_prepare(cfg, dl, up, wd)
-    prep = run("prepare", prepare_task, prep_plan, cfg=cfg_dict, download=dl, upscaled=up)
+    prep = run(
+        "prepare", prepare_task, prepare_stage.plan_prepare(cfg, dl, up, wd), cfg=cfg_dict, download=dl, upscaled=up
+    )
     out["stages"]["prepare"] = prep["folder"]
     if stop == STAGES.index("prepare"):
-        return _finish(out, run)
-    raise NotImplementedError(f"stages after prepare arrive with later issues (asked --until {until})")
+        return done()
 
+    parent = tracking.start_run(
+        wd, f"pipeline-{dataset}", tags={"prefect.flow_run_id": _flow_run_id(), "dataset": dataset, "preset": preset}
+    )
+    out["mlflow_parent_run_id"] = parent
+    status = "FAILED"
+    try:
+        tracking.log_params(wd, parent, {**tracking.flatten("", cfg_dict), "dataset": dataset, "preset": preset})
+        plans = {v: train_stage.plan_train(cfg, prep, v, wd) for v in cfg.train.variants}
+        trained, failed = [], []
+        pending = []
+        for variant, plan in plans.items():
+            future = run.submit(
+                f"train-{variant}", train_task, plan, cfg=cfg_dict, prepared=prep, variant=variant, parent_run_id=parent
+            )
+            pending.append((variant, plan, future))
+            if not cfg.train.concurrent:  # on a CPU, variants would fight for the same cores
+                future.wait()
+        for variant, plan, future in pending:
+            manifest = run.resolve(f"train-{variant}", plan, future)
+            (trained.append(manifest) if manifest is not None else failed.append(variant))
+        for t in trained:
+            out["stages"][f"train-{t['variant']}"] = t["folder"]
+            tracking.set_tags(wd, parent, {f"train_run.{t['variant']}": t["mlflow_run_id"]})
+        if failed:
+            raise StageFailed(
+                f"training failed for {', '.join(failed)}: "
+                + "; ".join(c.error or "" for c in run.calls if c.state == "failed")
+            )
+        if stop == STAGES.index("train"):
+            status = "FINISHED"
+            return done()
 
-def _finish(out: dict[str, Any], run: Runner) -> dict[str, Any]:
-    out["calls"] = [c.__dict__ for c in run.calls]
-    return out
+        ev = run(
+            "evaluate",
+            evaluate_task,
+            evaluate_stage.plan_evaluate(cfg, prep, trained, wd),
+            cfg=cfg_dict,
+            prepared=prep,
+            trained=trained,
+            parent_run_id=parent,
+        )
+        out["stages"]["evaluate"] = ev["folder"]
+        out["metrics_md"] = str(Path(ev["folder"]) / "metrics.md")
+        if stop == STAGES.index("evaluate"):
+            status = "FINISHED"
+            return done()
+
+        reg_plan = register_stage.plan_register(cfg, ev, trained, wd)
+        reg = run(
+            "register",
+            register_task,
+            reg_plan,
+            intact_check=_registered(wd, reg_plan),
+            cfg=cfg_dict,
+            evaluated=ev,
+            trained=trained,
+        )
+        out["stages"]["register"] = reg["folder"]
+        out["registered"] = {
+            k: reg[k] for k in ("model_name", "alias", "version", "variant", "metric", "value", "beats_baseline")
+        }
+        tracking.set_tags(wd, parent, {"champion": f"{reg['variant']} (version {reg['version']})"})
+        status = "FINISHED"
+        return done()
+    finally:
+        tracking.end_run(wd, parent, status)

@@ -9,6 +9,7 @@ Colourfulness is Hasler & Suesstrunk (2003) on 8-bit-scaled RGB (their paper's u
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 
 def colorfulness(rgb: np.ndarray) -> float:
@@ -18,3 +19,64 @@ def colorfulness(rgb: np.ndarray) -> float:
     rg = r - g
     yb = 0.5 * (r + g) - b
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+
+
+def image_metrics(
+    true_rgb: np.ndarray, pred_rgb: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray
+) -> dict[str, float]:
+    """Per-image metrics. RGB: float HxWx3 in [0, 1]. ab: normalized (ab/110), any layout, same shape."""
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    rgb_mse = float(np.mean((pred_rgb - true_rgb) ** 2))
+    c_pred, c_true = colorfulness(pred_rgb), colorfulness(true_rgb)
+    return {
+        "ab_mse": float(np.mean((pred_ab - true_ab) ** 2)),
+        "rgb_mse": rgb_mse,
+        "psnr": float(peak_signal_noise_ratio(true_rgb, pred_rgb, data_range=1.0)) if rgb_mse > 0 else float("inf"),
+        "ssim": float(structural_similarity(true_rgb, pred_rgb, channel_axis=-1, data_range=1.0)),
+        "colorfulness": c_pred,
+        "colorfulness_truth": c_true,
+        "colorfulness_gap": abs(c_pred - c_true),
+    }
+
+
+# Which direction is better, for choosing a champion.
+HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "rgb_mse": False,
+    "ab_mse": False,
+    "lpips": False,
+    "colorfulness_gap": False,
+}
+
+
+class Lpips:
+    """LPIPS (AlexNet, v0.1 linear heads) on RGB mapped to [-1, 1], as the lpips package expects.
+
+    The AlexNet backbone is torchvision's ImageNet file; when it is not on disk (offline), ``missing``
+    says why and no score is produced: a random backbone would give numbers that mean nothing.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        from model.pretrained import locate
+
+        self.net = None
+        self.missing: str | None = None
+        if not enabled:
+            self.missing = "disabled by config (evaluate.lpips=false)"
+            return
+        found = locate("alexnet", allow_download=True)
+        if not found.available:
+            self.missing = f"AlexNet backbone weights unavailable: {found.reason}"
+            return
+        import lpips
+
+        self.net = lpips.LPIPS(net="alex", verbose=False).eval()
+
+    def __call__(self, true_rgb: torch.Tensor, pred_rgb: torch.Tensor) -> list[float] | None:
+        """(B,3,H,W) in [0,1] -> one score per image, or None when missing."""
+        if self.net is None:
+            return None
+        with torch.no_grad():
+            return self.net(true_rgb * 2 - 1, pred_rgb * 2 - 1).flatten().tolist()

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.atomic import atomic_path
+from storage.errors import UserFacingError
 from storage.fetch import DownloadError, download, file_digest
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ NCNN_MODEL = "models/REALESRGAN_X4PLUS_UP4X"
 N_PARAMETERS = 16_697_987
 
 
-class WeightsError(RuntimeError):
+class WeightsError(UserFacingError):
     """No usable Real-ESRGAN weights; the message says how to provide them."""
 
 

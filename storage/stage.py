@@ -30,6 +30,7 @@ from types import ModuleType
 from typing import Any
 
 from storage.atomic import fsync_dir, is_temp, write_json
+from storage.errors import UserFacingError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ SCRATCH = "scratch"  # resumable state inside a .partial folder; dropped when th
 _VERSIONED = ("torch", "torchvision", "numpy", "pillow", "webdataset", "prefect", "mlflow", "scikit-image")
 
 
-class StageError(RuntimeError):
+class StageError(UserFacingError):
     """A stage could not run or its stored output is unusable; the message is meant for the user."""
 
 

@@ -1,0 +1,222 @@
+"""The ensemble colorizer (Oza et al. 2022): ResNet50 + DenseNet121 read L, fuse at four scales, decode ab.
+
+Shapes for an input of side S (a multiple of 32)::
+
+    L (B,1,S,S) -> grey-normalized -> ResNet50 taps   256@S/4  512@S/8  1024@S/16  2048@S/32
+                                   -> DenseNet121 taps 256@S/4  512@S/8  1024@S/16  1024@S/32
+    fusion per scale (concat | average | max)          w@S/4    2w@S/8   4w@S/16    8w@S/32
+    decoder: from S/32 up, x2 per block, skip from the fusion block of the same scale, to S/1
+    -> 1x1 conv -> tanh -> ab/110 (B,2,S,S)
+
+One-channel stems are the pretrained RGB stems summed over their input channels (timm's
+``adapt_input_conv``): for a grey image fed as R=G=B, the summed kernel gives exactly the same response.
+The grey input is normalized with the mean/std of ImageNet's channel statistics (0.449, 0.226).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torchvision.models import densenet121, resnet50
+
+from model.pretrained import load_state_dict, locate
+
+log = logging.getLogger(__name__)
+
+Fusion = Literal["concat", "average", "max"]
+GRAY_MEAN, GRAY_STD = 0.449, 0.226
+RESNET_CHANNELS = (256, 512, 1024, 2048)
+DENSENET_CHANNELS = (256, 512, 1024, 1024)
+
+
+@dataclass(frozen=True)
+class ColorizerSpec:
+    """Everything needed to rebuild the network around a saved state dict."""
+
+    fusion: Fusion = "concat"
+    decoder_width: int = 64
+    image_size: int = 64
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def adapt_stem(conv: nn.Conv2d) -> nn.Conv2d:
+    """A 1-channel copy of an RGB conv whose kernel is the sum of the RGB kernels."""
+    new = nn.Conv2d(
+        1,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,
+        conv.bias is not None,
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+class ResNetEncoder(nn.Module):
+    def __init__(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        net = resnet50(weights=None)
+        if state is not None:
+            net.load_state_dict(state)
+        net.conv1 = adapt_stem(net.conv1)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layers = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats, x = [], self.stem(x)
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class DenseNetEncoder(nn.Module):
+    def __init__(self, state: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        net = densenet121(weights=None)
+        if state is not None:
+            net.load_state_dict(state)
+        f = net.features
+        f.conv0 = adapt_stem(f.conv0)
+        self.stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
+        self.blocks = nn.ModuleList([f.denseblock1, f.denseblock2, f.denseblock3, f.denseblock4])
+        self.transitions = nn.ModuleList([f.transition1, f.transition2, f.transition3])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats, x = [], self.stem(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            feats.append(x)
+            if i < 3:
+                x = self.transitions[i](x)
+        return feats
+
+
+def _conv_bn_relu(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+    )
+
+
+class FusionBlock(nn.Module):
+    """Merge ResNet and DenseNet features of one scale. ``concat``: cat -> 1x1 conv -> BN -> ReLU.
+    ``average`` / ``max``: project each to ``width`` (1x1 conv + BN), then mean / max, then ReLU."""
+
+    def __init__(self, mode: Fusion, c_res: int, c_dense: int, width: int) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "concat":
+            self.merge = _conv_bn_relu(c_res + c_dense, width, k=1)
+        elif mode in ("average", "max"):
+            self.proj_res = nn.Sequential(nn.Conv2d(c_res, width, 1, bias=False), nn.BatchNorm2d(width))
+            self.proj_dense = nn.Sequential(nn.Conv2d(c_dense, width, 1, bias=False), nn.BatchNorm2d(width))
+        else:
+            raise ValueError(f"unknown fusion {mode!r}; choose concat, average or max")
+
+    def forward(self, r: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if self.mode == "concat":
+            return self.merge(torch.cat((r, d), dim=1))
+        a, b = self.proj_res(r), self.proj_dense(d)
+        merged = (a + b) * 0.5 if self.mode == "average" else torch.maximum(a, b)
+        return torch.relu(merged)
+
+
+class UpBlock(nn.Module):
+    """x2 bilinear upsample, concat the skip (if any), two 3x3 conv-BN-ReLU."""
+
+    def __init__(self, c_in: int, c_skip: int, c_out: int) -> None:
+        super().__init__()
+        self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+        self.conv = nn.Sequential(_conv_bn_relu(c_in + c_skip, c_out), _conv_bn_relu(c_out, c_out))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.up(x)
+        if skip is not None:
+            x = torch.cat((x, skip), dim=1)
+        return self.conv(x)
+
+
+class Colorizer(nn.Module):
+    def __init__(self, spec: ColorizerSpec, resnet_state: dict | None = None, densenet_state: dict | None = None):
+        super().__init__()
+        self.spec = spec
+        w = spec.decoder_width
+        widths = (w, 2 * w, 4 * w, 8 * w)
+        self.resnet = ResNetEncoder(resnet_state)
+        self.densenet = DenseNetEncoder(densenet_state)
+        self.fusions = nn.ModuleList(
+            [
+                FusionBlock(spec.fusion, r, d, c)
+                for r, d, c in zip(RESNET_CHANNELS, DENSENET_CHANNELS, widths, strict=True)
+            ]
+        )
+        self.up16 = UpBlock(widths[3], widths[2], widths[2])  # S/32 -> S/16, skip fusion 3
+        self.up8 = UpBlock(widths[2], widths[1], widths[1])  # -> S/8, skip fusion 2
+        self.up4 = UpBlock(widths[1], widths[0], widths[0])  # -> S/4, skip fusion 1
+        self.up2 = UpBlock(widths[0], 0, max(w // 2, 8))  # -> S/2
+        self.up1 = UpBlock(max(w // 2, 8), 0, max(w // 2, 8))  # -> S
+        self.head = nn.Conv2d(max(w // 2, 8), 2, 1)
+
+    def forward(self, l_norm: torch.Tensor) -> torch.Tensor:
+        if l_norm.shape[-1] % 32 or l_norm.shape[-2] % 32:
+            raise ValueError(f"input side must be a multiple of 32, got {tuple(l_norm.shape[-2:])}")
+        x = (l_norm - GRAY_MEAN) / GRAY_STD
+        f1, f2, f3, f4 = (fuse(r, d) for fuse, r, d in zip(self.fusions, self.resnet(x), self.densenet(x), strict=True))
+        y = self.up16(f4, f3)
+        y = self.up8(y, f2)
+        y = self.up4(y, f1)
+        y = self.up1(self.up2(y))
+        return torch.tanh(self.head(y))
+
+    def encoder_stems(self) -> list[nn.Module]:
+        return [self.resnet.stem, self.densenet.stem]
+
+    def freeze(self, what: Literal["none", "stems", "all"]) -> None:
+        modules: list[nn.Module] = {"none": [], "stems": self.encoder_stems(), "all": [self.resnet, self.densenet]}[
+            what
+        ]
+        for m in modules:
+            for p in m.parameters():
+                p.requires_grad_(False)
+        self._frozen = modules
+
+    def train(self, mode: bool = True) -> Colorizer:
+        super().train(mode)
+        for m in getattr(self, "_frozen", []):
+            m.eval()  # frozen parts keep their BN statistics
+        return self
+
+
+@dataclass
+class PretrainedReport:
+    used: bool
+    detail: str
+
+
+def build(
+    spec: ColorizerSpec, pretrained: bool = True, allow_download: bool = True
+) -> tuple[Colorizer, PretrainedReport]:
+    """The colorizer with ImageNet encoders when their weights can be had, else from scratch (reported)."""
+    if not pretrained:
+        return Colorizer(spec), PretrainedReport(False, "disabled by config (train.pretrained=false)")
+    found = [locate(name, allow_download) for name in ("resnet50", "densenet121")]
+    missing = [f for f in found if not f.available]
+    if missing:
+        detail = "; ".join(f"{f.name}: {f.reason}" for f in missing)
+        log.warning("TRAINING FROM SCRATCH: ImageNet weights unavailable (%s)", detail)
+        return Colorizer(spec), PretrainedReport(False, f"from scratch: {detail}")
+    states = [load_state_dict(f) for f in found]
+    detail = ", ".join(f"{f.name}={f.path.name}" for f in found)
+    return Colorizer(spec, *states), PretrainedReport(True, f"ImageNet: {detail}")

@@ -1,0 +1,52 @@
+"""One inference pipeline, shared by ``colorize image``, the MLflow pyfunc model and the evaluate stage.
+
+DDColor's approach: the network runs at its own input size on a downscaled copy; only the predicted ab
+is upsampled to the photo's size, and the photo's own full-resolution L is kept, so detail and
+sharpness come from the original. Full-resolution work is done in row tiles, so memory stays bounded
+for large photos (the only full-size float buffer is the upsampled ab: 8 bytes per pixel).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from model.lab import AB_SCALE, L_SCALE, lab_to_rgb, rgb8_to_lab
+
+TILE_ROWS = 256
+
+
+def _net_input(rgb: np.ndarray, size: int) -> torch.Tensor:
+    resample = Image.Resampling.BOX if min(rgb.shape[:2]) >= size else Image.Resampling.BICUBIC
+    small = np.array(Image.fromarray(rgb).resize((size, size), resample))  # np.array: writable, as torch wants
+    lab = rgb8_to_lab(torch.from_numpy(small).permute(2, 0, 1)[None])
+    return lab[:, :1] / L_SCALE
+
+
+@torch.inference_mode()
+def predict_ab(net: torch.nn.Module, rgbs: list[np.ndarray], size: int) -> torch.Tensor:
+    """Normalized ab at the network's size for a batch of photos of any sizes: (B, 2, size, size)."""
+    x = torch.cat([_net_input(rgb, size) for rgb in rgbs])
+    return net(x).float()
+
+
+@torch.inference_mode()
+def compose(rgb: np.ndarray, ab_small: torch.Tensor) -> np.ndarray:
+    """Photo (H,W,3 uint8) + predicted normalized ab (2,s,s) -> colorized photo (H,W,3 uint8), keeping
+    the photo's own L at full resolution."""
+    h, w = rgb.shape[:2]
+    ab_full = F.interpolate(ab_small[None], size=(h, w), mode="bilinear", align_corners=False)[0] * AB_SCALE
+    out = np.empty((h, w, 3), dtype=np.uint8)
+    for y in range(0, h, TILE_ROWS):
+        tile = torch.from_numpy(np.array(rgb[y : y + TILE_ROWS])).permute(2, 0, 1)  # a copy: input may be read-only
+        lightness = rgb8_to_lab(tile)[:1]
+        colored = lab_to_rgb(torch.cat((lightness, ab_full[:, y : y + TILE_ROWS]), dim=0))
+        out[y : y + TILE_ROWS] = (colored * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return out
+
+
+def colorize(net: torch.nn.Module, rgb: np.ndarray, size: int) -> np.ndarray:
+    """A photo's colour version at full resolution (the input's own colour, if any, is ignored: only L)."""
+    return compose(rgb, predict_ab(net, [rgb], size)[0])

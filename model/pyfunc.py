@@ -1,0 +1,45 @@
+"""The MLflow pyfunc wrapper: images in, colorized images out, through model.inference.
+
+Logged as "models from code" (this file's path, ``set_model`` below): nothing is pickled, so loading a
+registered model never unpickles arbitrary objects.
+
+Input: a uint8 array ``(B, H, W, 3)`` (RGB; only its lightness is used) or ``(B, H, W)`` grayscale.
+Output: uint8 ``(B, H, W, 3)``, same size as the input. ``mlflow models serve`` accepts the same
+payload as JSON (``{"inputs": [[[[r, g, b], ...]]]}``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlflow.models
+import mlflow.pyfunc
+import numpy as np
+
+
+class ColorizerModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context: Any) -> None:
+        import torch
+
+        from model.colorizer import Colorizer, ColorizerSpec
+
+        with open(context.artifacts["spec"]) as fh:
+            self.spec = ColorizerSpec(**json.load(fh))
+        self.net = Colorizer(self.spec)
+        self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
+        self.net.eval()
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow infers from hints
+        from model.inference import colorize
+
+        batch = np.asarray(model_input)
+        if batch.ndim == 3:  # grayscale batch
+            batch = np.repeat(batch[..., None], 3, axis=-1)
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected images of shape (B, H, W, 3) or (B, H, W), got {batch.shape}")
+        batch = np.clip(batch, 0, 255).astype(np.uint8)
+        return np.stack([colorize(self.net, img, self.spec.image_size) for img in batch])
+
+
+mlflow.models.set_model(ColorizerModel())

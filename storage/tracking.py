@@ -1,0 +1,106 @@
+"""MLflow in the work dir: a sqlite tracking store (``mlflow.db``) and an artifact root beside it.
+
+Everything goes through an explicit ``MlflowClient`` and run ids, never the fluent API's global active
+run, so stages running in Prefect worker threads cannot log into each other's runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+EXPERIMENT = "colorize"
+
+
+def tracking_uri(workdir: Path) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def client(workdir: Path) -> Any:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri(workdir), registry_uri=tracking_uri(workdir))
+
+
+def retry_locked(fn: Any, *args: Any, attempts: int = 30, delay: float = 0.5, **kw: Any) -> Any:
+    """Call ``fn``, waiting out 'database is locked' from another process holding mlflow.db."""
+    for i in range(attempts):
+        try:
+            return fn(*args, **kw)
+        except Exception as exc:  # noqa: BLE001 - MLflow wraps sqlite errors in several types
+            if "locked" not in str(exc).lower() or i == attempts - 1:
+                raise
+            if i == 0:
+                log.warning("mlflow.db is locked by another process; waiting")
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def experiment_id(workdir: Path, name: str = EXPERIMENT) -> str:
+    c = client(workdir)
+    exp = retry_locked(c.get_experiment_by_name, name)
+    if exp is not None:
+        return exp.experiment_id
+    root = (Path(workdir).resolve() / "mlartifacts").as_uri()
+    try:
+        return retry_locked(c.create_experiment, name, artifact_location=root)
+    except Exception:  # another run created it first
+        return retry_locked(c.get_experiment_by_name, name).experiment_id
+
+
+def start_run(workdir: Path, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    c = client(workdir)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = retry_locked(c.create_run, experiment_id(workdir), run_name=name, tags=all_tags)
+    return run.info.run_id
+
+
+def log_params(workdir: Path, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    c = client(workdir)
+    batch = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    for i in range(0, len(batch), 100):
+        retry_locked(c.log_batch, run_id, params=batch[i : i + 100])
+
+
+def log_metrics(workdir: Path, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+    if batch:
+        retry_locked(client(workdir).log_batch, run_id, metrics=batch)
+
+
+def log_artifact(workdir: Path, run_id: str, path: Path, subdir: str | None = None) -> None:
+    retry_locked(client(workdir).log_artifact, run_id, str(path), subdir)
+
+
+def set_tags(workdir: Path, run_id: str, tags: dict[str, Any]) -> None:
+    c = client(workdir)
+    for k, v in tags.items():
+        retry_locked(c.set_tag, run_id, k, str(v))
+
+
+def end_run(workdir: Path, run_id: str, status: str = "FINISHED") -> None:
+    with contextlib.suppress(Exception):
+        retry_locked(client(workdir).set_terminated, run_id, status)
+
+
+def flatten(prefix: str, obj: Any) -> dict[str, Any]:
+    """Nested config -> flat ``a.b.c`` params."""
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: obj}
