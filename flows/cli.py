@@ -109,6 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError("--dataset folder needs --path DIR")
         if not Path(args.path).is_dir():
             raise UserError(f"--path {args.path}: no such folder")
+        from storage.images import find_images
+
+        if not find_images(Path(args.path)):
+            raise UserError(f"--path {args.path}: holds no images (jpg, png, webp, tiff, bmp, gif)")
     elif args.path:
         raise UserError("--path is only for --dataset folder")
     workdir = _workdir(args.workdir)

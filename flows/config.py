@@ -34,7 +34,7 @@ class Section(BaseModel):
 
 class DownloadConfig(Section):
     lowres_size: int = Field(32, ge=8, description="side of the low-res (CIFAR-like) crops")
-    lowres_crops_per_photo: int = Field(24, ge=0)
+    lowres_crops_per_photo: int = Field(12, ge=0)
     lowres_crop_fraction: tuple[float, float] = (0.15, 0.5)
     highres_size: int = Field(192, ge=32, description="side of the high-res (DIV2K-like) sample crops")
     highres_crops_per_photo: int = Field(16, ge=0)
@@ -80,9 +80,10 @@ class TrainConfig(Section):
     batch_size: int = Field(16, ge=1)
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(8, ge=1)
+    epochs: int = Field(6, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (across epochs)")
     loss: Literal["mse", "l1", "mse+l1"] = "mse"
+    hflip: bool = Field(True, description="random horizontal flips of training batches (seeded)")
     pretrained: bool = Field(True, description="use ImageNet weights when present or downloadable")
     freeze: Literal["none", "stems", "all"] = "none"
     decoder_width: int = Field(64, ge=8, description="channels of the finest decoder block")
@@ -140,7 +141,7 @@ with warnings.catch_warnings():
 PRESETS: dict[str, dict[str, Any]] = {
     "demo": {},
     "tiny": {
-        "download": {"lowres_crops_per_photo": 3, "highres_crops_per_photo": 2, "highres_size": 64, "limit": 40},
+        "download": {"lowres_crops_per_photo": 2, "highres_crops_per_photo": 2, "highres_size": 64, "limit": 40},
         "upscale": {"batch_size": 8},
         "prepare": {"image_size": 32},
         "train": {

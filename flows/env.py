@@ -2,7 +2,8 @@
 
 Prefect reads its settings (home, database, result storage) when first imported, so this must run
 first: ``colorize`` keeps every piece of state inside the work dir, nothing in the home folder, and
-turns telemetry off. A value the user already exported wins (a shared Prefect or MLflow server).
+turns telemetry off. A value the user already exported wins (a shared Prefect server). MLflow's store is
+not set here but per call (storage.tracking), so one process can serve several work dirs.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ def configure(workdir: Path) -> None:
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "DO_NOT_TRACK": "1",

@@ -53,42 +53,47 @@ for _name in _NOT_KEYED:  # the plan already holds their digests
 NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
 
 
+def _out(result: Any) -> dict[str, Any]:
+    """The manifest, plus whether the stage folder was already there (another run finished it first)."""
+    return {**result.manifest, "reused": result.cached}
+
+
 def _cfg(cfg: dict[str, Any]) -> PipelineConfig:
     return PipelineConfig.model_validate(cfg)
 
 
 @task(name="download", cache_policy=STAGE_CACHE, persist_result=True, **NETWORK_RETRIES)
 def download_task(plan: dict, cfg: dict, dataset: str, path: str | None, force: bool = False) -> dict[str, Any]:
-    return download_stage.run_download(plan, _cfg(cfg), dataset, Path(path) if path else None, force).manifest
+    return _out(download_stage.run_download(plan, _cfg(cfg), dataset, Path(path) if path else None, force))
 
 
 @task(name="upscale", cache_policy=STAGE_CACHE, persist_result=True)
 def upscale_task(plan: dict, cfg: dict, download: dict, force: bool = False) -> dict[str, Any]:
-    return upscale_stage.run_upscale(plan, _cfg(cfg), download, force).manifest
+    return _out(upscale_stage.run_upscale(plan, _cfg(cfg), download, force))
 
 
 @task(name="prepare", cache_policy=STAGE_CACHE, persist_result=True)
 def prepare_task(plan: dict, cfg: dict, download: dict, upscaled: dict | None, force: bool = False) -> dict[str, Any]:
-    return prepare_stage.run_prepare(plan, _cfg(cfg), download, upscaled, force).manifest
+    return _out(prepare_stage.run_prepare(plan, _cfg(cfg), download, upscaled, force))
 
 
 @task(name="train", cache_policy=STAGE_CACHE, persist_result=True)
 def train_task(
     plan: dict, cfg: dict, prepared: dict, variant: str, parent_run_id: str | None = None, force: bool = False
 ) -> dict[str, Any]:
-    return train_stage.run_train(plan, _cfg(cfg), prepared, variant, parent_run_id, force).manifest
+    return _out(train_stage.run_train(plan, _cfg(cfg), prepared, variant, parent_run_id, force))
 
 
 @task(name="evaluate", cache_policy=STAGE_CACHE, persist_result=True)
 def evaluate_task(
     plan: dict, cfg: dict, prepared: dict, trained: list[dict], parent_run_id: str | None = None, force: bool = False
 ) -> dict[str, Any]:
-    return evaluate_stage.run_evaluate(plan, _cfg(cfg), prepared, trained, parent_run_id, force).manifest
+    return _out(evaluate_stage.run_evaluate(plan, _cfg(cfg), prepared, trained, parent_run_id, force))
 
 
 @task(name="register", cache_policy=STAGE_CACHE, persist_result=True)
 def register_task(plan: dict, cfg: dict, evaluated: dict, trained: list[dict], force: bool = False) -> dict[str, Any]:
-    return register_stage.run_register(plan, _cfg(cfg), evaluated, trained, force).manifest
+    return _out(register_stage.run_register(plan, _cfg(cfg), evaluated, trained, force))
 
 
 class StageFailed(UserFacingError):
@@ -118,13 +123,16 @@ class Runner:
     def _options(self, name: str, plan: dict[str, Any], intact_check: Callable[[], bool] | None) -> dict[str, Any]:
         stage = plan["stage"]
         forced = stage in self.force
-        intact = not forced and finished(plan) is not None and (intact_check is None or intact_check())
+        folder_ok = finished(plan) is not None
+        effect_ok = intact_check() if folder_ok and intact_check is not None else True
+        if folder_ok and not effect_ok:  # e.g. the registry lost the version: redo the stage's side effect
+            log.warning("%s: its stage folder is intact but its external result is gone; redoing it", name)
+            forced = True
+        intact = not forced and folder_ok
         if not intact and not forced and plan_folder(plan).exists():
             log.warning("%s: stored output at %s failed verification; recomputing", name, plan_folder(plan))
         if self.only and STAGES.index(stage) < STAGES.index(self.only) and not intact:
-            raise StageFailed(
-                f"--only {self.only} needs a finished {stage} stage; run `colorize run --until {stage}` first"
-            )
+            raise StageFailed(f"--only {self.only} needs a finished {stage} stage; run `colorize run --until {stage}` first")
         return {"refresh_cache": not intact, "forced": forced}
 
     def submit(
@@ -146,7 +154,8 @@ class Runner:
                 self.workdir / plan["stage"] / "last.json", {"state": "failed", "key": plan["key"], "error": message}
             )
             return None
-        cached = state.name == "Cached"
+        manifest = state.result()
+        cached = state.name == "Cached" or manifest.get("reused", False)
         self.calls.append(StageCall(name, "cached" if cached else "ran", plan["key"]))
         if cached:
             write_json(

@@ -11,35 +11,40 @@ payload as JSON (``{"inputs": [[[[r, g, b], ...]]]}``).
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import mlflow.models
 import mlflow.pyfunc
 import numpy as np
 
+with warnings.catch_warnings():
+    # MLflow suggests type hints on predict for its own input validation; the explicit signature set at
+    # logging time already describes the input, so the suggestion is noise here.
+    warnings.simplefilter("ignore", UserWarning)
 
-class ColorizerModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context: Any) -> None:
-        import torch
+    class ColorizerModel(mlflow.pyfunc.PythonModel):
+        def load_context(self, context: Any) -> None:
+            import torch
 
-        from model.colorizer import Colorizer, ColorizerSpec
+            from model.colorizer import Colorizer, ColorizerSpec
 
-        with open(context.artifacts["spec"]) as fh:
-            self.spec = ColorizerSpec(**json.load(fh))
-        self.net = Colorizer(self.spec)
-        self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
-        self.net.eval()
+            with open(context.artifacts["spec"]) as fh:
+                self.spec = ColorizerSpec(**json.load(fh))
+            self.net = Colorizer(self.spec)
+            self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
+            self.net.eval()
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow infers from hints
-        from model.inference import colorize
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow infers from hints
+            from model.inference import colorize
 
-        batch = np.asarray(model_input)
-        if batch.ndim == 3:  # grayscale batch
-            batch = np.repeat(batch[..., None], 3, axis=-1)
-        if batch.ndim != 4 or batch.shape[-1] != 3:
-            raise ValueError(f"expected images of shape (B, H, W, 3) or (B, H, W), got {batch.shape}")
-        batch = np.clip(batch, 0, 255).astype(np.uint8)
-        return np.stack([colorize(self.net, img, self.spec.image_size) for img in batch])
+            batch = np.asarray(model_input)
+            if batch.ndim == 3:  # grayscale batch
+                batch = np.repeat(batch[..., None], 3, axis=-1)
+            if batch.ndim != 4 or batch.shape[-1] != 3:
+                raise ValueError(f"expected images of shape (B, H, W, 3) or (B, H, W), got {batch.shape}")
+            batch = np.clip(batch, 0, 255).astype(np.uint8)
+            return np.stack([colorize(self.net, img, self.spec.image_size) for img in batch])
 
 
 mlflow.models.set_model(ColorizerModel())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ EXPERIMENT = "colorize"
 
 
 def tracking_uri(workdir: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+    """The work dir's sqlite store, unless ``COLORIZE_MLFLOW_URI`` names a shared server (e.g. PostgreSQL-backed)."""
+    return os.environ.get("COLORIZE_MLFLOW_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
 def client(workdir: Path) -> Any:
@@ -63,11 +65,24 @@ def start_run(workdir: Path, name: str, parent_run_id: str | None = None, tags: 
     return run.info.run_id
 
 
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|credential)", re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]+(:[^/@\s]*)?@")
+
+
+def sanitize(key: str, value: Any) -> str:
+    """What may be stored in MLflow: secrets redacted, URL credentials dropped, the home folder as ``~``."""
+    if _SECRET_KEY.search(key):
+        return "***"
+    text = _URL_CREDENTIALS.sub("***@", str(value))
+    home = str(Path.home())
+    return text.replace(home, "~") if home not in ("/", "") else text
+
+
 def log_params(workdir: Path, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param
 
     c = client(workdir)
-    batch = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+    batch = [Param(k, sanitize(k, v)[:6000]) for k, v in sorted(params.items())]
     for i in range(0, len(batch), 100):
         retry_locked(c.log_batch, run_id, params=batch[i : i + 100])
 
@@ -88,7 +103,7 @@ def log_artifact(workdir: Path, run_id: str, path: Path, subdir: str | None = No
 def set_tags(workdir: Path, run_id: str, tags: dict[str, Any]) -> None:
     c = client(workdir)
     for k, v in tags.items():
-        retry_locked(c.set_tag, run_id, k, str(v))
+        retry_locked(c.set_tag, run_id, k, sanitize(k, v))
 
 
 def end_run(workdir: Path, run_id: str, status: str = "FINISHED") -> None:

@@ -185,6 +185,10 @@ def train_variant(
         epoch = step // per_epoch
         dataset.set_epoch(epoch, skip=(step % per_epoch) * bs)
         for l_norm, ab in DataLoader(dataset, batch_size=bs, drop_last=True):
+            if t.hflip:  # drawn from torch's RNG, which the checkpoint saves: resume stays exact
+                flip = torch.rand(len(ab)) < 0.5
+                l_norm, ab = l_norm.clone(), ab.clone()
+                l_norm[flip], ab[flip] = l_norm[flip].flip(-1), ab[flip].flip(-1)
             if t.channels_last:
                 l_norm = l_norm.contiguous(memory_format=torch.channels_last)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.bf16):

@@ -1,0 +1,111 @@
+"""Benchmark: `colorize image` cost vs photo size, and the full-resolution path vs the naive way.
+
+For 512, 1024, 2048 and 4096 px photos (each size in its own process, so peak RSS is per size): seconds
+and peak memory of model.inference.colorize. Then at 2048 px: this path (network at its own size, ab
+upsampled, original L kept) vs running the network on the full-resolution L. Uses the champion with
+``--workdir``, else an untrained network of the same shape (speed does not depend on the weights).
+Last line: ``RATIO colorize <value>``.
+
+    .venv/bin/python bench/colorize.py [--workdir work] [--sizes 512,1024,2048,4096] [--naive 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+from skimage import data
+
+
+def load(workdir: str | None, size: int) -> torch.nn.Module:
+    if workdir:
+        from flows.colorize_images import load_net
+
+        net, _ = load_net(None, __import__("pathlib").Path(workdir))
+        return net
+    from model.colorizer import Colorizer, ColorizerSpec
+
+    return Colorizer(ColorizerSpec(image_size=size)).eval()
+
+
+def photo(side: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(data.astronaut()).resize((side, side * 3 // 4), Image.Resampling.BICUBIC))
+
+
+def one(side: int, mode: str, workdir: str | None, net_size: int) -> dict:
+    from model.inference import colorize
+
+    net = load(workdir, net_size)
+    rgb = photo(side)
+    colorize(net, photo(64), net_size)  # warm-up
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if mode == "ours":
+        out = colorize(net, rgb, net_size)
+    else:  # naive: the network at full resolution (sides rounded down to multiples of 32)
+        h, w = (rgb.shape[0] // 32) * 32, (rgb.shape[1] // 32) * 32
+        from model.inference import compose
+
+        with torch.inference_mode():
+            l_norm = torch.from_numpy(np.array(Image.fromarray(rgb[:h, :w]).convert("L"))).float()[None, None] / 255
+            ab = net(l_norm)[0]
+        out = compose(rgb[:h, :w], ab)
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "side": side,
+        "pixels": int(rgb.shape[0] * rgb.shape[1]),
+        "seconds": seconds,
+        "peak_mb": peak / 1024,
+        "added_mb": (peak - base) / 1024,
+        "out": list(out.shape),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir")
+    ap.add_argument("--sizes", default="512,1024,2048,4096")
+    ap.add_argument("--naive", type=int, default=2048)
+    ap.add_argument("--net-size", type=int, default=64)
+    ap.add_argument("--child", nargs=2, metavar=("SIDE", "MODE"))
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one(int(args.child[0]), args.child[1], args.workdir, args.net_size)))
+        return
+
+    def run(side: int, mode: str) -> dict:
+        cmd = [sys.executable, __file__, "--child", str(side), mode, "--net-size", str(args.net_size)]
+        if args.workdir:
+            cmd += ["--workdir", args.workdir]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    print(f"{'side':>6} {'pixels':>10} {'seconds':>8} {'peak RSS MB':>12} {'added MB':>9}")
+    rows = [run(int(s), "ours") for s in args.sizes.split(",")]
+    for r in rows:
+        print(f"{r['side']:>6} {r['pixels']:>10,} {r['seconds']:>8.2f} {r['peak_mb']:>12.0f} {r['added_mb']:>9.0f}")
+    if len(rows) > 1:
+        a, b = rows[0], rows[-1]
+        print(
+            f"cost growth {a['side']}->{b['side']} px: {b['pixels'] / a['pixels']:.0f}x pixels, "
+            f"{b['seconds'] / a['seconds']:.1f}x time, {b['added_mb'] / max(a['added_mb'], 1):.1f}x added memory"
+        )
+    ours = next((r for r in rows if r["side"] == args.naive), None) or run(args.naive, "ours")
+    naive = run(args.naive, "naive")
+    print(
+        f"{args.naive}px: network at its own size {ours['seconds']:.2f} s ({ours['added_mb']:.0f} MB added); "
+        f"network at full resolution {naive['seconds']:.2f} s ({naive['added_mb']:.0f} MB added)"
+    )
+    print(f"RATIO colorize {naive['seconds'] / ours['seconds']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

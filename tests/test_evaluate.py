@@ -1,0 +1,78 @@
+"""Metrics, the baseline row, missing LPIPS, and champion selection."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.metrics import Lpips, colorfulness, image_metrics
+from tasks.evaluate import BASELINE, COLUMNS, gray_baseline, markdown
+from tasks.register import beats_baseline, choose
+
+
+def test_metrics_agree_with_hand_computed_values() -> None:
+    truth = np.full((8, 8, 3), 0.5)
+    pred = truth.copy()
+    pred[..., 0] += 0.1  # red off by 0.1 everywhere
+    ab_t, ab_p = np.zeros((2, 8, 8)), np.full((2, 8, 8), 0.2)
+    m = image_metrics(truth, pred, ab_t, ab_p)
+    assert m["rgb_mse"] == pytest.approx(0.01 / 3)
+    assert m["ab_mse"] == pytest.approx(0.04)
+    assert m["psnr"] == pytest.approx(10 * math.log10(1 / (0.01 / 3)))
+    assert m["ssim"] < 1 and image_metrics(truth, truth, ab_t, ab_t)["ssim"] == pytest.approx(1.0)
+
+
+def test_colorfulness_matches_hasler_suesstrunk_by_hand() -> None:
+    red = np.zeros((4, 4, 3))
+    red[..., 0] = 1.0  # rg = 255, yb = 127.5 everywhere: no spread, only mean
+    assert colorfulness(red) == pytest.approx(0.3 * math.hypot(255, 127.5))
+    gray = np.full((4, 4, 3), 0.3)
+    assert colorfulness(gray) == pytest.approx(0.0)
+    half = np.zeros((2, 1, 3), np.uint8)
+    half[0, 0] = (255, 0, 0)  # uint8 input is taken in its own 0..255 units
+    rg, yb = np.array([255.0, 0.0]), np.array([127.5, 0.0])
+    assert colorfulness(half) == pytest.approx(math.hypot(rg.std(), yb.std()) + 0.3 * math.hypot(rg.mean(), yb.mean()))
+
+
+def test_grayscale_baseline_predicts_zero_ab() -> None:
+    l_norm = torch.rand(3, 1, 32, 32)
+    ab = gray_baseline(l_norm)
+    assert ab.shape == (3, 2, 32, 32) and not ab.any()
+
+
+def test_missing_lpips_backbone_is_reported_missing_not_scored(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setitem(
+        __import__("model.pretrained").pretrained.URLS, "alexnet", "http://127.0.0.1:9/alexnet-owt-7be5be79.pth"
+    )
+    lp = Lpips(enabled=True)
+    assert lp.missing and "AlexNet backbone" in lp.missing
+    assert lp(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)) is None
+    row = {"variant": "max", **dict.fromkeys(COLUMNS, 0.5), "lpips": math.nan, "n_images": 3}
+    md = markdown([row], lp.missing)
+    assert "| missing |" in md and "LPIPS missing: AlexNet backbone" in md
+
+
+def _row(variant: str, **values: float) -> dict:
+    base = {c: 0.5 for c in COLUMNS}
+    base.update(values)
+    return {"variant": variant, **base}
+
+
+def test_champion_is_chosen_by_metric_with_tie_breaker_and_never_the_baseline() -> None:
+    table = [
+        _row(BASELINE, rgb_mse=0.001),
+        _row("concat", rgb_mse=0.02, ssim=0.8),
+        _row("max", rgb_mse=0.01, ssim=0.7),
+        _row("average", rgb_mse=0.01, ssim=0.9),
+    ]
+    assert choose(table, "rgb_mse", "ssim")["variant"] == "average"  # tie on rgb_mse, higher ssim wins
+    assert choose(table, "ssim", "rgb_mse")["variant"] == "average"
+    assert choose(table, "psnr", "ssim")["variant"] == "average"  # psnr ties everywhere -> ssim
+    assert not beats_baseline(table, choose(table, "rgb_mse", "ssim"), "rgb_mse")
+    with pytest.raises(ValueError, match="no variant has a value for lpips"):
+        choose([_row(BASELINE), _row("max", lpips=math.nan)], "lpips", "ssim")

@@ -1,0 +1,168 @@
+"""The ensemble colorizer network and the training stage (real ResNet50 + DenseNet121, small inputs)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision.models import densenet121, resnet50
+
+from flows.config import build_config
+from model import pretrained
+from model.colorizer import Colorizer, ColorizerSpec, ResNetEncoder, adapt_stem, build
+from tasks.download import plan_download, run_download
+from tasks.prepare import plan_prepare, run_prepare
+from tasks.train import load_model, plan_train, run_train
+
+
+@pytest.mark.parametrize("fusion", ["concat", "average", "max"])
+def test_output_is_ab_at_input_size_for_each_variant(fusion: str) -> None:
+    net = Colorizer(ColorizerSpec(fusion=fusion, decoder_width=16)).eval()
+    with torch.no_grad():
+        for side in (64, 128, 224):
+            out = net(torch.rand(1, 1, side, side))
+            assert out.shape == (1, 2, side, side)
+            assert out.abs().max() <= 1  # tanh: the range of ab/110
+        assert net(torch.rand(2, 1, 64, 96)).shape == (2, 2, 64, 96)  # non-square, multiples of 32
+
+
+def test_input_side_not_multiple_of_32_is_refused() -> None:
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Colorizer(ColorizerSpec(decoder_width=8))(torch.rand(1, 1, 48, 64))
+
+
+@pytest.mark.parametrize("fusion", ["concat", "average", "max"])
+def test_gradients_reach_both_encoders_and_every_fusion_block(fusion: str) -> None:
+    net = Colorizer(ColorizerSpec(fusion=fusion, decoder_width=16)).train()
+    net(torch.rand(2, 1, 64, 64)).square().mean().backward()
+    assert net.resnet.stem[0].weight.grad.abs().sum() > 0
+    assert net.densenet.stem[0].weight.grad.abs().sum() > 0
+    assert net.resnet.layers[-1][-1].conv3.weight.grad.abs().sum() > 0
+    assert net.densenet.blocks[-1].denselayer16.conv2.weight.grad.abs().sum() > 0
+    for block in net.fusions:
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.parameters())
+
+
+def test_stem_adaptation_sums_the_rgb_kernels() -> None:
+    state = resnet50(weights=None).state_dict()
+    enc = ResNetEncoder(state)
+    assert enc.stem[0].weight.shape == (64, 1, 7, 7)
+    assert torch.allclose(enc.stem[0].weight, state["conv1.weight"].sum(dim=1, keepdim=True))
+    # For a grey image fed as R = G = B, the adapted conv responds exactly like the RGB one.
+    rgb = torch.nn.Conv2d(3, 8, 3, bias=False)
+    grey = torch.rand(1, 1, 9, 9)
+    assert torch.allclose(adapt_stem(rgb)(grey), rgb(grey.repeat(1, 3, 1, 1)), atol=1e-6)
+
+
+def _fake_torchvision_file(name: str, state: dict, folder: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Save ``state`` under a torchvision-style name whose hash prefix matches, and point URLS at it."""
+    tmp = folder / "tmp.pth"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(state, tmp)
+    prefix = hashlib.sha256(tmp.read_bytes()).hexdigest()[:8]
+    path = folder / f"{name}-{prefix}.pth"
+    tmp.rename(path)
+    monkeypatch.setitem(pretrained.URLS, name, f"http://127.0.0.1:9/{path.name}")
+    return path
+
+
+def test_pretrained_weights_load_from_torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    folder = tmp_path / "hub" / "checkpoints"
+    r_state = resnet50(weights=None).state_dict()
+    d_state = densenet121(weights=None).state_dict()
+    # torchvision's real densenet file uses the old 'norm.1' key style: the loader must remap it
+    old_style = {k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v for k, v in d_state.items()}
+    _fake_torchvision_file("resnet50", r_state, folder, monkeypatch)
+    _fake_torchvision_file("densenet121", old_style, folder, monkeypatch)
+    net, report = build(ColorizerSpec(decoder_width=8), pretrained=True, allow_download=False)
+    assert report.used and "resnet50" in report.detail
+    assert torch.allclose(net.resnet.stem[0].weight, r_state["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(
+        net.densenet.blocks[0].denselayer1.conv2.weight, d_state["features.denseblock1.denselayer1.conv2.weight"]
+    )
+
+
+def test_missing_pretrained_weights_train_from_scratch_with_a_warning(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        _, report = build(ColorizerSpec(decoder_width=8), pretrained=True, allow_download=False)
+    assert not report.used and report.detail.startswith("from scratch")
+    assert "TRAINING FROM SCRATCH" in caplog.text
+    tampered = tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    tampered.parent.mkdir(parents=True)
+    tampered.write_bytes(b"not the weights")
+    assert "sha256 prefix" in pretrained.locate("resnet50", allow_download=False).reason
+
+
+def test_tiny_preset_overfits_a_fixed_batch() -> None:
+    """The wiring learns: 40 Adam steps on 4 images cut the ab loss by more than half."""
+    torch.manual_seed(0)
+    net = Colorizer(ColorizerSpec(fusion="concat", decoder_width=16)).train()
+    l_norm = torch.rand(4, 1, 32, 32)
+    ab = torch.tanh(torch.cat([l_norm - 0.5, 0.5 - l_norm], 1) * 2)  # colour as a function of lightness
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = torch.nn.functional.mse_loss(net(l_norm), ab)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Small prepared data (low-res crops resized directly, no Real-ESRGAN: this is about training)."""
+    wd = tmp_path_factory.mktemp("data")
+    cfg = build_config("tiny")
+    dl = run_download(plan_download(cfg, "sample", wd), cfg, "sample").manifest
+    return run_prepare(plan_prepare(cfg, dl, None, wd), cfg, dl, None).manifest
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resumed_training_ends_with_the_same_weights(prepared: dict, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = build_config("tiny", ["train.max_steps=5", "train.checkpoint_every=2", "train.variants=max"])
+    straight = run_train(plan_train(cfg, prepared, "max", tmp_path / "a"), cfg, prepared, "max").manifest
+
+    plan_b = plan_train(cfg, prepared, "max", tmp_path / "b")
+
+    def stop_at_3(step: int) -> None:
+        if step == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_train(plan_b, cfg, prepared, "max", on_step=stop_at_3)
+    assert (tmp_path / "b" / "train" / f"{plan_b['key']}.partial" / "scratch" / "checkpoint.pt").exists()
+    resumed = run_train(plan_b, cfg, prepared, "max").manifest
+    a, b = load_model(Path(straight["folder"])).state_dict(), load_model(Path(resumed["folder"])).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["steps"] == resumed["steps"] == 5
+    assert resumed["mlflow_run_id"]  # one MLflow run, continued after the crash
+
+
+def test_truncated_checkpoint_is_detected_and_training_restarts(prepared: dict, tmp_path: Path, monkeypatch, caplog):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = build_config("tiny", ["train.max_steps=3", "train.checkpoint_every=1"])
+    plan = plan_train(cfg, prepared, "concat", tmp_path)
+
+    def stop_at_2(step: int) -> None:
+        if step == 2:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_train(plan, cfg, prepared, "concat", on_step=stop_at_2)
+    ckpt = tmp_path / "train" / f"{plan['key']}.partial" / "scratch" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with caplog.at_level(logging.WARNING):
+        manifest = run_train(plan, cfg, prepared, "concat").manifest
+    assert "unreadable" in caplog.text and manifest["steps"] == 3

@@ -1,0 +1,269 @@
+"""The Prefect DAG end to end with the `tiny` preset: caching, rerunning one failed stage, the registry,
+and `colorize image` with the champion. Assertions are on executions (task states), not on logs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data
+
+from flows.cli import main
+from flows.pipeline import StageFailed, pipeline
+
+
+def _states(result: dict) -> dict[str, str]:
+    return {c["stage"]: c["state"] for c in result["calls"]}
+
+
+@pytest.fixture(scope="module")
+def workdir(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("pipeline")
+
+
+@pytest.fixture(scope="module")
+def first_run(workdir: Path) -> dict:
+    """The first run, in which training of the `max` variant fails (an injected fault)."""
+    import tasks.train as train_mod
+
+    real = train_mod.train_variant
+
+    def failing(out, cfg, variant, *args, **kw):
+        if variant == "max":
+            raise RuntimeError("injected fault: out of memory")
+        return real(out, cfg, variant, *args, **kw)
+
+    train_mod.train_variant = failing
+    try:
+        with pytest.raises(StageFailed, match="training failed for max"):
+            pipeline(dataset="sample", preset="tiny", workdir=str(workdir))
+    finally:
+        train_mod.train_variant = real
+    return json.loads((workdir / "train" / "last.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def rerun(first_run: dict, workdir: Path) -> dict:
+    return pipeline(dataset="sample", preset="tiny", workdir=str(workdir))
+
+
+def test_failed_variant_is_recorded(first_run: dict) -> None:
+    assert first_run["state"] == "failed" and "injected fault" in first_run["error"]
+
+
+def test_rerun_executes_only_the_failed_variant_and_what_depends_on_it(rerun: dict) -> None:
+    states = _states(rerun)
+    assert states == {
+        "download": "cached",
+        "upscale": "cached",
+        "prepare": "cached",
+        "train-concat": "cached",
+        "train-average": "cached",
+        "train-max": "ran",
+        "evaluate": "ran",
+        "register": "ran",
+    }
+
+
+def test_run_ends_with_a_registered_champion(rerun: dict, workdir: Path) -> None:
+    reg = rerun["registered"]
+    assert reg["model_name"] == "colorizer" and reg["alias"] == "champion"
+    assert reg["variant"] in ("concat", "average", "max")
+    table = (Path(rerun["metrics_md"])).read_text()
+    assert "| grayscale baseline |" in table and table.count("\n| ") >= 4
+    evaluated = json.loads((Path(rerun["stages"]["evaluate"]) / "metrics.json").read_text())
+    assert evaluated["rows"][0]["variant"] == "grayscale baseline"
+    assert evaluated["rows"][0]["colorfulness"] < 1  # ab = 0 has no colour
+
+
+def test_mlflow_holds_parent_and_child_runs_with_metrics_and_images(rerun: dict, workdir: Path) -> None:
+    from storage.tracking import client
+
+    c = client(workdir)
+    parent = c.get_run(rerun["mlflow_parent_run_id"])
+    assert parent.data.tags["prefect.flow_run_id"] not in ("", "unknown")
+    children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert {r.data.tags["variant"] for r in children} == {"max"}  # this run trained max; others were cached
+    run = children[0]
+    assert "train_loss" in run.data.metrics and "val_loss" in run.data.metrics and "test_rgb_mse" in run.data.metrics
+    assert run.data.params["variant"] == "max" and run.data.tags["pretrained"] == "False"
+    assert {a.path for a in c.list_artifacts(run.info.run_id)} >= {"samples.png", "loss_curve.png"}
+    history = c.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == sorted(m.step for m in history) and len(history) >= 2
+
+
+def test_second_identical_run_is_all_cache_hits(rerun: dict, workdir: Path) -> None:
+    again = pipeline(dataset="sample", preset="tiny", workdir=str(workdir))
+    assert set(_states(again).values()) == {"cached"}
+    assert again["registered"]["version"] == rerun["registered"]["version"]
+
+
+def test_changing_a_training_setting_reruns_training_onward_only(rerun: dict, workdir: Path) -> None:
+    result = pipeline(dataset="sample", preset="tiny", workdir=str(workdir), overrides=["train.lr=0.002"])
+    states = _states(result)
+    assert [states[s] for s in ("download", "upscale", "prepare")] == ["cached"] * 3
+    assert all(states[f"train-{v}"] == "ran" for v in ("concat", "average", "max"))
+    assert states["evaluate"] == states["register"] == "ran"
+
+
+def test_editing_a_stage_reruns_it_and_only_changed_outputs_propagate(rerun: dict, workdir: Path, monkeypatch) -> None:
+    import tasks.prepare as prep_mod
+
+    real = prep_mod.code_version
+    monkeypatch.setattr(prep_mod, "code_version", lambda *mods: real(*mods) + "-edited")
+    states = _states(pipeline(dataset="sample", preset="tiny", workdir=str(workdir)))
+    assert states["prepare"] == "ran" and states["upscale"] == "cached"
+    # the edited stage wrote byte-identical data, so nothing downstream of it had to run again
+    assert states["train-concat"] == "cached" and states["evaluate"] == "cached"
+
+
+def test_force_reruns_a_stage_despite_its_cache(rerun: dict, workdir: Path) -> None:
+    states = _states(
+        pipeline(dataset="sample", preset="tiny", workdir=str(workdir), until="download", force=["download"])
+    )
+    assert states == {"download": "ran"}
+
+
+def test_deleted_stage_folder_is_recomputed_not_trusted(rerun: dict, workdir: Path) -> None:
+    shutil.rmtree(rerun["stages"]["evaluate"])
+    states = _states(pipeline(dataset="sample", preset="tiny", workdir=str(workdir)))
+    assert states["evaluate"] == "ran" and states["train-max"] == "cached"
+    assert (Path(rerun["stages"]["evaluate"]) / "manifest.json").exists()
+
+
+def test_only_runs_one_stage_and_needs_finished_inputs(rerun: dict, workdir: Path, tmp_path: Path) -> None:
+    states = _states(
+        pipeline(dataset="sample", preset="tiny", workdir=str(workdir), only="evaluate", force=["evaluate"])
+    )
+    assert states["evaluate"] == "ran" and "register" not in states
+    with pytest.raises(StageFailed, match="--only train needs a finished download stage"):
+        pipeline(dataset="sample", preset="tiny", workdir=str(tmp_path / "empty"), only="train")
+
+
+def test_registered_model_loads_in_a_fresh_process_and_colorizes(rerun: dict, workdir: Path) -> None:
+    code = (
+        "import mlflow, numpy as np, sys\n"
+        f"mlflow.set_tracking_uri('sqlite:///{workdir}/mlflow.db')\n"
+        "m = mlflow.pyfunc.load_model('models:/colorizer@champion')\n"
+        "x = np.random.default_rng(0).integers(0, 256, (3, 40, 72, 3), dtype=np.uint8)\n"
+        "y = m.predict(x)\n"
+        "print(y.shape, y.dtype)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "(3, 40, 72, 3) uint8"
+
+
+# ---------------------------------------------------------------- colorize image
+def _photos(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = Image.fromarray(data.chelsea()[:120, :160])
+    files = {
+        "gray.png": rgb.convert("L"),
+        "rgb.jpg": rgb,
+        "rgba.png": rgb.convert("RGBA"),
+        "palette.png": rgb.convert("P"),
+        "cmyk.tif": rgb.convert("CMYK"),
+        "sixteen.png": Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257),
+    }
+    paths = {}
+    for name, im in files.items():
+        im.save(folder / name)
+        paths[name] = folder / name
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rgb.save(folder / "rotated.jpg", exif=exif)
+    paths["rotated.jpg"] = folder / "rotated.jpg"
+    return paths
+
+
+def test_colorize_image_accepts_every_input_kind(rerun: dict, workdir: Path, tmp_path: Path, capsys) -> None:
+    photos = _photos(tmp_path / "in")
+    rgba = np.asarray(Image.open(photos["rgba.png"]))
+    rgba_alpha = rgba.copy()
+    rgba_alpha[:20, :20, 3] = 0
+    Image.fromarray(rgba_alpha).save(photos["rgba.png"])
+    code = main(["image", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--workdir", str(workdir)])
+    assert code == 0, capsys.readouterr().err
+    out = {p.name: Image.open(p) for p in (tmp_path / "out").iterdir()}
+    assert set(out) == {"gray.png", "rgb.jpg", "rgba.png", "palette.png", "cmyk.tif", "sixteen.png", "rotated.jpg"}
+    assert out["rgb.jpg"].size == (160, 120) and out["rgb.jpg"].mode == "RGB"  # full resolution
+    assert out["rotated.jpg"].size == (120, 160)  # EXIF rotation applied
+    assert out["rgba.png"].mode == "RGBA" and np.asarray(out["rgba.png"])[:20, :20, 3].max() == 0  # alpha kept
+    # the original L is kept: lightness of output equals the input's
+    from skimage.color import rgb2lab
+
+    src = np.asarray(Image.open(photos["rgb.jpg"]).convert("RGB"))
+    got = np.asarray(out["rgb.jpg"].convert("RGB"))
+    assert np.abs(rgb2lab(src)[..., 0] - rgb2lab(got)[..., 0]).mean() < 2.0
+
+
+def test_colorize_image_bad_inputs_get_one_line_each_and_others_go_on(
+    rerun: dict, workdir: Path, tmp_path: Path, capsys
+) -> None:
+    photos = _photos(tmp_path / "in")
+    (tmp_path / "notimage.png").write_text("hello")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "trunc.png").write_bytes(photos["gray.png"].read_bytes()[:300])
+    big = tmp_path / "big.png"
+    Image.new("RGB", (400, 300)).save(big)
+    args = [
+        "image",
+        str(photos["rgb.jpg"]),
+        str(tmp_path / "missing.jpg"),
+        str(tmp_path / "notimage.png"),
+        str(tmp_path / "empty.jpg"),
+        str(tmp_path / "trunc.png"),
+        str(big),
+        "--max-pixels",
+        "100000",
+        "--out",
+        str(tmp_path / "out"),
+        "--workdir",
+        str(workdir),
+    ]
+    assert main(args) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 5
+    joined = "\n".join(err)
+    for needle in (
+        "missing.jpg: no such file",
+        "notimage.png: not an image",
+        "empty.jpg: empty file",
+        "trunc.png: unreadable or truncated",
+        "over the limit of 100,000",
+    ):
+        assert needle in joined
+    assert (tmp_path / "out" / "rgb.jpg").exists()  # the good file was still colorized
+
+
+def test_colorize_image_without_a_model_says_how_to_train_one(tmp_path: Path, capsys) -> None:
+    Image.new("RGB", (40, 40)).save(tmp_path / "a.png")
+    assert main(["image", str(tmp_path / "a.png"), "--workdir", str(tmp_path / "fresh")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no registered model" in err and "colorize run" in err and len(err.splitlines()) == 1
+
+
+def test_colorize_image_with_upscale_runs_real_esrgan_first(rerun: dict, workdir: Path, tmp_path: Path) -> None:
+    Image.fromarray(data.astronaut()[::16, ::16]).save(tmp_path / "small.png")  # 32x32
+    assert (
+        main(
+            [
+                "image",
+                str(tmp_path / "small.png"),
+                "--upscale",
+                "--out",
+                str(tmp_path / "o.png"),
+                "--workdir",
+                str(workdir),
+            ]
+        )
+        == 0
+    )
+    assert Image.open(tmp_path / "o.png").size == (128, 128)
