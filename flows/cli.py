@@ -200,7 +200,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "alembic", "urllib3"):
+    for noisy in ("httpx", "httpcore", "alembic", "urllib3", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     handlers = {"run": cmd_run, "status": cmd_status, "image": cmd_image, "ui": cmd_ui}

@@ -53,6 +53,12 @@ def load_net(spec: str | None, workdir: Path) -> tuple[Any, int]:
 
     from storage.tracking import tracking_uri
 
+    if spec is None and tracking_uri(workdir).startswith("sqlite:///") and not (workdir / "mlflow.db").is_file():
+        raise NoModel(
+            f"no registered model {DEFAULT_MODEL}: {workdir} has no MLflow store yet; train one with "
+            f"`colorize run --dataset sample --workdir {workdir}` or pass --model"
+        )
+
     mlflow.set_tracking_uri(tracking_uri(workdir))
     mlflow.set_registry_uri(tracking_uri(workdir))
     try:
@@ -139,7 +145,7 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
         except (ImageError, OSError) as exc:
             failed += 1
             msg = str(exc) if str(exc).startswith(str(src)) else f"{src}: {exc}"
-            print(f"error: {msg}", file=sys.stderr)
+            tqdm.write(f"error: {msg}", file=sys.stderr)  # above the progress bar, one line
     return 1 if failed else 0
 
 
@@ -148,7 +154,7 @@ def _upscale(net: Any, rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.nd
 
     from model.realesrgan import SCALE, upscale
 
-    big = upscale(net, torch.from_numpy(rgb).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    big = upscale(net, torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
     if alpha is not None:
         alpha = np.asarray(Image.fromarray(alpha).resize((alpha.shape[1] * SCALE, alpha.shape[0] * SCALE)))
     return big, alpha

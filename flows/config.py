@@ -7,6 +7,7 @@ training onward and nothing upstream. Unknown keys are errors (``extra="forbid"`
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from typing import Any, Literal
@@ -95,6 +96,11 @@ class TrainConfig(Section):
     threads: int | None = Field(None, ge=1)
     concurrent: bool = Field(False, description="train variants at the same time (off: they share cores)")
 
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _split(cls, v: object) -> object:
+        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
     @field_validator("variants")
     @classmethod
     def _variants(cls, v: list[str]) -> list[str]:
@@ -162,13 +168,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def parse_value(raw: str) -> Any:
     """``--set`` values are JSON where they parse (numbers, true, null, lists), else plain strings;
     a bare comma list (``concat,max``) becomes a list."""
@@ -191,7 +190,7 @@ def build_config(preset: str = "demo", overrides: list[str] | None = None) -> Pi
     """Defaults + preset + ``key=value`` overrides, validated; any problem is a one-line ConfigError."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    data = _merge({}, PRESETS[preset])
+    data = copy.deepcopy(PRESETS[preset])  # overrides below must never edit the shared preset
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

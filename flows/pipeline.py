@@ -132,7 +132,9 @@ class Runner:
         if not intact and not forced and plan_folder(plan).exists():
             log.warning("%s: stored output at %s failed verification; recomputing", name, plan_folder(plan))
         if self.only and STAGES.index(stage) < STAGES.index(self.only) and not intact:
-            raise StageFailed(f"--only {self.only} needs a finished {stage} stage; run `colorize run --until {stage}` first")
+            raise StageFailed(
+                f"--only {self.only} needs a finished {stage} stage; run `colorize run --until {stage}` first"
+            )
         return {"refresh_cache": not intact, "forced": forced}
 
     def submit(

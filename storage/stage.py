@@ -168,7 +168,13 @@ def make_plan(
         "config": json.loads(canonical_json(config)),
         "code": code,
     }
-    plan["key"] = digest({k: plan[k] for k in ("stage", "inputs", "config", "code")})[:16]
+    # Inputs count by content: an upstream stage that reran (new config or code) but wrote the same bytes
+    # leaves every downstream key unchanged. Its key stays in the plan for traceability only.
+    keyed = {
+        **{k: plan[k] for k in ("stage", "config", "code")},
+        "inputs": [{"stage": r["stage"], "content": r["content"]} for r in plan["inputs"]],
+    }
+    plan["key"] = digest(keyed)[:16]
     return plan
 
 

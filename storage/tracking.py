@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import re
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,31 @@ def tracking_uri(workdir: Path) -> str:
     return os.environ.get("COLORIZE_MLFLOW_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def warn_if_locked(uri: str) -> bool:
+    """Say so when another process holds the sqlite store's write lock. MLflow itself waits up to 20 s
+    (its busy_timeout) and retry_locked waits longer, but silently stalling would look like a hang."""
+    if not uri.startswith("sqlite:///"):
+        return False
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.is_file():
+        return False
+    con = sqlite3.connect(path, timeout=0)
+    try:
+        con.execute("BEGIN IMMEDIATE")
+        con.rollback()
+        return False
+    except sqlite3.OperationalError as exc:
+        if "locked" not in str(exc):
+            raise
+        log.warning("%s is locked by another process; waiting for it", path)
+        return True
+    finally:
+        con.close()
+
+
 def client(workdir: Path) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    warn_if_locked(tracking_uri(workdir))
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri(workdir), registry_uri=tracking_uri(workdir))
@@ -39,7 +63,7 @@ def retry_locked(fn: Any, *args: Any, attempts: int = 30, delay: float = 0.5, **
             if "locked" not in str(exc).lower() or i == attempts - 1:
                 raise
             if i == 0:
-                log.warning("mlflow.db is locked by another process; waiting")
+                log.warning("mlflow.db is still locked by another process; retrying for up to %.0f s", attempts * delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
 

@@ -117,6 +117,10 @@ def train_variant(
     dataset = ShardDataset(shard_paths(prepared, "train"), decode_sample, seed=cfg.seed, buffer=max(256, 4 * bs))
     val_shards = shard_paths(prepared, "val")
 
+    # Own generators: flips are drawn from `flips` (saved in the checkpoint); the DataLoader gets its own
+    # generator because every new iterator draws a seed, and a resumed run creates one more iterator.
+    flips = torch.Generator().manual_seed(cfg.seed)
+    loader_gen = torch.Generator().manual_seed(cfg.seed)
     scratch = out / SCRATCH
     scratch.mkdir(parents=True, exist_ok=True)
     ckpt = scratch / "checkpoint.pt"
@@ -128,12 +132,14 @@ def train_variant(
             net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
+            flips.set_state(state["flip_rng"])
             step, history, run_id = state["step"], state["history"], state.get("mlflow_run_id")
             log.info("%s: resuming from step %d of %d", variant, step, total)
         except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is redone, never trusted
             log.warning("%s: checkpoint %s is unreadable (%s); starting this variant over", variant, ckpt, exc)
             step, history, run_id = 0, {"train": [], "val": []}, None
             torch.manual_seed(cfg.seed)
+            flips.manual_seed(cfg.seed)
             net, _ = build(spec, t.pretrained, allow_download=False)
             net.freeze(t.freeze)
             net = net.to(memory_format=memfmt).train()
@@ -173,6 +179,7 @@ def train_variant(
                     "step": step,
                     "epoch": step // per_epoch,
                     "torch_rng": torch.get_rng_state(),
+                    "flip_rng": flips.get_state(),
                     "history": history,
                     "mlflow_run_id": run_id,
                 },
@@ -184,9 +191,9 @@ def train_variant(
     while step < total:
         epoch = step // per_epoch
         dataset.set_epoch(epoch, skip=(step % per_epoch) * bs)
-        for l_norm, ab in DataLoader(dataset, batch_size=bs, drop_last=True):
-            if t.hflip:  # drawn from torch's RNG, which the checkpoint saves: resume stays exact
-                flip = torch.rand(len(ab)) < 0.5
+        for l_norm, ab in DataLoader(dataset, batch_size=bs, drop_last=True, generator=loader_gen):
+            if t.hflip:
+                flip = torch.rand(len(ab), generator=flips) < 0.5
                 l_norm, ab = l_norm.clone(), ab.clone()
                 l_norm[flip], ab[flip] = l_norm[flip].flip(-1), ab[flip].flip(-1)
             if t.channels_last:

@@ -58,3 +58,12 @@ def test_run_until_download_writes_manifest_and_second_run_reuses_it(prefect_har
     assert "download         cached" in capsys.readouterr().out
     assert main(["status", "--workdir", str(tmp_path)]) == 0
     assert "download   cached" in capsys.readouterr().out
+
+
+def test_overrides_never_leak_into_the_presets() -> None:
+    from flows.config import PRESETS, build_config
+
+    before = json.dumps(PRESETS, sort_keys=True)
+    assert build_config("tiny", ["train.variants=max", "train.lr=0.5"]).train.variants == ["max"]
+    assert json.dumps(PRESETS, sort_keys=True) == before
+    assert build_config("tiny").train.variants == ["concat", "average", "max"]

@@ -92,7 +92,7 @@ def test_locked_mlflow_db_is_waited_out(tmp_path: Path, caplog) -> None:
         con = sqlite3.connect({str(tmp_path / "mlflow.db")!r}, isolation_level=None)
         con.execute("BEGIN EXCLUSIVE")
         print("locked", flush=True)
-        time.sleep(3)
+        time.sleep(8)  # longer than sqlite's own 5 s busy timeout inside MLflow
         con.execute("COMMIT")
     """),
         ],
@@ -104,7 +104,7 @@ def test_locked_mlflow_db_is_waited_out(tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         run = tracking.start_run(tmp_path, "while-locked")
     holder.wait()
-    assert run and time.time() - t0 >= 1.0
+    assert run and time.time() - t0 >= 5.0
     assert "locked by another process" in caplog.text
     assert sqlite3.connect(tmp_path / "mlflow.db").execute("select count(*) from runs").fetchone()[0] == 1
 

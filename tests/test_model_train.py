@@ -75,7 +75,11 @@ def test_pretrained_weights_load_from_torch_home(tmp_path: Path, monkeypatch: py
     r_state = resnet50(weights=None).state_dict()
     d_state = densenet121(weights=None).state_dict()
     # torchvision's real densenet file uses the old 'norm.1' key style: the loader must remap it
-    old_style = {k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v for k, v in d_state.items()}
+    old_style = {
+        k.replace("norm1", "norm.1").replace("conv2", "conv.2"): v
+        for k, v in d_state.items()
+        if not k.endswith("num_batches_tracked")
+    }  # the 2017 file predates this buffer
     _fake_torchvision_file("resnet50", r_state, folder, monkeypatch)
     _fake_torchvision_file("densenet121", old_style, folder, monkeypatch)
     net, report = build(ColorizerSpec(decoder_width=8), pretrained=True, allow_download=False)
@@ -99,10 +103,12 @@ def test_missing_pretrained_weights_train_from_scratch_with_a_warning(tmp_path: 
 
 
 def test_tiny_preset_overfits_a_fixed_batch() -> None:
-    """The wiring learns: 40 Adam steps on 4 images cut the ab loss by more than half."""
+    """The wiring learns: 40 Adam steps on 4 images cut the ab loss tenfold. The images are smooth, as
+    natural images' ab is: the decoder's finest skip is at 1/4 scale, so per-pixel noise is not learnable
+    (nor needed: inference keeps the photo's own full-resolution L)."""
     torch.manual_seed(0)
     net = Colorizer(ColorizerSpec(fusion="concat", decoder_width=16)).train()
-    l_norm = torch.rand(4, 1, 32, 32)
+    l_norm = torch.nn.functional.interpolate(torch.rand(4, 1, 4, 4), size=32, mode="bilinear", align_corners=False)
     ab = torch.tanh(torch.cat([l_norm - 0.5, 0.5 - l_norm], 1) * 2)  # colour as a function of lightness
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     losses = []
@@ -112,7 +118,7 @@ def test_tiny_preset_overfits_a_fixed_batch() -> None:
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < 0.1 * losses[0]
 
 
 @pytest.fixture(scope="module")
