@@ -96,7 +96,8 @@ def main() -> None:
         a, b = rows[0], rows[-1]
         print(
             f"cost growth {a['side']}->{b['side']} px: {b['pixels'] / a['pixels']:.0f}x pixels, "
-            f"{b['seconds'] / a['seconds']:.1f}x time, {b['added_mb'] / max(a['added_mb'], 1):.1f}x added memory"
+            f"{b['seconds'] / a['seconds']:.1f}x time; memory added over the loaded model: "
+            f"{a['added_mb']:.0f} MB -> {b['added_mb']:.0f} MB"
         )
     ours = next((r for r in rows if r["side"] == args.naive), None) or run(args.naive, "ours")
     naive = run(args.naive, "naive")

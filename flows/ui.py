@@ -37,8 +37,16 @@ def commands(workdir: Path, host: str, mlflow_port: int, prefect_port: int) -> d
     }
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(workdir: Path, host: str, mlflow_port: int, prefect_port: int) -> int:
     configure(workdir)
+    # Explicit handlers: a process started in the background inherits SIGINT as ignored, and a
+    # supervisor stops with SIGTERM; both must take the two servers down with us.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     env = dict(os.environ)
     procs = {
         name: subprocess.Popen(cmd, env=env, start_new_session=True)

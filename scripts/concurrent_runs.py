@@ -30,15 +30,20 @@ def main() -> None:
         outputs = [p.communicate()[0] for p in procs]
         codes = [p.returncode for p in procs]
         for i, out in enumerate(outputs):
-            print(f"--- run {i + 1} (exit {codes[i]}):\n" + "\n".join(out.splitlines()[-14:]))
+            shown = out.splitlines() if codes[i] else out.splitlines()[-14:]  # a failure in full
+            print(f"--- run {i + 1} (exit {codes[i]}):\n" + "\n".join(shown))
         ok = codes == [0, 0]
 
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
         from storage import tracking
         from storage.stage import verify
 
+        stages = ("download", "upscale", "prepare", "train", "evaluate", "register")
         folders = [
-            p for p in wd.glob("*/*") if p.is_dir() and not p.name.endswith(".partial") and not p.name.startswith(".")
+            p
+            for stage in stages
+            for p in (wd / stage).glob("*")
+            if p.is_dir() and not p.name.endswith(".partial") and not p.name.startswith(".")
         ]
         broken = [str(p) for p in folders if verify(p)[0] is None]
         client = tracking.client(wd)

@@ -7,6 +7,7 @@ run, so stages running in Prefect worker threads cannot log into each other's ru
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -46,12 +47,31 @@ def warn_if_locked(uri: str) -> bool:
         con.close()
 
 
+_READY: set[str] = set()
+
+
 def client(workdir: Path) -> Any:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    warn_if_locked(tracking_uri(workdir))
+    uri = tracking_uri(workdir)
+    warn_if_locked(uri)
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=tracking_uri(workdir), registry_uri=tracking_uri(workdir))
+    if uri not in _READY:
+        # MLflow creates and migrates a new sqlite store when a client first touches it, and two processes
+        # doing that at once break alembic's migration: a file lock in the work dir makes it one at a time.
+        lock = Path(workdir).resolve() / ".mlflow-init.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+                c.search_experiments(max_results=1)
+                c.search_registered_models(max_results=1)
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+        _READY.add(uri)
+        return c
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def retry_locked(fn: Any, *args: Any, attempts: int = 30, delay: float = 0.5, **kw: Any) -> Any:
