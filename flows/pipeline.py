@@ -20,8 +20,9 @@ from prefect.context import get_run_context
 
 from flows.config import STAGES, PipelineConfig, build_config
 from storage import tracking
+from storage.atomic import write_json
 from storage.errors import UserFacingError
-from storage.stage import finished, plan_folder, write_json
+from storage.stage import finished, plan_folder
 from tasks import download as download_stage
 from tasks import evaluate as evaluate_stage
 from tasks import prepare as prepare_stage

@@ -20,6 +20,7 @@ import model.pyfunc
 from flows.config import PipelineConfig
 from model.metrics import HIGHER_IS_BETTER
 from storage import tracking
+from storage.atomic import write_bytes
 from storage.stage import StageResult, code_version, make_plan, run_stage
 from tasks.evaluate import BASELINE
 from tasks.train import MODEL_FILE, SPEC_FILE
@@ -116,7 +117,7 @@ def run_register(
             "evaluate_key": evaluated["key"],
         }.items():
             tracking.retry_locked(client.set_model_version_tag, r.model_name, version.version, k, str(v))
-        (out / "registered.txt").write_text(f"models:/{r.model_name}@{r.alias} -> version {version.version}\n")
+        write_bytes(out / "registered.txt", f"models:/{r.model_name}@{r.alias} -> version {version.version}\n".encode())
         return {
             "model_name": r.model_name,
             "alias": r.alias,
