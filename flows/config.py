@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 DATASETS = ("sample", "folder", "cifar10", "div2k")
 STAGES = ("download", "upscale", "prepare", "train", "evaluate", "register")
 VARIANTS = ("concat", "average", "max")
-LOWRES_SOURCES = ("sample", "folder", "cifar10")  # sources that may carry a low-res set to upscale
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
