@@ -88,6 +88,23 @@ def preview_batch(prepared: dict[str, Any], split: str, n: int) -> tuple[torch.T
     return torch.stack([s[0] for s in samples]), torch.stack([s[1] for s in samples])
 
 
+_CHECKPOINT_KEYS = {"model", "optimizer", "step", "torch_rng", "flip_rng", "history"}
+
+
+def _read_checkpoint(path: Path, variant: str) -> dict[str, Any] | None:
+    """The resumable state, or None: absent, or unreadable (then reported and redone, never trusted)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not state.keys() >= _CHECKPOINT_KEYS:
+            raise ValueError("missing fields")
+        return state
+    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign: all mean "start over"
+        log.warning("%s: checkpoint %s is unreadable (%s); starting this variant over", variant, path, exc)
+        return None
+
+
 def train_variant(
     out: Path,
     cfg: PipelineConfig,
@@ -100,6 +117,10 @@ def train_variant(
     t = cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
+    scratch = out / SCRATCH
+    scratch.mkdir(parents=True, exist_ok=True)
+    ckpt = scratch / "checkpoint.pt"
+    state = _read_checkpoint(ckpt, variant)  # before building: a damaged one means a fresh start
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     spec = ColorizerSpec(fusion=variant, decoder_width=t.decoder_width, image_size=prepared["image_size"])
@@ -121,31 +142,14 @@ def train_variant(
     # generator because every new iterator draws a seed, and a resumed run creates one more iterator.
     flips = torch.Generator().manual_seed(cfg.seed)
     loader_gen = torch.Generator().manual_seed(cfg.seed)
-    scratch = out / SCRATCH
-    scratch.mkdir(parents=True, exist_ok=True)
-    ckpt = scratch / "checkpoint.pt"
-    step, history = 0, {"train": [], "val": []}
-    run_id = None
-    if ckpt.is_file():
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            torch.set_rng_state(state["torch_rng"])
-            flips.set_state(state["flip_rng"])
-            step, history, run_id = state["step"], state["history"], state.get("mlflow_run_id")
-            log.info("%s: resuming from step %d of %d", variant, step, total)
-        except Exception as exc:  # noqa: BLE001 - a damaged checkpoint is redone, never trusted
-            log.warning("%s: checkpoint %s is unreadable (%s); starting this variant over", variant, ckpt, exc)
-            step, history, run_id = 0, {"train": [], "val": []}, None
-            torch.manual_seed(cfg.seed)
-            flips.manual_seed(cfg.seed)
-            net, _ = build(spec, t.pretrained, allow_download=False)
-            net.freeze(t.freeze)
-            net = net.to(memory_format=memfmt).train()
-            opt = torch.optim.Adam(
-                [p for p in net.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
-            )
+    step, history, run_id = 0, {"train": [], "val": []}, None
+    if state is not None:
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        flips.set_state(state["flip_rng"])
+        step, history, run_id = state["step"], state["history"], state.get("mlflow_run_id")
+        log.info("%s: resuming from step %d of %d", variant, step, total)
 
     if run_id is None:
         run_id = tracking.start_run(
