@@ -135,9 +135,13 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
             rgb = photo.rgb
             if args.upscale and max(rgb.shape[:2]) <= args.upscale_max:
                 if upscaler is None:
-                    from model.realesrgan import load_upscaler
+                    import torch
 
-                    upscaler, _ = load_upscaler()
+                    from model.realesrgan import resolve_weights
+                    from model.upscaler import make_upscaler
+
+                    # one photo at a time: every thread works inside the image
+                    upscaler = make_upscaler(resolve_weights(), per_image_threads=torch.get_num_threads())
                 rgb, photo.alpha = _upscale(upscaler, rgb, photo.alpha)
             dest = output_path(src, args.out, single)
             save(colorize(net, rgb, size), photo.alpha, dest)
@@ -149,12 +153,12 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
     return 1 if failed else 0
 
 
-def _upscale(net: Any, rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _upscale(upscaler: Any, rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
     import torch
 
-    from model.realesrgan import SCALE, upscale
+    from model.realesrgan import SCALE
 
-    big = upscale(net, torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
+    big = upscaler(torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None])[0].permute(1, 2, 0).numpy()
     if alpha is not None:
         alpha = np.asarray(Image.fromarray(alpha).resize((alpha.shape[1] * SCALE, alpha.shape[0] * SCALE)))
     return big, alpha

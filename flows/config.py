@@ -56,10 +56,13 @@ class DownloadConfig(Section):
 
 class UpscaleConfig(Section):
     weights: str | None = Field(None, description="explicit RealESRGAN_x4plus .pth (else cache/download/ncnn)")
+    backend: Literal["auto", "torch", "ncnn"] = Field(
+        "auto", description="auto: torch on a GPU, else ncnn (Winograd convolutions) when installed"
+    )
     batch_size: int = Field(8, ge=1)
     threads: int | None = Field(None, ge=1)
-    bf16: bool = False
-    channels_last: bool = True
+    bf16: bool = Field(False, description="torch backend only")
+    channels_last: bool = Field(True, description="torch backend only")
     shard_maxcount: int = Field(1000, ge=1)
 
 

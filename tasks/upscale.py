@@ -19,10 +19,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import model.ncnn
 import model.realesrgan
+import model.upscaler
 import storage.shards
 from flows.config import PipelineConfig
-from model.realesrgan import WeightsInfo, load_upscaler, resolve_weights, upscale
+from model.realesrgan import WeightsInfo, resolve_weights
+from model.upscaler import choose_backend, make_upscaler
 from storage.shards import ShardWriter, decode_png, encode_png, iter_samples, shard_paths
 from storage.stage import StageResult, code_version, make_plan, run_stage
 
@@ -36,10 +39,15 @@ def has_lowres(download: dict[str, Any]) -> bool:
 
 def plan_upscale(cfg: PipelineConfig, download: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """The key covers the weights' sha256 (dropping the official file into the cache changes the output)
-    but not threads, which change speed only."""
+    and the engine actually used (torch and ncnn agree within 1/255, not bit for bit), but not threads,
+    which change speed only."""
     info = resolve_weights(cfg.upscale.weights)
-    config = {**cfg.upscale.model_dump(exclude={"threads", "weights"}), "weights": info.as_dict()}
-    code = code_version(sys.modules[__name__], model.realesrgan, storage.shards)
+    config = {
+        **cfg.upscale.model_dump(exclude={"threads", "weights", "backend"}),
+        "backend": choose_backend(cfg.upscale.backend),
+        "weights": info.as_dict(),
+    }
+    code = code_version(sys.modules[__name__], model.realesrgan, model.upscaler, model.ncnn, storage.shards)
     return make_plan(workdir, "upscale", [download], config, code)
 
 
@@ -63,7 +71,8 @@ def run_upscale(
         if c.threads:
             torch.set_num_threads(c.threads)
         info = WeightsInfo(**plan["config"]["weights"])
-        net, _ = load_upscaler(info)
+        backend = plan["config"]["backend"]
+        upscaler = make_upscaler(info, backend, threads=c.threads, bf16=c.bf16, channels_last=c.channels_last)
         counts = {}
         jobs = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
         total = sum(download["sets"]["lowres"].values())
@@ -80,7 +89,7 @@ def run_upscale(
                     for batch in _batches(shard, c.batch_size):
                         images = torch.from_numpy(np.stack([decode_png(s["png"]) for s in batch])).permute(0, 3, 1, 2)
                         t0 = time.perf_counter()
-                        big = upscale(net, images, bf16=c.bf16, channels_last=c.channels_last)
+                        big = upscaler(images)
                         seconds += time.perf_counter() - t0
                         processed += len(batch)
                         for s, img in zip(batch, big.permute(0, 2, 3, 1).numpy(), strict=True):
@@ -93,9 +102,10 @@ def run_upscale(
             done += n
         bar.close()
         ips = round(processed / seconds, 3) if seconds else None
-        log.info("upscaled %d images (%s img/s in the network) with %s weights", done, ips, info.source)
+        log.info("upscaled %d images (%s img/s, %s) with %s weights", done, ips, backend, info.source)
         return {
             "weights": info.as_dict(),
+            "backend": backend,
             "sets": {"upscaled": counts},
             "images_per_second": ips,
             "scale": model.realesrgan.SCALE,

@@ -14,6 +14,10 @@ from PIL import Image
 from skimage import data
 
 from model import realesrgan as resr
+from model import upscaler as ups
+from model.metrics import edge_f1
+from model.ncnn import NcnnFormatError, read_convolutions, write_fp32_bin
+from model.upscaler import NcnnUpscaler
 from storage.fetch import DownloadError
 
 
@@ -31,6 +35,14 @@ def converted(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module
         info = resr.resolve_weights(allow_download=False)
         net, _ = resr.load_upscaler(info)
     return net, info
+
+
+@pytest.fixture(scope="module")
+def ncnn_engine(converted, tmp_path_factory: pytest.TempPathFactory) -> NcnnUpscaler:
+    """The CPU engine on the same weights, its fp32 blob written into a fresh cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch-ncnn")))
+        return NcnnUpscaler(converted[1], threads=2)
 
 
 def test_shim_lets_basicsr_and_realesrgan_import_in_a_fresh_interpreter() -> None:
@@ -115,21 +127,31 @@ def _edge_energy(rgb: np.ndarray) -> float:
 
 @pytest.mark.slow
 def test_real_network_restores_edge_structure_that_bicubic_loses(converted) -> None:
-    """On real photo crops, box-downscaled 4x then upscaled: Real-ESRGAN's edge energy is much closer to
-    the original's than bicubic's (bicubic blurs). Pixel SSIM does *not* favour it (it invents texture)."""
+    """On real photo crops, box-downscaled 4x then upscaled: Real-ESRGAN's edge map is closer to the
+    original's than bicubic's (edge F1), and so is its edge energy (bicubic blurs). Pixel SSIM does
+    *not* favour it (it invents texture); the bench prints both."""
     net, _ = converted
-    hr = [data.astronaut()[100:228, 180:308], data.coffee()[150:278, 200:328]]
+    hr = [
+        data.astronaut()[100:228, 180:308],
+        data.coffee()[150:278, 200:328],
+        data.chelsea()[60:188, 150:278],
+        data.rocket()[200:328, 250:378],
+    ]
     lr = [np.asarray(Image.fromarray(h).resize((32, 32), Image.Resampling.BOX)) for h in hr]
     sr = resr.upscale(net, torch.from_numpy(np.stack(lr)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
-    assert sr.shape == (2, 128, 128, 3)
-    gaps_sr, gaps_bic = [], []
+    assert sr.shape == (4, 128, 128, 3)
+    gaps_sr, gaps_bic, f1_sr, f1_bic = [], [], [], []
     for h, low, s in zip(hr, lr, sr, strict=True):
         bic = np.asarray(Image.fromarray(low).resize((128, 128), Image.Resampling.BICUBIC))
+        f1_sr.append(edge_f1(s, h))
+        f1_bic.append(edge_f1(bic, h))
+        assert f1_sr[-1] > f1_bic[-1]
         e_orig = _edge_energy(h)
         gaps_sr.append(abs(_edge_energy(s) - e_orig))
         gaps_bic.append(abs(_edge_energy(bic) - e_orig))
         assert gaps_sr[-1] < gaps_bic[-1]
         assert np.abs(s.astype(float).mean((0, 1)) - h.astype(float).mean((0, 1))).max() < 12  # colours kept
+    assert np.mean(f1_sr) > np.mean(f1_bic) + 0.05
     assert np.mean(gaps_sr) < 0.75 * np.mean(gaps_bic)
 
 
@@ -144,3 +166,46 @@ def test_batched_path_matches_realesrganer_within_one_level(converted) -> None:
     ref = np.stack([base.enhance(im[..., ::-1].copy(), outscale=4)[0][..., ::-1] for im in images])
     ours = resr.upscale(net, torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.slow
+def test_ncnn_engine_matches_realesrganer_within_one_level(converted, ncnn_engine: NcnnUpscaler) -> None:
+    """The CPU default engine (Winograd convolutions, fp32) on real photo crops and on noise."""
+    resr.install_torchvision_shim()
+    from realesrgan import RealESRGANer
+
+    crops = [data.astronaut()[100:132, 180:212], data.coffee()[150:182, 200:232]]
+    images = np.stack([*crops, np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)])
+    base = RealESRGANer(scale=4, model_path=converted[1].path, model=resr.rrdbnet(), tile=0, pre_pad=10, half=False)
+    ref = np.stack([base.enhance(im[..., ::-1].copy(), outscale=4)[0][..., ::-1] for im in images])
+    ours = ncnn_engine(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == ref.shape == (3, 128, 128, 3)
+    assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.slow
+def test_ncnn_blob_carries_exactly_the_resolved_weights(converted, tmp_path: Path, monkeypatch) -> None:
+    """All 351 convolutions of the fp32 blob read back equal to the state dict it was written from."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _, info = converted
+    param, blob = ups.ncnn_model(info)
+    assert blob.name.startswith(f"RealESRGAN_x4plus-{info.sha256[:16]}")  # keyed by the weights
+    state = resr.load_state(Path(info.path))
+    convs = read_convolutions(param, blob)
+    assert len(convs) == 351
+    for name, conv in zip(resr.conv_names(), convs, strict=True):
+        assert np.array_equal(conv.weight, state[f"{name}.weight"].numpy())
+        assert np.array_equal(conv.bias, state[f"{name}.bias"].numpy())
+    with pytest.raises(NcnnFormatError, match="convolutions"):
+        write_fp32_bin(param, [(c.weight, c.bias) for c in convs[:-1]], tmp_path / "short.bin")
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ups.torch.cuda, "is_available", lambda: False)
+    assert ups.choose_backend("auto") == "ncnn"
+    assert ups.choose_backend("torch") == "torch"
+    monkeypatch.setattr(ups.torch.cuda, "is_available", lambda: True)
+    assert ups.choose_backend("auto") == "torch"  # a GPU: batched PyTorch
+    monkeypatch.setattr(ups.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(resr.WeightsError, match="pip install ncnn"):
+        ups.choose_backend("ncnn")

@@ -29,16 +29,21 @@ def staged(tmp_path_factory: pytest.TempPathFactory):
         dl = run_download(plan_download(cfg, "sample", wd), cfg, "sample").manifest
         calls: list[int] = []
         crashed: list[bool] = []
-        real = up.upscale
+        real = up.make_upscaler
 
-        def flaky(net, images, **kw):
-            calls.append(len(images))
-            if len(calls) == 2 and not crashed:
-                crashed.append(True)
-                raise RuntimeError("killed mid-stage")
-            return real(net, images, **kw)
+        def flaky(*args, **kw):
+            upscaler = real(*args, **kw)
 
-        mp.setattr(up, "upscale", flaky)
+            def call(images):
+                calls.append(len(images))
+                if len(calls) == 2 and not crashed:
+                    crashed.append(True)
+                    raise RuntimeError("killed mid-stage")
+                return upscaler(images)
+
+            return call
+
+        mp.setattr(up, "make_upscaler", flaky)
         plan = up.plan_upscale(cfg, dl, wd)
         with pytest.raises(RuntimeError, match="killed"):
             up.run_upscale(plan, cfg, dl)
@@ -65,6 +70,7 @@ def test_upscaled_shards_are_x4_and_keep_keys_and_splits(staged) -> None:
         assert {s["__key__"] for s in hi} == lo
         assert all(decode_png(s["png"]).shape == (128, 128, 3) for s in hi)
     assert upm["weights"]["source"] == "ncnn" and "fp16-derived" in upm["weights"]["note"]
+    assert upm["backend"] == ("torch" if torch.cuda.is_available() else "ncnn")  # the CPU default engine
 
 
 def test_prepared_samples_are_normalized_lab_at_model_size(staged) -> None:
