@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Proves the deployment path end to end on this machine: a Prefect server on 127.0.0.1, a process work
 # pool, `prefect deploy` from prefect.yaml, `prefect deployment run` (tiny preset), and a worker started
-# with --run-once that executes it. Exits 0 only if the flow run completed and registered a champion.
+# with --run-once that executes it. The first attempt meets a fault (a file where the train folder goes)
+# and fails; the fault is removed and `prefect flow-run retry` reruns the same flow run through a second
+# worker, which must reuse download/upscale/prepare from the cache, train, and register a champion.
+# Exits 0 only if all of that is seen in the server's flow-run and task-run states.
 #
 #   bash scripts/deploy_proof.sh            (uses .venv/bin; about 2-3 minutes)
 set -euo pipefail
@@ -28,21 +31,58 @@ echo "== server up on 127.0.0.1:$PORT"
 cd "$ROOT"
 "$BIN/prefect" --no-prompt deploy --name retrain >/dev/null
 echo "== deployed colorize-pipeline/retrain"
+mkdir -p "$TMP/work" && echo "a file where the train stage's folder goes" >"$TMP/work/train"
 "$BIN/prefect" deployment run colorize-pipeline/retrain --param preset=tiny --param workdir="$TMP/work" >/dev/null
-echo "== flow run scheduled; starting a worker (--run-once)"
-"$BIN/prefect" worker start --pool colorize --run-once >"$TMP/worker.log" 2>&1 || { tail -40 "$TMP/worker.log"; exit 1; }
+echo "== flow run scheduled (train/ blocked by a file); starting a worker (--run-once)"
+"$BIN/prefect" worker start --pool colorize --run-once >"$TMP/worker1.log" 2>&1 || true
 
-"$BIN/python" - "$TMP/work" <<'PY'
-import asyncio, glob, json, sys
+RUN_ID=$("$BIN/python" - <<'PY'
+import asyncio
 from prefect.client.orchestration import get_client
+
+async def runs():
+    async with get_client() as client:
+        return await client.read_flow_runs()
+
+runs = asyncio.run(runs())
+assert len(runs) == 1 and runs[0].state.type.value == "FAILED", [(r.name, r.state.type.value) for r in runs]
+print(runs[0].id)
+PY
+) || { tail -40 "$TMP/worker1.log"; exit 1; }
+echo "== first attempt FAILED as expected; removing the fault, prefect flow-run retry $RUN_ID"
+rm "$TMP/work/train"
+"$BIN/prefect" flow-run retry "$RUN_ID" >/dev/null
+"$BIN/prefect" worker start --pool colorize --run-once >"$TMP/worker2.log" 2>&1 || { tail -40 "$TMP/worker2.log"; exit 1; }
+
+"$BIN/python" - "$TMP/work" "$RUN_ID" <<'PY'
+import asyncio, glob, json, sys
+from collections import defaultdict
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 async def states():
     async with get_client() as client:
-        return [(r.name, r.state.type.value) for r in await client.read_flow_runs()]
+        flow_runs = await client.read_flow_runs()
+        tasks = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(sys.argv[2])])), limit=200
+        )
+        return flow_runs, tasks
 
-runs = asyncio.run(states())
-print("flow runs:", runs)
-assert runs and all(state == "COMPLETED" for _, state in runs), runs
+flow_runs, tasks = asyncio.run(states())
+print("flow runs:", [(r.name, r.state.type.value, r.run_count) for r in flow_runs])
+assert len(flow_runs) == 1 and str(flow_runs[0].id) == sys.argv[2], "the retry must rerun the same flow run"
+assert flow_runs[0].state.type.value == "COMPLETED" and flow_runs[0].run_count == 2, flow_runs[0]
+per_task = defaultdict(list)  # task name -> state names, oldest first
+for t in sorted(tasks, key=lambda t: t.created):
+    per_task[t.name.rsplit("-", 1)[0]].append(t.state.name)
+print("task runs:", dict(per_task))
+for stage in ("download", "upscale", "prepare"):
+    assert per_task[stage][-1] == "Cached", f"{stage} was not reused on retry: {per_task[stage]}"
+trains = [name for name in per_task if name.startswith("train-")]
+assert trains and all(per_task[n][0] == "Failed" and per_task[n][-1] == "Completed" for n in trains), per_task
+assert per_task["register"] == ["Completed"], per_task["register"]
 reg = glob.glob(f"{sys.argv[1]}/register/*/manifest.json")
 assert reg, "no register stage output"
 print("registered:", {k: json.load(open(reg[0]))[k] for k in ("model_name", "alias", "version", "variant")})
