@@ -164,7 +164,7 @@ class Runner:
             write_json(
                 self.workdir / plan["stage"] / "last.json", {"state": "cached", "key": plan["key"], "seconds": 0}
             )
-        return state.result()
+        return manifest
 
     def __call__(
         self, name: str, fn: Any, plan: dict[str, Any], intact_check: Callable[[], bool] | None = None, **kwargs: Any
