@@ -43,9 +43,10 @@ def load_net(spec: str | None, workdir: Path) -> tuple[Any, int]:
     local = Path(target).expanduser()
     if local.is_dir() or local.suffix == ".pt":
         folder = local if local.is_dir() else local.parent
-        if not (folder / "model.pt").is_file() or not (folder / "model.json").is_file():
-            raise NoModel(f"{local}: expected a trained stage folder with model.pt and model.json")
-        from tasks.train import load_model
+        from tasks.train import MODEL_FILE, SPEC_FILE, load_model
+
+        if not (folder / MODEL_FILE).is_file() or not (folder / SPEC_FILE).is_file():
+            raise NoModel(f"{local}: expected a trained stage folder with {MODEL_FILE} and {SPEC_FILE}")
 
         net = load_model(folder)
         return net, net.spec.image_size

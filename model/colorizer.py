@@ -15,8 +15,10 @@ The grey input is normalized with the mean/std of ImageNet's channel statistics 
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -197,6 +199,14 @@ class Colorizer(nn.Module):
         for m in getattr(self, "_frozen", []):
             m.eval()  # frozen parts keep their BN statistics
         return self
+
+
+def load_trained(spec_path: Path | str, weights_path: Path | str) -> Colorizer:
+    """A trained colorizer in eval mode from its spec JSON and state dict (``weights_only`` load): the one
+    loader for stage folders and for the registered MLflow model's artifacts."""
+    net = Colorizer(ColorizerSpec(**json.loads(Path(spec_path).read_text())))
+    net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
+    return net.eval()
 
 
 @dataclass

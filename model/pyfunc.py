@@ -10,7 +10,6 @@ payload as JSON (``{"inputs": [[[[r, g, b], ...]]]}``).
 
 from __future__ import annotations
 
-import json
 import warnings
 from typing import Any
 
@@ -25,15 +24,10 @@ with warnings.catch_warnings():
 
     class ColorizerModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context: Any) -> None:
-            import torch
+            from model.colorizer import load_trained
 
-            from model.colorizer import Colorizer, ColorizerSpec
-
-            with open(context.artifacts["spec"]) as fh:
-                self.spec = ColorizerSpec(**json.load(fh))
-            self.net = Colorizer(self.spec)
-            self.net.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
-            self.net.eval()
+            self.net = load_trained(context.artifacts["spec"], context.artifacts["weights"])
+            self.spec = self.net.spec
 
         def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow infers from hints
             from model.inference import colorize

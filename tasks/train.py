@@ -9,7 +9,6 @@ run (the data order is a pure function of seed and epoch, see storage.shards.Sha
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
@@ -26,7 +25,7 @@ import model.colorizer
 import model.pretrained
 import storage.shards
 from flows.config import PipelineConfig
-from model.colorizer import Colorizer, ColorizerSpec, build
+from model.colorizer import Colorizer, ColorizerSpec, build, load_trained
 from model.preview import grid, save_loss_curve, save_png
 from storage import tracking
 from storage.atomic import atomic_path, write_json
@@ -83,11 +82,8 @@ def validate(net: Colorizer, shards: list[Path], batch_size: int, channels_last:
 
 
 def load_model(folder: Path) -> Colorizer:
-    """A trained stage folder -> the network in eval mode (weights_only load)."""
-    spec = ColorizerSpec(**json.loads((folder / SPEC_FILE).read_text()))
-    net = Colorizer(spec)
-    net.load_state_dict(torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=True))
-    return net.eval()
+    """A trained stage folder -> the network in eval mode."""
+    return load_trained(folder / SPEC_FILE, folder / MODEL_FILE)
 
 
 def preview_batch(prepared: dict[str, Any], split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
