@@ -28,8 +28,21 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see colorize {self.prog.split()[-1]} --help)\n")
 
 
+def _workdir_path(value: str | None) -> Path:
+    """``--workdir``, else ``$COLORIZE_WORKDIR``, else ``./work``."""
+    return Path(value or os.environ.get("COLORIZE_WORKDIR") or "work").expanduser().resolve()
+
+
+def _existing_workdir(value: str | None) -> Path:
+    wd = _workdir_path(value)
+    if not wd.is_dir():
+        raise UserError(f"no work dir at {wd}; run `colorize run` first")
+    return wd
+
+
 def _workdir(value: str | None) -> Path:
-    wd = Path(value or os.environ.get("COLORIZE_WORKDIR") or "work").expanduser()
+    """The work dir for a run: created if needed, and checked to be writable before any work starts."""
+    wd = _workdir_path(value)
     try:
         wd.mkdir(parents=True, exist_ok=True)
         probe = wd / f".write-test-{os.getpid()}"
@@ -37,7 +50,7 @@ def _workdir(value: str | None) -> Path:
         probe.unlink()
     except OSError as exc:
         raise UserError(f"work dir {wd} is not writable ({exc.strerror or exc})") from None
-    return wd.resolve()
+    return wd
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,9 +174,7 @@ def print_summary(result: dict, workdir: Path) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    workdir = Path(args.workdir or os.environ.get("COLORIZE_WORKDIR") or "work")
-    if not workdir.is_dir():
-        raise UserError(f"no work dir at {workdir}; run `colorize run` first")
+    workdir = _existing_workdir(args.workdir)
     print(f"{'stage':<10} {'state':<7} {'seconds':>8}  key               when")
     for stage in STAGES:
         last = workdir / stage / "last.json"
@@ -182,7 +193,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from flows.colorize_images import colorize_files
 
-    workdir = Path(args.workdir or os.environ.get("COLORIZE_WORKDIR") or "work").resolve()
+    workdir = _workdir_path(args.workdir)
     from flows.env import configure
 
     configure(workdir)
@@ -192,9 +203,7 @@ def cmd_image(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     from flows.ui import serve
 
-    workdir = Path(args.workdir or os.environ.get("COLORIZE_WORKDIR") or "work").resolve()
-    if not workdir.is_dir():
-        raise UserError(f"no work dir at {workdir}; run `colorize run` first")
+    workdir = _existing_workdir(args.workdir)
     return serve(workdir, args.host, args.mlflow_port, args.prefect_port)
 
 
