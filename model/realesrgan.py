@@ -174,6 +174,18 @@ def load_upscaler(info: WeightsInfo | None = None) -> tuple[torch.nn.Module, Wei
     return net.eval(), info
 
 
+def pad_input(images: torch.Tensor, pre_pad: int = PRE_PAD) -> torch.Tensor:
+    """uint8 ``(B, 3, H, W)`` -> float in [0, 1], reflect-padded right and bottom as RealESRGANer does."""
+    x = images.float() / 255.0
+    return F.pad(x, (0, pre_pad, 0, pre_pad), mode="reflect") if pre_pad else x
+
+
+def crop_output(y: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """The network's float output -> uint8 at exactly 4x the input size (the pre-pad cropped away)."""
+    h, w = images.shape[-2] * SCALE, images.shape[-1] * SCALE
+    return (y[..., :h, :w].clamp(0, 1) * 255.0).round().to(torch.uint8).contiguous()
+
+
 @torch.inference_mode()
 def upscale(
     net: torch.nn.Module,
@@ -185,14 +197,10 @@ def upscale(
 ) -> torch.Tensor:
     """uint8 ``(B, 3, H, W)`` -> uint8 ``(B, 3, 4H, 4W)``, the same pixels RealESRGANer.enhance gives one
     image at a time (same reflect pre-pad, crop and rounding), but for a whole batch in one call."""
-    x = images.float() / 255.0
-    if pre_pad:
-        x = F.pad(x, (0, pre_pad, 0, pre_pad), mode="reflect")
+    x = pad_input(images, pre_pad)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
         net = net.to(memory_format=torch.channels_last)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
         y = net(x).float()
-    h, w = images.shape[-2] * SCALE, images.shape[-1] * SCALE
-    y = y[..., :h, :w].clamp(0, 1)
-    return (y * 255.0).round().to(torch.uint8).contiguous()
+    return crop_output(y, images)

@@ -23,19 +23,19 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from model.ncnn import write_fp32_bin
 from model.realesrgan import (
     PRE_PAD,
-    SCALE,
     WeightsError,
     WeightsInfo,
     conv_names,
+    crop_output,
     hub_dir,
     load_state,
     load_upscaler,
     ncnn_files,
+    pad_input,
     upscale,
 )
 from storage.atomic import atomic_path
@@ -122,14 +122,10 @@ class NcnnUpscaler:
         return torch.from_numpy(np.array(out))
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float() / 255.0
-        if self.pre_pad:
-            x = F.pad(x, (0, self.pre_pad, 0, self.pre_pad), mode="reflect")
-        arrays = [np.ascontiguousarray(a) for a in x.numpy()]
+        arrays = [np.ascontiguousarray(a) for a in pad_input(images, self.pre_pad).numpy()]
         with ThreadPoolExecutor(min(self.workers, len(arrays))) as pool:
             y = torch.stack(list(pool.map(self._one, arrays)))
-        h, w = images.shape[-2] * SCALE, images.shape[-1] * SCALE
-        return (y[..., :h, :w].clamp(0, 1) * 255.0).round().to(torch.uint8).contiguous()
+        return crop_output(y, images)
 
 
 class TorchUpscaler:
