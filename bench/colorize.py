@@ -17,6 +17,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ def load(workdir: str | None, size: int) -> torch.nn.Module:
     if workdir:
         from flows.colorize_images import load_net
 
-        net, _ = load_net(None, __import__("pathlib").Path(workdir))
+        net, _ = load_net(None, Path(workdir))
         return net
     from model.colorizer import Colorizer, ColorizerSpec
 
