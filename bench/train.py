@@ -3,17 +3,30 @@
 Baseline (the notebooks' way): RGB images resized and Lab-converted one by one with scikit-image inside
 the loop, batch 8, fp32, default memory format, plain Adam. This stage: prepared float16 Lab shards read
 by the shard DataLoader, channels_last, fused Adam. Both train the same ResNet50 + DenseNet121 concat
-colorizer at 128 px. Also times the data loader alone, to show the step is compute-bound.
+colorizer at 128 px; the two loops take turns step by step. Also times the data loader alone, to show
+the step is compute-bound, and with ``--breakdown`` logs one step of each side with oneDNN's verbose
+mode: convolution kernels, layout reorders and the rest, and the ratio those kernels allow at most.
 Last line: ``RATIO train <value>``.
 
-    .venv/bin/python bench/train.py [--steps 6] [--size 128] [--batch 8]
+    .venv/bin/python bench/train.py [--steps 10] [--size 128] [--batch 8] [--breakdown]
 """
 
 from __future__ import annotations
 
+import os
+
+# Two models trained in turns need ~1,100 distinct oneDNN primitives; the default cache holds 1,024, so
+# each side would evict the other's and re-JIT its kernels every step. One model alone (the stage) fits.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
+
 import argparse
+import ctypes
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,35 +56,102 @@ def notebook_batches(pngs: list[bytes], size: int, batch: int):
         yield torch.stack(ls), torch.stack(abs_)
 
 
-def step_loop(
-    net: torch.nn.Module, opt: torch.optim.Optimizer, batches, steps: int, channels_last: bool
-) -> tuple[float, float]:
-    """(images/s, seconds spent producing batches) over ``steps`` steps after one warm-up step."""
-    it = iter(batches)
-    n, t_data, t0 = 0, 0.0, None
-    for i in range(steps + 1):
-        td = time.perf_counter()
-        l_norm, ab = next(it)
-        if channels_last:
-            l_norm = l_norm.contiguous(memory_format=torch.channels_last)
-        if i:
-            t_data += time.perf_counter() - td
-        loss = torch.nn.functional.mse_loss(net(l_norm), ab)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i == 0:
-            t0 = time.perf_counter()
-        else:
-            n += len(ab)
-    return n / (time.perf_counter() - t0), t_data
+@dataclass
+class Loop:
+    """One side of the comparison: a model, its optimizer, its batches and its input memory format."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    channels_last: bool
+    steps: int = 0
+    images: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0
+
+
+def train_step(loop: Loop) -> tuple[int, float, float]:
+    """(images, step seconds, seconds spent producing the batch) for one optimizer step."""
+    t0 = time.perf_counter()
+    l_norm, ab = next(loop.batches)
+    if loop.channels_last:
+        l_norm = l_norm.contiguous(memory_format=torch.channels_last)
+    t_data = time.perf_counter() - t0
+    loss = torch.nn.functional.mse_loss(loop.net(l_norm), ab)
+    loop.opt.zero_grad()
+    loss.backward()
+    loop.opt.step()
+    return len(ab), time.perf_counter() - t0, t_data
+
+
+def run_alternating(loops: list[Loop], steps: int) -> None:
+    """One warm-up step each, then ``steps`` steps taking turns, so that drift in a shared machine's speed
+    falls on both sides alike instead of on whichever ran second."""
+    for loop in loops:
+        train_step(loop)
+    for _ in range(steps):
+        for loop in loops:
+            n, t, t_data = train_step(loop)
+            loop.steps += 1
+            loop.images += n
+            loop.seconds += t
+            loop.data_seconds += t_data
+
+
+@contextmanager
+def onednn_log(path: Path) -> Iterator[None]:
+    """oneDNN's per-primitive log (it prints to the C stdout) captured into ``path``."""
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with path.open("w") as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                yield
+        finally:
+            libc.fflush(None)
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def kernel_seconds(log: Path) -> dict[str, float]:
+    """Seconds per oneDNN primitive kind (convolution, reorder...) from an ``exec`` log."""
+    out: dict[str, float] = {}
+    for line in log.read_text().splitlines():
+        f = line.split(",")
+        if len(f) > 6 and f[2:4] == ["primitive", "exec"]:
+            out[f[5]] = out.get(f[5], 0.0) + float(f[-1]) / 1000
+    return out
+
+
+def breakdown(loops: dict[str, Loop], tmp: Path) -> None:
+    """Where a step's time goes on each side: oneDNN convolution kernels and layout reorders (their own
+    timings, from one step under oneDNN's log), and the rest of the mean timed step (BatchNorm, ReLU, cat,
+    optimizer, data). Logging slows the logged step itself, so the step is the unlogged mean. This
+    stage's convolution kernels bound the ratio."""
+    rows = {}
+    for name, loop in loops.items():
+        log = tmp / f"onednn-{name}.log"
+        with onednn_log(log):
+            train_step(loop)
+        k = kernel_seconds(log)
+        conv, reorder = k.get("convolution", 0.0), k.get("reorder", 0.0)
+        step_s = loop.seconds / loop.steps
+        rows[name] = (conv, reorder, step_s - conv - reorder, step_s)
+    print("seconds per step:                      " + "  ".join(f"{n:>10s}" for n in rows))
+    for i, what in enumerate(["convolution kernels", "layout reorders", "everything else", "step"]):
+        print(f"  {what:36s}" + "  ".join(f"{r[i]:10.3f}" for r in rows.values()))
+    (b_conv, _, _, b_step), (o_conv, *_) = rows.values()
+    print(f"  ceiling with these convolution kernels: RATIO <= {b_step:.2f} / {o_conv:.2f} = {b_step / o_conv:.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--breakdown", action="store_true", help="also log one step of each side with oneDNN's verbose")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         wd = Path(tmp)
@@ -99,13 +179,17 @@ def main() -> None:
         spec = ColorizerSpec(fusion="concat", decoder_width=64, image_size=args.size)
         torch.manual_seed(0)
         base_net = Colorizer(spec).train()
-        base_opt = torch.optim.Adam(base_net.parameters(), lr=1e-4)  # the notebooks' plain Adam
-        base_ips, base_data = step_loop(
-            base_net, base_opt, notebook_batches(pngs, args.size, args.batch), args.steps, False
-        )
         torch.manual_seed(0)
         our_net = Colorizer(spec).to(memory_format=torch.channels_last).train()
-        our_ips, our_data = step_loop(our_net, make_optimizer(our_net, 1e-4), ours(), args.steps, True)
+        base = Loop(
+            base_net,
+            torch.optim.Adam(base_net.parameters(), lr=1e-4),  # the notebooks' plain Adam
+            notebook_batches(pngs, args.size, args.batch),
+            channels_last=False,
+        )
+        our = Loop(our_net, make_optimizer(our_net, 1e-4), ours(), channels_last=True)
+        run_alternating([base, our], args.steps)
+        base_ips, our_ips = base.images / base.seconds, our.images / our.seconds
 
         loader_only = ours()
         next(loader_only)
@@ -113,9 +197,12 @@ def main() -> None:
         for _ in range(args.steps):
             next(loader_only)
         t_loader = (time.perf_counter() - t0) / args.steps
+        if args.breakdown:
+            breakdown({"notebooks": base, "this stage": our}, wd)
     step_s = args.batch / our_ips
     print(f"model: ResNet50 + DenseNet121 concat, {args.size}px, batch {args.batch}, threads {torch.get_num_threads()}")
-    print(f"original notebooks' loop: {base_ips:.2f} img/s (per-image skimage: {base_data / args.steps:.3f} s/batch)")
+    skimage_s = base.data_seconds / args.steps
+    print(f"original notebooks' loop: {base_ips:.2f} img/s (per-image skimage: {skimage_s:.3f} s/batch)")
     print(f"this stage's loop:        {our_ips:.2f} img/s")
     print(
         f"data loader alone: {t_loader * 1000:.1f} ms/batch = {t_loader / step_s * 100:.2f}% of a {step_s:.2f} s step"
