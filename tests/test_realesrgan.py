@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,21 @@ def _edge_energy(rgb: np.ndarray) -> float:
     return float(np.hypot(gx, gy).mean())
 
 
+def _realesrganer_reference(info: resr.WeightsInfo, images: np.ndarray) -> np.ndarray:
+    """``RealESRGANer.enhance`` one RGB image at a time, with the library's CPU defaults: the reference
+    both engines are held to."""
+    resr.install_torchvision_shim()
+    from realesrgan import RealESRGANer
+
+    base = RealESRGANer(scale=4, model_path=info.path, model=resr.rrdbnet(), tile=0, pre_pad=10, half=False)
+    return np.stack([base.enhance(im[..., ::-1].copy(), outscale=4)[0][..., ::-1] for im in images])
+
+
+def _on_nhwc(upscale_fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray) -> np.ndarray:
+    """Any engine (uint8 ``(B, 3, H, W)`` in and out) applied to ``(B, H, W, 3)`` arrays."""
+    return upscale_fn(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+
+
 @pytest.mark.slow
 def test_real_network_restores_edge_structure_that_bicubic_loses(converted) -> None:
     """On real photo crops, box-downscaled 4x then upscaled: Real-ESRGAN's edge map is closer to the
@@ -138,7 +154,7 @@ def test_real_network_restores_edge_structure_that_bicubic_loses(converted) -> N
         data.rocket()[200:328, 250:378],
     ]
     lr = [np.asarray(Image.fromarray(h).resize((32, 32), Image.Resampling.BOX)) for h in hr]
-    sr = resr.upscale(net, torch.from_numpy(np.stack(lr)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    sr = _on_nhwc(lambda x: resr.upscale(net, x), np.stack(lr))
     assert sr.shape == (4, 128, 128, 3)
     gaps_sr, gaps_bic, f1_sr, f1_bic = [], [], [], []
     for h, low, s in zip(hr, lr, sr, strict=True):
@@ -158,27 +174,19 @@ def test_real_network_restores_edge_structure_that_bicubic_loses(converted) -> N
 @pytest.mark.slow
 def test_batched_path_matches_realesrganer_within_one_level(converted) -> None:
     net, info = converted
-    resr.install_torchvision_shim()
-    from realesrgan import RealESRGANer
-
     images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
-    base = RealESRGANer(scale=4, model_path=info.path, model=resr.rrdbnet(), tile=0, pre_pad=10, half=False)
-    ref = np.stack([base.enhance(im[..., ::-1].copy(), outscale=4)[0][..., ::-1] for im in images])
-    ours = resr.upscale(net, torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    ref = _realesrganer_reference(info, images)
+    ours = _on_nhwc(lambda x: resr.upscale(net, x), images)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
 
 
 @pytest.mark.slow
 def test_ncnn_engine_matches_realesrganer_within_one_level(converted, ncnn_engine: NcnnUpscaler) -> None:
     """The CPU default engine (Winograd convolutions, fp32) on real photo crops and on noise."""
-    resr.install_torchvision_shim()
-    from realesrgan import RealESRGANer
-
     crops = [data.astronaut()[100:132, 180:212], data.coffee()[150:182, 200:232]]
     images = np.stack([*crops, np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)])
-    base = RealESRGANer(scale=4, model_path=converted[1].path, model=resr.rrdbnet(), tile=0, pre_pad=10, half=False)
-    ref = np.stack([base.enhance(im[..., ::-1].copy(), outscale=4)[0][..., ::-1] for im in images])
-    ours = ncnn_engine(torch.from_numpy(images).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()
+    ref = _realesrganer_reference(converted[1], images)
+    ours = _on_nhwc(ncnn_engine, images)
     assert ours.shape == ref.shape == (3, 128, 128, 3)
     assert np.abs(ours.astype(int) - ref.astype(int)).max() <= 1
 
