@@ -142,7 +142,7 @@ def breakdown(loops: dict[str, Loop], tmp: Path) -> None:
     print("seconds per step:                      " + "  ".join(f"{n:>10s}" for n in rows))
     for i, what in enumerate(["convolution kernels", "layout reorders", "everything else", "step"]):
         print(f"  {what:36s}" + "  ".join(f"{r[i]:10.3f}" for r in rows.values()))
-    (b_conv, _, _, b_step), (o_conv, *_) = rows.values()
+    (*_, b_step), (o_conv, *_) = rows.values()
     print(f"  ceiling with these convolution kernels: RATIO <= {b_step:.2f} / {o_conv:.2f} = {b_step / o_conv:.2f}")
 
 
