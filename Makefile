@@ -30,6 +30,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check flows tasks model storage tests bench
 	$(BIN)/ruff format --check flows tasks model storage tests bench
+	$(BIN)/lint-imports
 
 demo: setup
 	$(BIN)/colorize run --dataset sample --preset demo --workdir $(WORKDIR)

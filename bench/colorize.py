@@ -6,7 +6,14 @@ upsampled, original L kept) vs running the network on the full-resolution L. Use
 ``--workdir``, else an untrained network of the same shape (speed does not depend on the weights).
 Last line: ``RATIO colorize <value>``.
 
+With ``--engines 512,2048``: the two inference engines instead, PyTorch eager vs onnxruntime on the ONNX
+export (the champion's with ``--workdir``, else a fresh export of the untrained network), the network
+run at each side (``colorize image --size``), taking turns over ``--rounds`` paired rounds; and the
+largest difference between the two engines' colorized photos, in 8-bit levels. Last line:
+``RATIO onnx <median ratio at the smallest side>``.
+
     .venv/bin/python bench/colorize.py [--workdir work] [--sizes 512,1024,2048,4096] [--naive 2048]
+    .venv/bin/python bench/colorize.py --engines 512,2048 [--rounds 3] [--workdir work]
 """
 
 from __future__ import annotations
@@ -70,14 +77,61 @@ def one(side: int, mode: str, workdir: str | None, net_size: int) -> dict:
     }
 
 
+def engines(sides: list[int], rounds: int, workdir: str | None) -> None:
+    import tempfile
+
+    from model.inference import colorize
+    from model.onnx_engine import OnnxColorizer, export
+
+    if workdir:
+        from flows.colorize_images import load_net
+
+        eager, _ = load_net(None, Path(workdir), "torch")
+        onnx, _ = load_net(None, Path(workdir), "onnx")
+    else:
+        eager = load(None, 64)
+        path = Path(tempfile.mkdtemp()) / "model.onnx"
+        export(eager, path)
+        onnx = OnnxColorizer(path, eager.spec)
+    print(f"threads: torch {torch.get_num_threads()}; onnxruntime default (physical cores)")
+    ratios = {}
+    for side in sides:
+        x = torch.rand(1, 1, side, side)
+        with torch.inference_mode():
+            eager(x), onnx(x)  # warm-up
+            times = {"torch": [], "onnx": []}
+            for r in range(rounds):
+                for name in ("torch", "onnx") if r % 2 == 0 else ("onnx", "torch"):
+                    net = eager if name == "torch" else onnx
+                    t0 = time.perf_counter()
+                    net(x)
+                    times[name].append(time.perf_counter() - t0)
+        per_round = [t / o for t, o in zip(times["torch"], times["onnx"], strict=True)]
+        ratios[side] = float(np.median(per_round))
+        rgb = photo(side)
+        with torch.inference_mode():
+            diff = np.abs(colorize(eager, rgb, side).astype(int) - colorize(onnx, rgb, side).astype(int)).max()
+        print(
+            f"{side:>5} px: torch {np.median(times['torch']):.3f} s, onnxruntime {np.median(times['onnx']):.3f} s "
+            f"(medians of {rounds}); ratio {ratios[side]:.2f} (rounds {', '.join(f'{r:.2f}' for r in per_round)}); "
+            f"max output difference {diff} / 255"
+        )
+    print(f"RATIO onnx {ratios[min(sides)]:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--engines", help="compare torch and onnxruntime at these network sides, e.g. 512,2048")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir")
     ap.add_argument("--sizes", default="512,1024,2048,4096")
     ap.add_argument("--naive", type=int, default=2048)
     ap.add_argument("--net-size", type=int, default=64)
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "MODE"))
     args = ap.parse_args()
+    if args.engines:
+        engines([int(s) for s in args.engines.split(",")], args.rounds, args.workdir)
+        return
     if args.child:
         print(json.dumps(one(int(args.child[0]), args.child[1], args.workdir, args.net_size)))
         return

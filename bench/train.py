@@ -35,9 +35,9 @@ from torch.utils.data import DataLoader
 
 from flows.config import build_config
 from model.colorizer import Colorizer, ColorizerSpec
+from model.samples import decode_sample
 from storage.shards import ShardDataset, decode_png, iter_samples, shard_paths
-from tasks.download import plan_download, run_download
-from tasks.prepare import decode_sample, plan_prepare, run_prepare
+from tasks import download, prepare
 from tasks.train import make_optimizer
 
 
@@ -164,8 +164,8 @@ def main() -> None:
                 f"prepare.image_size={args.size}",
             ],
         )
-        dl = run_download(plan_download(cfg, "sample", wd), cfg, "sample").manifest
-        prep = run_prepare(plan_prepare(cfg, dl, None, wd), cfg, dl, None).manifest
+        dl = download.run(download.plan(cfg.download, cfg.seed, wd)).manifest
+        prep = prepare.run(prepare.plan(cfg.prepare, cfg.seed, dl, None, wd)).manifest
         pngs = [s["png"] for s in iter_samples(shard_paths(dl, "highres-train"))]
 
         def ours():

@@ -5,16 +5,19 @@ way with the library's CPU defaults (tile=0, pre_pad=10, half=False). Measured: 
 engine (``upscale.backend=auto``: ncnn on a CPU, batched PyTorch on a GPU) and, for comparison, the
 batched PyTorch path. Prints throughput ratios, the max pixel difference of each against the baseline,
 and GFLOP/s (direct-convolution count) against a conv peak measured in the same run: Winograd does fewer
-multiplies than that count, which is how it gets past the peak. Last line: ``RATIO upscale <value>``
-(the stage's default engine vs the baseline).
+multiplies than that count, which is how it gets past the peak. After one warm-up call each, the baseline
+and the stage take turns over ``--rounds`` paired rounds on the same crops, the order flipping every round,
+so that drift in a shared machine's speed falls on both sides alike; each round gives one ratio. Last line:
+``RATIO upscale <value>``, the median of those per-round ratios (the stage's default engine vs the baseline).
 
-    .venv/bin/python bench/upscale.py [--images 16] [--batch 8] [--bf16]
+    .venv/bin/python bench/upscale.py [--images 16] [--batch 8] [--rounds 5] [--bf16]
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -116,10 +119,39 @@ def conv_peak(seconds: float = 3.0) -> float:
     return flops * n / (time.perf_counter() - t0) / 1e9
 
 
+def at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def run_rounds(
+    sides: dict[str, Callable[[], tuple[float, np.ndarray]]], rounds: int
+) -> tuple[dict[str, list[float]], dict[str, np.ndarray]]:
+    """``rounds`` paired rounds, each timing every side once on the same crops, in the given order on even
+    rounds and reversed on odd ones, so that drift in a shared machine's speed falls on both sides alike
+    instead of on whichever ran second. Seconds per side per round, and each side's first-round output."""
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    outs: dict[str, np.ndarray] = {}
+    names = list(sides)
+    for r in range(rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            t, out = sides[name]()
+            seconds[name].append(t)
+            outs.setdefault(name, out)
+        ratio = seconds[names[0]][-1] / seconds[names[1]][-1]
+        times = ", ".join(f"{name} {seconds[name][-1]:.2f} s" for name in order)
+        print(f"round {r + 1}/{rounds}: {times}; ratio {ratio:.3f}", flush=True)
+    return seconds, outs
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=at_least_one, default=5, help="paired baseline/stage timing rounds (>= 1)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--png", default="bench/out/upscale_side_by_side.png")
     args = ap.parse_args()
@@ -134,43 +166,61 @@ def main() -> None:
     from model.realesrgan import rrdbnet
 
     baseline = RealESRGANer(scale=SCALE, model_path=info.path, model=rrdbnet(), tile=0, pre_pad=PRE_PAD, half=False)
-    baseline.enhance(images[0][..., ::-1].copy(), outscale=SCALE)  # warm-up
-    t0 = time.perf_counter()
-    ref = [baseline.enhance(img[..., ::-1].copy(), outscale=SCALE)[0][..., ::-1] for img in images]
-    t_base = time.perf_counter() - t0
-
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
-    ref = np.stack(ref)
+
+    def timed_baseline() -> tuple[float, np.ndarray]:
+        t0 = time.perf_counter()
+        ref = [baseline.enhance(img[..., ::-1].copy(), outscale=SCALE)[0][..., ::-1] for img in images]
+        return time.perf_counter() - t0, np.stack(ref)
 
     def timed(fn) -> tuple[float, np.ndarray]:
-        fn(x[: args.batch])  # warm-up
         t0 = time.perf_counter()
         outs = [fn(x[i : i + args.batch]) for i in range(0, len(x), args.batch)]
         return time.perf_counter() - t0, torch.cat(outs).permute(0, 2, 3, 1).numpy()
 
     stage = make_upscaler(info, "auto", bf16=args.bf16)
-    t_stage, out_stage = timed(stage)
-    t_torch, out_torch = timed(lambda b: upscale(net, b, bf16=args.bf16))
+    baseline.enhance(images[0][..., ::-1].copy(), outscale=SCALE)  # warm-up
+    stage(x[: args.batch])  # warm-up
+    seconds, outs = run_rounds({"baseline": timed_baseline, "stage": lambda: timed(stage)}, args.rounds)
+    ref, out_stage = outs["baseline"], outs["stage"]
+    ratios = [b / s for b, s in zip(seconds["baseline"], seconds["stage"], strict=True)]
+    ratio = float(np.median(ratios))
+    t_base, t_stage = float(np.median(seconds["baseline"])), float(np.median(seconds["stage"]))
+
+    def torch_batched(b: torch.Tensor) -> torch.Tensor:
+        return upscale(net, b, bf16=args.bf16)
+
+    torch_batched(x[: args.batch])  # warm-up
+    t_torch, out_torch = timed(torch_batched)
 
     gflop = conv_flops(net.float().to(memory_format=torch.contiguous_format), (1, 3, 32 + PRE_PAD, 32 + PRE_PAD)) / 1e9
     peak = conv_peak()
     n = len(images)
-    print(f"baseline RealESRGANer.enhance, 1 image/call: {n / t_base:.3f} img/s ({t_base / n:.3f} s/img)")
+    print(
+        f"baseline RealESRGANer.enhance, 1 image/call: {n / t_base:.3f} img/s ({t_base / n:.3f} s/img; "
+        f"median of {args.rounds} round{'s' if args.rounds > 1 else ''})"
+    )
     print(f"RRDBNet: {gflop:.1f} GFLOP (direct convolution) per padded 32x32 image; conv peak now {peak:.1f} GFLOP/s")
     label = f"batch {args.batch}{' bf16' if args.bf16 else ''}"
-    for name, t, out in (
-        (f"stage default ({stage.backend}), {label}", t_stage, out_stage),
-        (f"torch batched, {label}", t_torch, out_torch),
+    for name, t, x_base, out in (
+        (f"stage default ({stage.backend}), {label}, median of paired rounds", t_stage, ratio, out_stage),
+        (f"torch batched, {label}, one run vs the median baseline", t_torch, t_base / t_torch, out_torch),
     ):
         diff = np.abs(out.astype(int) - ref.astype(int))
         print(
-            f"{name}: {n / t:.3f} img/s ({t / n:.3f} s/img), x{t_base / t:.2f} vs baseline; max pixel difference "
+            f"{name}: {n / t:.3f} img/s ({t / n:.3f} s/img), x{x_base:.2f} vs baseline; max pixel difference "
             f"{diff.max()} / 255 ({(diff > 0).mean() * 100:.3f}% differ); {gflop * n / t:.1f} GFLOP/s "
             f"= {gflop * n / t / peak * 100:.0f}% of the direct-conv peak"
         )
     Path(args.png).parent.mkdir(parents=True, exist_ok=True)
     quality(net, args.png)
-    print(f"RATIO upscale {t_base / t_stage:.3f}")
+    q1, q3 = np.percentile(ratios, [25, 75])
+    print(f"per-round ratios (baseline s / stage s): {', '.join(f'{r:.3f}' for r in ratios)}")
+    print(
+        f"median ratio {ratio:.3f} over {len(ratios)} paired rounds; min-max {min(ratios):.3f}-{max(ratios):.3f}, "
+        f"IQR {q1:.3f}-{q3:.3f}"
+    )
+    print(f"RATIO upscale {ratio:.3f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """``colorize``: run the pipeline, show its state, colorize photos, open the UIs.
 
 User mistakes (unknown dataset, bad setting, missing folder) are one-line errors with exit code 2,
-checked before Prefect or MLflow start. Heavy imports happen only after validation.
+checked before Prefect or MLflow start. Composing the settings imports the stage modules (and so
+torch, about 2-4 s); Prefect and MLflow are imported only after validation.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import os
 import sys
 from pathlib import Path
 
-from flows.config import DATASETS, STAGES, VARIANTS, ConfigError, build_config
 from storage.errors import UserFacingError
 
 EXIT_USAGE = 2
@@ -53,12 +53,33 @@ def _workdir(value: str | None) -> Path:
     return wd
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _side(text: str) -> int:
+    value = _positive(text)
+    if value % 32:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from flows.config import STAGES
+    from model.colorizer import FUSIONS
+    from tasks.download import SOURCES
+
     p = _Parser(prog="colorize", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = sub.add_parser("run", help="run the pipeline (finished stages are cache hits)")
-    r.add_argument("--dataset", default="sample", help=f"one of {', '.join(DATASETS)} (default: sample)")
+    r.add_argument("--dataset", default="sample", help=f"one of {', '.join(SOURCES)} (default: sample)")
     r.add_argument("--path", help="with --dataset folder: the folder of photos")
     r.add_argument("--preset", default=None, help="tiny, demo (default for sample) or paper")
     r.add_argument(
@@ -69,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a setting, e.g. --set train.lr=1e-3 (repeatable)",
     )
-    r.add_argument("--variants", help=f"comma list of fusion variants ({', '.join(VARIANTS)})")
+    r.add_argument("--variants", help=f"comma list of fusion variants ({', '.join(FUSIONS)})")
     r.add_argument("--until", default="register", help=f"last stage to run ({', '.join(STAGES)})")
     r.add_argument("--only", help="run just this stage (earlier stages must be finished)")
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE despite its cache")
@@ -83,10 +104,28 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", "-o", default=None, help="output file (one input) or folder (default: ./colorized)")
     i.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a trained stage folder")
     i.add_argument("--upscale", action="store_true", help="Real-ESRGAN x4 before colorizing (small photos)")
-    i.add_argument("--upscale-max", type=int, default=256, help="only upscale photos up to this many px (longer side)")
-    i.add_argument("--size", type=int, default=None, help="network input size (default: the model's training size)")
-    i.add_argument("--max-pixels", type=int, default=80_000_000, help="refuse larger images (default 80 MP)")
+    i.add_argument(
+        "--upscale-max", type=_positive, default=256, help="only upscale photos up to this many px (longer side)"
+    )
+    i.add_argument("--size", type=_side, default=None, help="network input size (default: the model's training size)")
+    i.add_argument("--max-pixels", type=_positive, default=80_000_000, help="refuse larger images (default 80 MP)")
+    i.add_argument(
+        "--engine", choices=("auto", "torch", "onnx"), default="auto", help="auto: onnxruntime on a CPU when exported"
+    )
     i.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
+
+    a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
+    a.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
+    a.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
+    a.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    a.add_argument("--port", type=_positive, default=7860)
+    a.add_argument("--workdir")
+
+    v = sub.add_parser("serve", help="the champion as a REST API (mlflow models serve), on 127.0.0.1")
+    v.add_argument("--model", default=None, help="models:/NAME@ALIAS (default: models:/colorizer@champion)")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=_positive, default=5001)
+    v.add_argument("--workdir")
 
     u = sub.add_parser("ui", help="start the MLflow and Prefect UIs on 127.0.0.1 for the work dir")
     u.add_argument("--workdir")
@@ -97,52 +136,60 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_stage(name: str, flag: str) -> str:
+    from flows.config import STAGES
+
     if name not in STAGES:
         raise UserError(f"{flag}: unknown stage {name!r}; choose from {', '.join(STAGES)}")
     return name
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.dataset not in DATASETS:
-        raise UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(DATASETS)}")
+    from flows.pipeline import configure_run
+    from tasks.download import SOURCES
+
+    if args.dataset not in SOURCES:
+        raise UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(SOURCES)}")
     overrides = list(args.overrides)
     if args.variants:
         overrides.append(f"train.variants={args.variants}")
     preset = args.preset or ("tiny" if os.environ.get("COLORIZE_PRESET") == "tiny" else "demo")
-    try:
-        build_config(preset, overrides)
-    except ConfigError as exc:
-        raise UserError(str(exc)) from None
     until = _check_stage(args.until, "--until")
     only = _check_stage(args.only, "--only") if args.only else None
     for f in args.force:
         _check_stage(f, "--force")
-    if args.dataset == "folder":
-        if not args.path:
-            raise UserError("--dataset folder needs --path DIR")
-        if not Path(args.path).is_dir():
+    if args.path and not SOURCES[args.dataset].needs_path:
+        readers = ", ".join(n for n, s in SOURCES.items() if s.needs_path)
+        raise UserError(f"--path is only for --dataset {readers}")
+    path = str(Path(args.path).expanduser().resolve()) if args.path else None
+    cfg, _ = configure_run(args.dataset, preset, overrides, path)
+    from flows.pipeline import preflight, redact_overrides
+
+    preflight(cfg)
+    workdir = _workdir(args.workdir)
+    if path:
+        if not Path(path).is_dir():
             raise UserError(f"--path {args.path}: no such folder")
         from storage.images import find_images
 
-        if not find_images(Path(args.path)):
+        if not find_images(Path(path), exclude=workdir):
             raise UserError(f"--path {args.path}: holds no images (jpg, png, webp, tiff, bmp, gif)")
-    elif args.path:
-        raise UserError("--path is only for --dataset folder")
-    workdir = _workdir(args.workdir)
 
-    from flows.env import configure
+    from flows.env import configure, stop_on_sigterm, stop_orphaned_servers
 
     configure(workdir)
+    stop_on_sigterm()
+    if not os.environ.get("PREFECT_API_URL") and stop_orphaned_servers(workdir):
+        logging.getLogger(__name__).warning("stopped a Prefect server left behind by a killed run in %s", workdir)
     from flows.pipeline import pipeline
 
     for name in ("prefect.flow_runs", "prefect.task_runs"):  # failures are reported below, in one line
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
     result = pipeline(
-        dataset=args.dataset,
+        dataset=cfg.download.dataset,
         preset=preset,
-        overrides=overrides,
-        path=str(Path(args.path).resolve()) if args.path else None,
+        overrides=redact_overrides(overrides),  # what Prefect stores; the real values stay in this process
+        path=path,
         workdir=str(workdir),
         until=until,
         only=only,
@@ -174,19 +221,25 @@ def print_summary(result: dict, workdir: Path) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from flows.config import STAGES
+
     workdir = _existing_workdir(args.workdir)
     print(f"{'stage':<10} {'state':<7} {'seconds':>8}  key               when")
     for stage in STAGES:
         last = workdir / stage / "last.json"
-        if last.is_file():
-            s = json.loads(last.read_text())
-            err = f"  ({s['error']})" if s.get("error") else ""
-            print(
-                f"{stage:<10} {s['state']:<7} {s.get('seconds', ''):>8}  {s.get('key', ''):<17} "
-                f"{s.get('time', '')}{err}"
-            )
-        else:
+        if not last.is_file():
             print(f"{stage:<10} {'-':<7}")
+            continue
+        try:
+            s = json.loads(last.read_text())
+            state = s["state"]
+            if not isinstance(state, str):
+                raise TypeError(f"state is {state!r}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"{stage:<10} {'unreadable':<7}  ({last}: {exc}; the next run rewrites it)")
+            continue
+        err = f"  ({s['error']})" if s.get("error") else ""
+        print(f"{stage:<10} {state:<7} {s.get('seconds', ''):>8}  {s.get('key', ''):<17} {s.get('time', '')}{err}")
     return 0
 
 
@@ -198,6 +251,28 @@ def cmd_image(args: argparse.Namespace) -> int:
 
     configure(workdir)
     return colorize_files(args, workdir)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from flows.app import serve
+    from flows.colorize_images import NoModel
+    from flows.env import configure
+
+    workdir = _workdir_path(args.workdir)
+    configure(workdir)
+    try:
+        return serve(workdir, args.model, args.engine, args.host, args.port)
+    except NoModel as exc:
+        raise UserError(str(exc)) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from flows.env import configure
+    from flows.rest import serve
+
+    workdir = _existing_workdir(args.workdir)
+    configure(workdir)
+    return serve(workdir, args.model, args.host, args.port)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -212,14 +287,28 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "alembic", "urllib3", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
-    handlers = {"run": cmd_run, "status": cmd_status, "image": cmd_image, "ui": cmd_ui}
+    handlers = {
+        "run": cmd_run,
+        "status": cmd_status,
+        "image": cmd_image,
+        "app": cmd_app,
+        "serve": cmd_serve,
+        "ui": cmd_ui,
+    }
     try:
         return handlers[args.command](args)
-    except (UserError, ConfigError) as exc:
+    except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except UserFacingError as exc:
+    except UserFacingError as exc:  # ConfigError (exit 2) and the pipeline's own, with their exit codes
         print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:
+        from storage.errors import disk_full
+
+        if not disk_full(exc):  # a bug: the traceback is what helps
+            raise
+        print(f"error: {disk_full(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; finished stages are kept, rerun the same command to resume", file=sys.stderr)

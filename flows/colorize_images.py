@@ -37,18 +37,25 @@ class NoModel(Exception):
     """No usable model: the message says how to get one."""
 
 
-def load_net(spec: str | None, workdir: Path) -> tuple[Any, int]:
-    """(network, its input size) from a models:/ or runs:/ URI, or a trained stage folder."""
+class UsageError(Exception):
+    """The command line asks for something that cannot be done safely (exit 2, nothing written)."""
+
+
+def load_net(spec: str | None, workdir: Path, engine: str = "auto") -> tuple[Any, int]:
+    """(network, its input size) from a models:/ or runs:/ URI, or a trained stage folder. ``engine``:
+    ``torch``, ``onnx`` (the registered ONNX export on onnxruntime), or ``auto`` (onnx on a CPU when the
+    model has an export, torch otherwise); a stage folder has no export and runs on torch."""
     target = spec or DEFAULT_MODEL
     local = Path(target).expanduser()
     if local.is_dir() or local.suffix == ".pt":
+        from model.colorizer import MODEL_FILE, SPEC_FILE, is_trained_folder, load_folder
+
         folder = local if local.is_dir() else local.parent
-        from tasks.train import MODEL_FILE, SPEC_FILE, load_model
-
-        if not (folder / MODEL_FILE).is_file() or not (folder / SPEC_FILE).is_file():
+        if not is_trained_folder(folder):
             raise NoModel(f"{local}: expected a trained stage folder with {MODEL_FILE} and {SPEC_FILE}")
-
-        net = load_model(folder)
+        if engine == "onnx":
+            raise NoModel(f"--engine onnx: {folder} is a stage folder with no ONNX export; use a registered model")
+        net = load_folder(folder)
         return net, net.spec.image_size
     import mlflow
 
@@ -72,31 +79,122 @@ def load_net(spec: str | None, workdir: Path) -> tuple[Any, int]:
             ) from None
         raise NoModel(f"cannot load model {target}: {str(exc).splitlines()[0]}") from None
     inner = model.unwrap_python_model()
-    return inner.net, inner.spec.image_size
+    from model.pyfunc import EngineError
+
+    try:
+        return inner.engine(engine), inner.spec.image_size
+    except EngineError as exc:
+        raise NoModel(str(exc)) from None
 
 
-def gather(inputs: list[str]) -> tuple[list[Path], list[str]]:
+def model_summary(spec: str | None, workdir: Path, colorizer: PhotoColorizer) -> str:
+    """Which model runs, and its test metrics (from the registry's version tags), for people to read."""
+    target = spec or DEFAULT_MODEL
+    engine = type(colorizer.net).__name__
+    if not target.startswith("models:/") or "@" not in target:
+        return f"Model: `{target}` (network input {colorizer.size} px, engine {engine})."
+    from storage.tracking import Tracker
+
+    name, alias = target.removeprefix("models:/").split("@", 1)
+    version = Tracker(workdir).client.get_model_version_by_alias(name, alias)
+    tags = dict(version.tags)
+    metrics = ", ".join(
+        f"{k.removeprefix('test_')} {float(v):.5g}" for k, v in sorted(tags.items()) if k.startswith("test_")
+    )
+    return (
+        f"Model: **{name}** version **{version.version}** (alias `{alias}`, {tags.get('variant', '?')} fusion, "
+        f"engine {engine}). Test metrics: {metrics or 'none recorded'}; beats the grayscale baseline: "
+        f"{tags.get('beats_baseline', '?')}."
+    )
+
+
+class PhotoColorizer:
+    """The one photo pipeline of ``colorize image`` and ``colorize app``: read any image, optionally
+    upscale a small one with Real-ESRGAN first, colorize keeping its own full-resolution L."""
+
+    def __init__(self, net: Any, size: int, upscale_max: int = 256, max_pixels: int = 80_000_000) -> None:
+        self.net, self.size, self.upscale_max, self.max_pixels = net, size, upscale_max, max_pixels
+        self._upscaler: Any = None
+
+    @classmethod
+    def load(cls, spec: str | None, workdir: Path, engine: str = "auto", **kw: Any) -> PhotoColorizer:
+        net, size = load_net(spec, workdir, engine)
+        return cls(net, size, **kw)
+
+    def colorize_file(self, src: Path, upscale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(the photo as read, its colour version, its alpha or None)."""
+        from model.inference import colorize
+
+        photo = load_photo(src, self.max_pixels)
+        rgb, alpha = photo.rgb, photo.alpha
+        if upscale and max(rgb.shape[:2]) <= self.upscale_max:
+            rgb, alpha = _upscale(self.upscaler(), rgb, alpha)
+        return rgb, colorize(self.net, rgb, self.size), alpha
+
+    def upscaler(self) -> Any:
+        if self._upscaler is None:
+            import torch
+
+            from model.realesrgan import resolve_weights
+            from model.upscaler import make_upscaler
+
+            # one photo at a time: every thread works inside the image
+            self._upscaler = make_upscaler(resolve_weights(), per_image_threads=torch.get_num_threads())
+        return self._upscaler
+
+
+def gather(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(file, its path relative to the input it came from) for every image, and one error per bad input."""
     files, errors = [], []
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
             found = find_images(p)
-            files += found
+            files += [(f, f.relative_to(p)) for f in found]
             if not found:
                 errors.append(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         elif p.exists():
-            files.append(p)
+            files.append((p, Path(p.name)))
         else:
             errors.append(f"{p}: no such file")
     return files, errors
 
 
-def output_path(src: Path, out: str | None, single: bool) -> Path:
-    if out and single and Path(out).suffix.lower() in _FORMATS:
-        return Path(out)
-    folder = Path(out or "colorized")
-    suffix = src.suffix.lower() if src.suffix.lower() in _FORMATS else ".png"
-    return folder / f"{src.stem}{suffix}"
+def _writable(rel: Path) -> Path:
+    """Keep the name where its format can be written (``b.JPG`` stays), else add ``.png`` (``a.gif.png``),
+    so inputs that differ only in extension never meet at one output."""
+    return rel if rel.suffix.lower() in _FORMATS else rel.with_name(rel.name + ".png")
+
+
+def output_paths(files: list[tuple[Path, Path]], out: str | None, single: bool) -> list[Path]:
+    """One distinct destination per input, keeping the folder layout; a UsageError when an output format
+    cannot be written or a destination would overwrite an input."""
+    if single and out and not Path(out).is_dir():
+        dest = Path(out)
+        if dest.suffix.lower() not in _FORMATS:
+            kind = f"'{dest.suffix}' images" if dest.suffix else "a file with no image extension"
+            raise UsageError(
+                f"--out {out}: cannot write {kind}; use one of {', '.join(_FORMATS)} or an existing folder"
+            )
+        dests = [dest]
+    else:
+        folder = Path(out or "colorized")
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"--out {out}: is a file; give a folder for several inputs")
+        dests, taken = [], set()
+        for _, rel in files:
+            dest = folder / _writable(rel)
+            n = 2
+            while dest in taken:  # same relative name from two inputs: a.png and other/a.png given as files
+                dest = dest.with_name(f"{Path(dest.stem).stem}-{n}{''.join(Path(dest.name).suffixes[-1:])}")
+                n += 1
+            taken.add(dest)
+            dests.append(dest)
+    inputs = {src.resolve() for src, _ in files}
+    for (src, _), dest in zip(files, dests, strict=True):
+        if dest.resolve() in inputs:
+            raise UsageError(f"{dest}: writing it would overwrite the input {src}; choose another --out")
+    return dests
 
 
 def save(img: np.ndarray, alpha: np.ndarray | None, dest: Path) -> None:
@@ -111,41 +209,30 @@ def save(img: np.ndarray, alpha: np.ndarray | None, dest: Path) -> None:
 
 
 def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
-    from model.inference import colorize
-
     files, errors = gather(args.inputs)
+    single = len(files) == 1 and len(args.inputs) == 1 and not Path(args.inputs[0]).is_dir()
+    try:
+        dests = output_paths(files, args.out, single)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if not files:
         return 1 if errors else 2
     try:
-        net, size = load_net(args.model, workdir)
+        colorizer = PhotoColorizer.load(args.model, workdir, args.engine, max_pixels=args.max_pixels)
     except NoModel as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    size = args.size or size
-    if size % 32:
-        print(f"error: --size must be a multiple of 32, got {size}", file=sys.stderr)
-        return 2
-    upscaler = None
+    colorizer.size = args.size or colorizer.size
+    colorizer.upscale_max = args.upscale_max
     failed = len(errors)
-    single = len(files) == 1 and len(args.inputs) == 1
-    for src in tqdm(files, unit="img", desc="colorize", disable=len(files) < 2):
+    jobs = list(zip(files, dests, strict=True))
+    for (src, _), dest in tqdm(jobs, unit="img", desc="colorize", disable=len(files) < 2):
         try:
-            photo = load_photo(src, args.max_pixels)
-            rgb = photo.rgb
-            if args.upscale and max(rgb.shape[:2]) <= args.upscale_max:
-                if upscaler is None:
-                    import torch
-
-                    from model.realesrgan import resolve_weights
-                    from model.upscaler import make_upscaler
-
-                    # one photo at a time: every thread works inside the image
-                    upscaler = make_upscaler(resolve_weights(), per_image_threads=torch.get_num_threads())
-                rgb, photo.alpha = _upscale(upscaler, rgb, photo.alpha)
-            dest = output_path(src, args.out, single)
-            save(colorize(net, rgb, size), photo.alpha, dest)
+            _, colour, alpha = colorizer.colorize_file(src, args.upscale)
+            save(colour, alpha, dest)
             tqdm.write(f"{src} -> {dest}") if len(files) > 1 else print(f"{src} -> {dest}")
         except (ImageError, OSError) as exc:
             failed += 1

@@ -1,8 +1,10 @@
-"""One typed configuration, a section per stage, named presets and ``--set key=value`` overrides.
+"""The pipeline's configuration: the stages' own settings sections composed into one, named presets and
+``--set section.key=value`` overrides.
 
-Each stage's key hashes only its own section (plus the seed), so changing a training setting reruns
-training onward and nothing upstream. Unknown keys are errors (``extra="forbid"``): a typo in
-``--set`` fails before any work starts instead of being silently ignored.
+Each stage module declares its section (``tasks/<stage>.py: Settings``); this module only puts them
+together under the stage's name, so a stage's settings have one owner and ``--set train.lr=...``
+reaches exactly the train stage. Unknown keys are errors (``extra="forbid"``): a typo in ``--set``
+fails before any work starts instead of being silently ignored.
 """
 
 from __future__ import annotations
@@ -10,119 +12,21 @@ from __future__ import annotations
 import copy
 import json
 import warnings
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError
 
-DATASETS = ("sample", "folder", "cifar10", "div2k")
-STAGES = ("download", "upscale", "prepare", "train", "evaluate", "register")
-VARIANTS = ("concat", "average", "max")
+from storage.errors import ConfigError
+from storage.settings import Section
+from tasks import download as download_stage
+from tasks import evaluate as evaluate_stage
+from tasks import prepare as prepare_stage
+from tasks import register as register_stage
+from tasks import train as train_stage
+from tasks import upscale as upscale_stage
 
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-DIV2K_TRAIN_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_train_HR.zip"
-DIV2K_VALID_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_valid_HR.zip"
-
-
-class ConfigError(ValueError):
-    """A configuration the user gave is invalid; the message is one line."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DownloadConfig(Section):
-    lowres_size: int = Field(32, ge=8, description="side of the low-res (CIFAR-like) crops")
-    lowres_crops_per_photo: int = Field(12, ge=0)
-    lowres_crop_fraction: tuple[float, float] = (0.15, 0.5)
-    highres_size: int = Field(192, ge=32, description="side of the high-res (DIV2K-like) sample crops")
-    highres_crops_per_photo: int = Field(16, ge=0)
-    test_photos: int = Field(2, ge=1, description="sample: scenes held out for the test split")
-    val_photos: int = Field(1, ge=1, description="sample: scenes held out for validation")
-    val_fraction: float = Field(0.1, gt=0, lt=1, description="cifar10/div2k/folder: share of train for val")
-    test_fraction: float = Field(0.2, gt=0, lt=1, description="folder: share of photos for test")
-    lowres_threshold: int = Field(64, ge=1, description="folder: photos with a shorter side are low-res")
-    limit: int | None = Field(None, ge=1, description="cifar10/div2k: at most this many images per split")
-    max_pixels: int = Field(80_000_000, ge=1)
-    cifar10_url: str = CIFAR10_URL
-    cifar10_md5: str = CIFAR10_MD5
-    div2k_train_url: str = DIV2K_TRAIN_URL
-    div2k_valid_url: str = DIV2K_VALID_URL
-    retries: int = Field(3, ge=0)
-    timeout: float = Field(60.0, gt=0, description="seconds without data before a download is abandoned")
-    shard_maxcount: int = Field(1000, ge=1)
-
-
-class UpscaleConfig(Section):
-    weights: str | None = Field(None, description="explicit RealESRGAN_x4plus .pth (else cache/download/ncnn)")
-    backend: Literal["auto", "torch", "ncnn"] = Field(
-        "auto", description="auto: torch on a GPU, else ncnn (Winograd convolutions) when installed"
-    )
-    batch_size: int = Field(8, ge=1)
-    threads: int | None = Field(None, ge=1)
-    bf16: bool = Field(False, description="torch backend only")
-    channels_last: bool = Field(True, description="torch backend only")
-    shard_maxcount: int = Field(1000, ge=1)
-
-
-class PrepareConfig(Section):
-    image_size: int = Field(64, description="model input side; a multiple of 32")
-    shard_maxcount: int = Field(1000, ge=1)
-
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_32(cls, v: int) -> int:
-        if v < 32 or v % 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {v}")
-        return v
-
-
-class TrainConfig(Section):
-    variants: list[Literal["concat", "average", "max"]] = Field(default_factory=lambda: list(VARIANTS))
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(3e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    epochs: int = Field(6, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (across epochs)")
-    loss: Literal["mse", "l1", "mse+l1"] = "mse"
-    hflip: bool = Field(True, description="random horizontal flips of training batches (seeded)")
-    pretrained: bool = Field(True, description="use ImageNet weights when present or downloadable")
-    freeze: Literal["none", "stems", "all"] = "none"
-    decoder_width: int = Field(64, ge=8, description="channels of the finest decoder block")
-    bf16: bool = False
-    channels_last: bool = True
-    grad_clip: float | None = Field(1.0, gt=0)
-    checkpoint_every: int = Field(50, ge=1)
-    log_every: int = Field(5, ge=1)
-    threads: int | None = Field(None, ge=1)
-    concurrent: bool = Field(False, description="train variants at the same time (off: they share cores)")
-
-    @field_validator("variants", mode="before")
-    @classmethod
-    def _split(cls, v: object) -> object:
-        return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
-
-    @field_validator("variants")
-    @classmethod
-    def _variants(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("at least one variant is needed")
-        return list(dict.fromkeys(v))
-
-
-class EvaluateConfig(Section):
-    lpips: bool = True
-    grid_images: int = Field(8, ge=1)
-    batch_size: int = Field(16, ge=1)
-
-
-class RegisterConfig(Section):
-    metric: Literal["rgb_mse", "ab_mse", "psnr", "ssim", "lpips", "colorfulness_gap"] = "rgb_mse"
-    tie_breaker: Literal["rgb_mse", "ab_mse", "psnr", "ssim", "lpips", "colorfulness_gap"] = "ssim"
-    model_name: str = "colorizer"
-    alias: str = "champion"
-
+STAGE_MODULES = (download_stage, upscale_stage, prepare_stage, train_stage, evaluate_stage, register_stage)
+STAGES = tuple(m.STAGE for m in STAGE_MODULES)
 
 with warnings.catch_warnings():
     # pydantic notes that the field `register` shadows ABCMeta.register; harmless, and the section name
@@ -130,19 +34,13 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
 
     class PipelineConfig(Section):
-        seed: int = 0
-        download: DownloadConfig = Field(default_factory=DownloadConfig)
-        upscale: UpscaleConfig = Field(default_factory=UpscaleConfig)
-        prepare: PrepareConfig = Field(default_factory=PrepareConfig)
-        train: TrainConfig = Field(default_factory=TrainConfig)
-        evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-        register: RegisterConfig = Field(default_factory=RegisterConfig)
-
-        @model_validator(mode="after")
-        def _grid_fits(self) -> PipelineConfig:
-            if self.download.lowres_crop_fraction[0] > self.download.lowres_crop_fraction[1]:
-                raise ValueError("download.lowres_crop_fraction must be (low, high) with low <= high")
-            return self
+        seed: int = Field(0, ge=0, lt=2**32, description="seeds the data split, crops and training")
+        download: download_stage.Settings = Field(default_factory=download_stage.Settings)
+        upscale: upscale_stage.Settings = Field(default_factory=upscale_stage.Settings)
+        prepare: prepare_stage.Settings = Field(default_factory=prepare_stage.Settings)
+        train: train_stage.Settings = Field(default_factory=train_stage.Settings)
+        evaluate: evaluate_stage.Settings = Field(default_factory=evaluate_stage.Settings)
+        register: register_stage.Settings = Field(default_factory=register_stage.Settings)
 
 
 # Presets are overrides on top of the defaults (which are the `demo` preset's values).
@@ -160,6 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "log_every": 1,
             "decoder_width": 16,
             "lr": 1e-3,
+            "preview_images": 4,
         },
         "evaluate": {"grid_images": 4, "batch_size": 8},
     },

@@ -5,6 +5,7 @@ Both read the work dir's own stores (``mlflow.db``, ``.prefect/``). Ctrl-C stops
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from flows.env import configure
+from flows.env import configure, stop_on_sigterm
 from storage.tracking import tracking_uri
 
 
@@ -37,16 +38,29 @@ def commands(workdir: Path, host: str, mlflow_port: int, prefect_port: int) -> d
     }
 
 
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt
+def exposure_warning(host: str) -> str | None:
+    """What to tell a user who binds beyond this machine, or None for a loopback address."""
+    try:
+        if host == "localhost" or ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (
+        f"WARNING: binding to {host} exposes both UIs beyond this machine, and they have no authentication: "
+        "anyone who can reach this address can read every run, parameter and model, and change them. "
+        "Use 127.0.0.1 with an SSH tunnel, or put an authenticating proxy in front."
+    )
 
 
 def serve(workdir: Path, host: str, mlflow_port: int, prefect_port: int) -> int:
     configure(workdir)
+    warning = exposure_warning(host)
+    if warning:
+        print(warning, file=sys.stderr)
     # Explicit handlers: a process started in the background inherits SIGINT as ignored, and a
     # supervisor stops with SIGTERM; both must take the two servers down with us.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    stop_on_sigterm()
     env = dict(os.environ)
     procs = {
         name: subprocess.Popen(cmd, env=env, start_new_session=True)

@@ -19,17 +19,20 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 from torchvision.models import densenet121, resnet50
 
 from model.pretrained import load_state_dict, locate
+from storage.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-Fusion = Literal["concat", "average", "max"]
+Fusion = Literal["concat", "average", "max"]  # the one list of fusion variants; add one here and in FusionBlock
+FUSIONS: tuple[str, ...] = get_args(Fusion)
+MODEL_FILE, SPEC_FILE = "model.pt", "model.json"  # a trained colorizer on disk: state dict + spec
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
 RESNET_CHANNELS = (256, 512, 1024, 2048)
 DENSENET_CHANNELS = (256, 512, 1024, 1024)
@@ -125,7 +128,7 @@ class FusionBlock(nn.Module):
             self.proj_res = nn.Sequential(nn.Conv2d(c_res, width, 1, bias=False), nn.BatchNorm2d(width))
             self.proj_dense = nn.Sequential(nn.Conv2d(c_dense, width, 1, bias=False), nn.BatchNorm2d(width))
         else:
-            raise ValueError(f"unknown fusion {mode!r}; choose concat, average or max")
+            raise ValueError(f"unknown fusion {mode!r}; choose from {', '.join(FUSIONS)}")
 
     def forward(self, r: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         if self.mode == "concat":
@@ -207,6 +210,22 @@ def load_trained(spec_path: Path | str, weights_path: Path | str) -> Colorizer:
     net = Colorizer(ColorizerSpec(**json.loads(Path(spec_path).read_text())))
     net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return net.eval()
+
+
+def save_trained(net: Colorizer, folder: Path) -> None:
+    """The inverse of :func:`load_folder`: state dict (contiguous, so any layout loads) and spec, atomically."""
+    with atomic_path(folder / MODEL_FILE) as tmp:
+        torch.save({k: v.contiguous() for k, v in net.state_dict().items()}, tmp)
+    write_json(folder / SPEC_FILE, net.spec.as_dict())
+
+
+def is_trained_folder(folder: Path) -> bool:
+    return (folder / MODEL_FILE).is_file() and (folder / SPEC_FILE).is_file()
+
+
+def load_folder(folder: Path | str) -> Colorizer:
+    """A trained stage folder (or any folder holding the two files) -> the network in eval mode."""
+    return load_trained(Path(folder) / SPEC_FILE, Path(folder) / MODEL_FILE)
 
 
 @dataclass

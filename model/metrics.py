@@ -21,34 +21,53 @@ def colorfulness(rgb: np.ndarray) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
+BASELINE = "grayscale baseline"
+# Which direction is better, per metric a champion can be chosen by: the one list of those metrics.
+HIGHER_IS_BETTER = {
+    "rgb_mse": False,
+    "ab_mse": False,
+    "psnr": True,
+    "ssim": True,
+    "lpips": False,
+    "colorfulness_gap": False,
+}
+RANKABLE = tuple(HIGHER_IS_BETTER)
+# The columns of an evaluation table, in order.
+COLUMNS = ("ab_mse", "rgb_mse", "psnr", "ssim", "lpips", "colorfulness", "colorfulness_truth", "colorfulness_gap")
+
+
+def gray_baseline(l_norm: torch.Tensor) -> torch.Tensor:
+    """The prediction 'no colour at all': ab = 0 for every pixel. A model that does not beat it on the
+    colour metrics has learned nothing (it still scores well on PSNR/SSIM, which reward the exact L)."""
+    return torch.zeros(l_norm.shape[0], 2, *l_norm.shape[2:], dtype=l_norm.dtype)
+
+
+def _psnr(true_rgb: np.ndarray, pred_rgb: np.ndarray, rgb_mse: float) -> float:
+    """scikit-image's PSNR; +inf only for an exact match, NaN (ranked worst) for a non-finite prediction."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    if not np.isfinite(rgb_mse):
+        return float("nan")
+    return float(peak_signal_noise_ratio(true_rgb, pred_rgb, data_range=1.0)) if rgb_mse > 0 else float("inf")
+
+
 def image_metrics(
     true_rgb: np.ndarray, pred_rgb: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray
 ) -> dict[str, float]:
     """Per-image metrics. RGB: float HxWx3 in [0, 1]. ab: normalized (ab/110), any layout, same shape."""
-    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+    from skimage.metrics import structural_similarity
 
     rgb_mse = float(np.mean((pred_rgb - true_rgb) ** 2))
     c_pred, c_true = colorfulness(pred_rgb), colorfulness(true_rgb)
     return {
         "ab_mse": float(np.mean((pred_ab - true_ab) ** 2)),
         "rgb_mse": rgb_mse,
-        "psnr": float(peak_signal_noise_ratio(true_rgb, pred_rgb, data_range=1.0)) if rgb_mse > 0 else float("inf"),
+        "psnr": _psnr(true_rgb, pred_rgb, rgb_mse),
         "ssim": float(structural_similarity(true_rgb, pred_rgb, channel_axis=-1, data_range=1.0)),
         "colorfulness": c_pred,
         "colorfulness_truth": c_true,
         "colorfulness_gap": abs(c_pred - c_true),
     }
-
-
-# Which direction is better, for choosing a champion.
-HIGHER_IS_BETTER = {
-    "psnr": True,
-    "ssim": True,
-    "rgb_mse": False,
-    "ab_mse": False,
-    "lpips": False,
-    "colorfulness_gap": False,
-}
 
 
 class Lpips:

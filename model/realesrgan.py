@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from storage.atomic import atomic_path
-from storage.errors import UserFacingError
+from storage.errors import ConfigError, UserFacingError
 from storage.fetch import DownloadError, download, file_digest
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,10 @@ N_PARAMETERS = 16_697_987
 
 class WeightsError(UserFacingError):
     """No usable Real-ESRGAN weights; the message says how to provide them."""
+
+
+class GivenWeightsError(WeightsError, ConfigError):
+    """The weights file the user named (``upscale.weights``) is missing or wrong: their setting, exit 2."""
 
 
 @dataclass
@@ -139,7 +143,7 @@ def resolve_weights(
     if explicit:
         path = Path(explicit).expanduser()
         if not path.is_file():
-            raise WeightsError(f"upscale.weights={explicit}: no such file")
+            raise GivenWeightsError(f"upscale.weights={explicit}: no such file")
         return WeightsInfo("explicit", str(path), file_digest(path, "sha256"))
     cached = hub_dir() / WEIGHTS_NAME
     if cached.is_file():
@@ -167,17 +171,29 @@ def load_upscaler(info: WeightsInfo | None = None) -> tuple[torch.nn.Module, Wei
     net = rrdbnet()
     try:
         net.load_state_dict(load_state(Path(info.path)), strict=True)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0]
+    except Exception as exc:  # noqa: BLE001 - not a pickle, not a dict, wrong keys or shapes: all "not these weights"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsError(f"{info.path} is not a RealESRGAN_x4plus state dict ({first})") from None
     log.info("Real-ESRGAN weights: %s (%s) %s", info.source, info.path, info.note)
     return net.eval(), info
 
 
+def check_weights(info: WeightsInfo) -> None:
+    """Refuse a user-given weights file that does not load into RRDBNet x4plus, before any work."""
+    try:
+        load_upscaler(info)
+    except WeightsError as exc:
+        raise GivenWeightsError(f"upscale.weights: {exc}") from None
+
+
 def pad_input(images: torch.Tensor, pre_pad: int = PRE_PAD) -> torch.Tensor:
-    """uint8 ``(B, 3, H, W)`` -> float in [0, 1], reflect-padded right and bottom as RealESRGANer does."""
+    """uint8 ``(B, 3, H, W)`` -> float in [0, 1], reflect-padded right and bottom as RealESRGANer does.
+    An image no wider than the pad (a few pixels) cannot be reflected that far: it is edge-replicated."""
     x = images.float() / 255.0
-    return F.pad(x, (0, pre_pad, 0, pre_pad), mode="reflect") if pre_pad else x
+    if not pre_pad:
+        return x
+    mode = "reflect" if min(x.shape[-2:]) > pre_pad else "replicate"
+    return F.pad(x, (0, pre_pad, 0, pre_pad), mode=mode)
 
 
 def crop_output(y: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

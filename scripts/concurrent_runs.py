@@ -35,18 +35,18 @@ def main() -> None:
         ok = codes == [0, 0]
 
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from flows.config import STAGES
         from storage import tracking
         from storage.stage import verify
 
-        stages = ("download", "upscale", "prepare", "train", "evaluate", "register")
         folders = [
             p
-            for stage in stages
+            for stage in STAGES
             for p in (wd / stage).glob("*")
             if p.is_dir() and not p.name.endswith(".partial") and not p.name.startswith(".")
         ]
         broken = [str(p) for p in folders if verify(p)[0] is None]
-        client = tracking.client(wd)
+        client = tracking.Tracker(wd).client
         champion = client.get_model_version_by_alias("colorizer", "champion")
         versions = client.search_model_versions("name='colorizer'")
         regs = [json.loads(m.read_text()) for m in wd.glob("register/*/manifest.json")]

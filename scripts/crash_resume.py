@@ -23,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-STAGES = ("download", "upscale", "prepare", "train", "evaluate", "register")
+from flows.config import STAGES
+
 BIN = Path(sys.executable).parent
 
 

@@ -11,9 +11,10 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 from storage.atomic import temp_name
+from storage.errors import DataError
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(DataError):
     """An archive entry would be written outside the destination folder."""
 
 
@@ -33,7 +34,7 @@ def _extract_zip(archive: Path, dest: Path) -> None:
                 raise UnsafeArchiveError(f"{archive.name}: entry {info.filename!r} is a symlink; refusing")
         bad = zf.testzip()
         if bad is not None:
-            raise zipfile.BadZipFile(f"{archive.name}: entry {bad!r} is corrupt (CRC mismatch)")
+            raise DataError(f"{archive.name}: entry {bad!r} is corrupt (CRC mismatch)")
         zf.extractall(dest)
 
 
@@ -61,7 +62,7 @@ def extract(archive: Path | str, dest: Path | str) -> Path:
         elif tarfile.is_tarfile(archive):
             _extract_tar(archive, tmp)
         else:
-            raise ValueError(f"{archive.name}: not a zip or tar archive")
+            raise DataError(f"{archive.name}: not a zip or tar archive")
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)

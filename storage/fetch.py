@@ -18,13 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from storage.errors import UserFacingError
+from storage.errors import TransientError
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 16
 
 
-class DownloadError(UserFacingError):
+class DownloadError(TransientError):
     """A download failed for good; the message is one line and says where the file should come from."""
 
 

@@ -6,7 +6,10 @@ reject bad ones with the same one-line reasons.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,18 @@ def _to_8bit_gray(im: Image.Image) -> Image.Image:
     return Image.fromarray(scaled)
 
 
+@contextlib.contextmanager
+def _bomb_limit(max_pixels: int) -> Iterator[None]:
+    """Raise Pillow's own decompression-bomb limit to ours while opening, so a ``--max-pixels`` above its
+    default (89.5 MP) is honoured instead of silently capped; a lower one is left to our own check."""
+    default = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max(default or 0, max_pixels)
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = default
+
+
 def load_photo(path: Path | str, max_pixels: int = 80_000_000) -> Photo:
     path = Path(path)
     if not path.exists():
@@ -49,7 +64,7 @@ def load_photo(path: Path | str, max_pixels: int = 80_000_000) -> Photo:
     if path.stat().st_size == 0:
         raise ImageError(f"{path}: empty file")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _bomb_limit(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 w, h = im.size
@@ -77,12 +92,22 @@ def load_photo(path: Path | str, max_pixels: int = 80_000_000) -> Photo:
     return Photo(rgb=np.ascontiguousarray(rgb), alpha=alpha, grayscale=gray)
 
 
-def find_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, sorted for a stable order), hidden files skipped."""
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not any(s.startswith(".") for s in p.relative_to(folder).parts)
-    )
+def _is_work_dir(folder: Path) -> bool:
+    """A colorize work dir (or a stage folder inside one): its PNGs are our outputs, not photos."""
+    return (folder / "mlflow.db").exists() or (folder / ".prefect").is_dir() or (folder / "manifest.json").is_file()
+
+
+def find_images(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursive, sorted for a stable order). Hidden files and folders are
+    skipped, and so are ``exclude`` (the run's own work dir) and anything that looks like a work dir or a
+    stage folder: a work dir inside the photo folder must never feed the pipeline its own outputs."""
+    folder = Path(folder)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    found = []
+    for top, dirs, names in os.walk(folder):
+        here = Path(top)
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and (here / d).resolve() != skip and not _is_work_dir(here / d)
+        )
+        found += [here / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(p for p in found if p.is_file())

@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset
 
 from storage.atomic import fsync_dir, temp_name
 
+SPLITS = ("train", "val", "test")  # every stage's shards are per split: <set>-<split>-NNNNNN.tar
 SHARD_MAXCOUNT = 1000
 SHARD_MAXSIZE = 256 * 1024 * 1024
 

@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from storage.atomic import fsync_dir, is_temp, write_json
@@ -57,15 +56,6 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-def code_version(*modules: ModuleType) -> str:
-    """Hash of the source files that define a stage: editing any of them changes the stage key."""
-    h = hashlib.sha256()
-    for mod in sorted(modules, key=lambda m: m.__name__):
-        h.update(mod.__name__.encode())
-        h.update(Path(mod.__file__).read_bytes())
-    return h.hexdigest()[:16]
 
 
 def input_ref(manifest: Mapping[str, Any]) -> dict[str, str]:
@@ -151,28 +141,69 @@ def _discard(folder: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
-def _record(stage_dir: Path, **state: Any) -> None:
+LAST = "last.json"
+
+
+def record(workdir: Path | str, stage: str, state: str, **detail: Any) -> None:
+    """Write ``<stage>/last.json`` (what ``colorize status`` shows): the one writer of that file. Best
+    effort: a full disk must not turn a stage's real error into a second one about bookkeeping."""
     with contextlib.suppress(OSError):
-        write_json(stage_dir / "last.json", {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **state})
+        write_json(
+            Path(workdir) / stage / LAST, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "state": state, **detail}
+        )
+
+
+Inputs = Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+def _refs(inputs: Inputs) -> dict[str, Any]:
+    named = inputs if isinstance(inputs, Mapping) else {str(i): m for i, m in enumerate(inputs)}
+    out: dict[str, Any] = {}
+    for role, value in named.items():
+        if value is None:
+            out[role] = None
+        elif isinstance(value, Mapping):
+            out[role] = input_ref(value)
+        else:
+            out[role] = [input_ref(m) for m in value]
+    return out
+
+
+def _content_only(refs: Any) -> Any:
+    if isinstance(refs, dict) and "content" in refs:
+        return {"stage": refs["stage"], "content": refs["content"]}
+    if isinstance(refs, dict):
+        return {k: _content_only(v) for k, v in refs.items()}
+    if isinstance(refs, list):
+        return [_content_only(v) for v in refs]
+    return refs
 
 
 def make_plan(
-    workdir: Path | str, stage: str, inputs: Sequence[Mapping[str, Any]], config: Mapping[str, Any], code: str
+    workdir: Path | str,
+    stage: str,
+    inputs: Inputs,
+    config: Mapping[str, Any],
+    code: str,
+    facts: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything that decides a stage's output, as plain JSON: what Prefect hashes for its cache and what
-    names the stage folder. Input manifests are reduced to their references."""
+    """Everything that decides a stage's output, as plain JSON: the stage's own settings section
+    (``config``), what was resolved for this run (``facts``: the seed, the variant, which weights were
+    found), its inputs' manifests, and its code identity. The key hashes all of them; it is Prefect's
+    cache key and names the stage folder."""
     plan = {
         "workdir": str(Path(workdir).resolve()),
         "stage": stage,
-        "inputs": [input_ref(m) for m in inputs],
+        "inputs": json.loads(canonical_json(inputs if isinstance(inputs, Mapping) else list(inputs))),
         "config": json.loads(canonical_json(config)),
+        "facts": json.loads(canonical_json(facts or {})),
         "code": code,
     }
     # Inputs count by content: an upstream stage that reran (new config or code) but wrote the same bytes
-    # leaves every downstream key unchanged. Its key stays in the plan for traceability only.
+    # leaves every downstream key unchanged. Upstream keys are kept in the manifest for traceability only.
     keyed = {
-        **{k: plan[k] for k in ("stage", "config", "code")},
-        "inputs": [{"stage": r["stage"], "content": r["content"]} for r in plan["inputs"]],
+        **{k: plan[k] for k in ("stage", "config", "facts", "code")},
+        "inputs": _content_only(_refs(inputs)),
     }
     plan["key"] = digest(keyed)[:16]
     return plan
@@ -211,7 +242,7 @@ def run_stage(
             manifest, problem = verify(final)
             if manifest is not None:
                 manifest["folder"] = str(final)
-                _record(stage_dir, state="cached", key=key, seconds=0.0)
+                record(plan["workdir"], stage, "cached", key=key, seconds=0.0)
                 return StageResult(manifest, cached=True)
             log.warning("%s/%s: %s; redoing the stage", stage, key, problem)
             _discard(final)
@@ -222,7 +253,8 @@ def run_stage(
         try:
             extra = dict(work(partial))
         except BaseException as exc:
-            _record(stage_dir, state="failed", key=key, seconds=round(time.time() - start, 2), error=str(exc))
+            error = str(exc) or type(exc).__name__
+            record(plan["workdir"], stage, "failed", key=key, seconds=round(time.time() - start, 2), error=error)
             raise
         seconds = round(time.time() - start, 2)
         shutil.rmtree(partial / SCRATCH, ignore_errors=True)
@@ -231,7 +263,8 @@ def run_stage(
             "stage": stage,
             "key": key,
             "config": plan["config"],
-            "inputs": plan["inputs"],
+            "facts": plan["facts"],
+            "inputs": _refs(plan["inputs"]),
             "code_version": plan["code"],
             "files": files,
             "content": digest(files),
@@ -243,7 +276,7 @@ def run_stage(
         write_json(partial / MANIFEST, manifest)
         partial.rename(final)
         fsync_dir(stage_dir)
-        _record(stage_dir, state="ran", key=key, seconds=seconds)
+        record(plan["workdir"], stage, "ran", key=key, seconds=seconds)
         manifest["folder"] = str(final)
         return StageResult(manifest, cached=False)
 

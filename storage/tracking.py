@@ -67,11 +67,51 @@ def client(workdir: Path) -> Any:
                 c = MlflowClient(tracking_uri=uri, registry_uri=uri)
                 c.search_experiments(max_results=1)
                 c.search_registered_models(max_results=1)
+                if uri.startswith("sqlite:///"):
+                    relocate(Path(uri.removeprefix("sqlite:///")), Path(workdir).resolve())
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
         _READY.add(uri)
         return c
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# Where mlflow.db keeps absolute artifact locations (MLflow 3's schema); columns missing in another
+# version of the schema are skipped.
+_LOCATIONS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "storage_location"),
+    ("model_versions", "source"),
+)
+
+
+def relocate(db: Path, workdir: Path) -> None:
+    """Point the store's artifact locations into this work dir when it was moved or copied.
+
+    mlflow.db records absolute ``file://`` locations: a copied work dir would write new models into the
+    original's ``mlartifacts/``, and a moved one would find none. Only the work dir's own artifact root
+    (``<old workdir>/mlartifacts``) is rewritten; a location the user chose elsewhere is left alone.
+    """
+    new_root = (workdir / "mlartifacts").as_uri()
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:
+            row = con.execute("SELECT artifact_location FROM experiments WHERE name = ?", (EXPERIMENT,)).fetchone()
+            if row is None or row[0] == new_root or not str(row[0]).endswith("/mlartifacts"):
+                return
+            old_root = row[0]
+            for table, column in _LOCATIONS:
+                columns = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                if column in columns:
+                    con.execute(
+                        f"UPDATE {table} SET {column} = ? || substr({column}, ?) WHERE substr({column}, 1, ?) = ?",
+                        (new_root, len(old_root) + 1, len(old_root), old_root),
+                    )
+        log.warning("this work dir was moved or copied: MLflow artifact locations now point into %s", new_root)
+    finally:
+        con.close()
 
 
 def retry_locked(fn: Any, *args: Any, attempts: int = 30, delay: float = 0.5, **kw: Any) -> Any:
@@ -88,71 +128,101 @@ def retry_locked(fn: Any, *args: Any, attempts: int = 30, delay: float = 0.5, **
     raise AssertionError("unreachable")
 
 
-def experiment_id(workdir: Path, name: str = EXPERIMENT) -> str:
-    c = client(workdir)
-    exp = retry_locked(c.get_experiment_by_name, name)
-    if exp is not None:
-        return exp.experiment_id
-    root = (Path(workdir).resolve() / "mlartifacts").as_uri()
-    try:
-        return retry_locked(c.create_experiment, name, artifact_location=root)
-    except Exception:  # another run created it first
-        return retry_locked(c.get_experiment_by_name, name).experiment_id
+class Tracker:
+    """One MLflow handle for one stage run: the client is built (and the store checked) once, not per
+    call; every call names its run id, so stages in worker threads never log into each other's runs."""
 
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = Path(workdir)
+        self.client = client(self.workdir)
 
-def start_run(workdir: Path, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-    c = client(workdir)
-    all_tags = dict(tags or {})
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run = retry_locked(c.create_run, experiment_id(workdir), run_name=name, tags=all_tags)
-    return run.info.run_id
+    def experiment_id(self, name: str = EXPERIMENT) -> str:
+        c = self.client
+        exp = retry_locked(c.get_experiment_by_name, name)
+        if exp is not None:
+            return exp.experiment_id
+        root = (self.workdir.resolve() / "mlartifacts").as_uri()
+        try:
+            return retry_locked(c.create_experiment, name, artifact_location=root)
+        except Exception:  # another run created it first
+            return retry_locked(c.get_experiment_by_name, name).experiment_id
+
+    def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = retry_locked(self.client.create_run, self.experiment_id(), run_name=name, tags=all_tags)
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        batch = [Param(k, sanitize(k, v)[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(batch), 100):
+            retry_locked(self.client.log_batch, run_id, params=batch[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
+        if batch:
+            retry_locked(self.client.log_batch, run_id, metrics=batch)
+
+    def log_artifact(self, run_id: str, path: Path, subdir: str | None = None) -> None:
+        retry_locked(self.client.log_artifact, run_id, str(path), subdir)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            retry_locked(self.client.set_tag, run_id, k, sanitize(k, v))
+
+    def run_exists(self, run_id: str | None) -> bool:
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for "no such run"
+            return False
+        return True
+
+    def version_intact(self, name: str, alias: str, version: int) -> bool:
+        """The registry's ``name@alias`` is ``version`` and its files are there (a local store: the
+        model's folder with its MLmodel file; a server is trusted to hold what it registered)."""
+        try:
+            found = self.client.get_model_version_by_alias(name, alias)
+        except Exception:  # noqa: BLE001 - no registry, no model, no alias: all mean "not intact"
+            return False
+        if int(found.version) != version:
+            return False
+        location = getattr(found, "storage_location", None) or ""
+        if location.startswith("file://"):
+            from urllib.parse import unquote, urlparse
+
+            return (Path(unquote(urlparse(location).path)) / "MLmodel").is_file()
+        return True
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        with contextlib.suppress(Exception):
+            retry_locked(self.client.set_terminated, run_id, status)
 
 
 _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|credential)", re.IGNORECASE)
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s:]+(:[^/@\s]*)?@")
+# Everything between "://" and the last "@" before the host's path: user, password, even one holding "@".
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#\s]*@")
+# Query parameters that carry credentials: signatures, tokens, keys (X-Amz-Signature, access_key, ...).
+_SECRET_QUERY = re.compile(
+    r"([?&][^=&#\s]*(?:sig|token|secret|key|pass|credential|auth|session)[^=&#\s]*=)[^&#\s]*", re.IGNORECASE
+)
 
 
 def sanitize(key: str, value: Any) -> str:
-    """What may be stored in MLflow: secrets redacted, URL credentials dropped, the home folder as ``~``."""
+    """What may be stored (MLflow params, Prefect's flow parameters): secrets redacted, URL credentials and
+    secret query parameters replaced by ``***``, the home folder as ``~``."""
     if _SECRET_KEY.search(key):
         return "***"
-    text = _URL_CREDENTIALS.sub("***@", str(value))
+    text = _SECRET_QUERY.sub(r"\1***", _URL_CREDENTIALS.sub("***@", str(value)))
     home = str(Path.home())
     return text.replace(home, "~") if home not in ("/", "") else text
-
-
-def log_params(workdir: Path, run_id: str, params: dict[str, Any]) -> None:
-    from mlflow.entities import Param
-
-    c = client(workdir)
-    batch = [Param(k, sanitize(k, v)[:6000]) for k, v in sorted(params.items())]
-    for i in range(0, len(batch), 100):
-        retry_locked(c.log_batch, run_id, params=batch[i : i + 100])
-
-
-def log_metrics(workdir: Path, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None]
-    if batch:
-        retry_locked(client(workdir).log_batch, run_id, metrics=batch)
-
-
-def log_artifact(workdir: Path, run_id: str, path: Path, subdir: str | None = None) -> None:
-    retry_locked(client(workdir).log_artifact, run_id, str(path), subdir)
-
-
-def set_tags(workdir: Path, run_id: str, tags: dict[str, Any]) -> None:
-    c = client(workdir)
-    for k, v in tags.items():
-        retry_locked(c.set_tag, run_id, k, sanitize(k, v))
-
-
-def end_run(workdir: Path, run_id: str, status: str = "FINISHED") -> None:
-    with contextlib.suppress(Exception):
-        retry_locked(client(workdir).set_terminated, run_id, status)
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, Any]:

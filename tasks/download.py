@@ -16,25 +16,30 @@ import hashlib
 import io
 import logging
 import pickle
-import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field, field_validator, model_validator
 
-import storage.images
-import storage.shards
-from flows.config import ConfigError, PipelineConfig
 from storage.archives import extract
+from storage.code_identity import code_version
+from storage.errors import ConfigError, DataError
 from storage.fetch import download
-from storage.images import ImageError, find_images, load_photo
-from storage.shards import ShardWriter, encode_png
-from storage.stage import StageResult, code_version, digest, make_plan, run_stage
+from storage.images import IMAGE_SUFFIXES, ImageError, find_images, load_photo
+from storage.settings import Section
+from storage.shards import SPLITS, ShardWriter, encode_png
+from storage.stage import StageResult, digest, make_plan, run_stage
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
+STAGE = "download"
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+DIV2K_TRAIN_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_train_HR.zip"
+DIV2K_VALID_URL = "https://data.vision.ee.ethz.ch/cvl/DIV2K/DIV2K_valid_HR.zip"
 
 # (name, scene, package, relative path): the embedded sample dataset.
 SAMPLE_PHOTOS = (
@@ -125,13 +130,23 @@ class _Writers:
             w.close()
 
 
-def _sample(cfg: PipelineConfig, writers: _Writers) -> dict[str, Any]:
-    d = cfg.download
-    splits = split_groups([scene for _, scene, _, _ in SAMPLE_PHOTOS], cfg.seed, d.test_photos, d.val_photos)
+@dataclass
+class Context:
+    """What a source reads besides its settings: the run's seed, the download cache, the work dir."""
+
+    seed: int
+    cache: Path
+    workdir: Path
+    writers: _Writers
+
+
+def _sample(d: Settings, ctx: Context) -> dict[str, Any]:
+    writers = ctx.writers
+    splits = split_groups([scene for _, scene, _, _ in SAMPLE_PHOTOS], ctx.seed, d.test_photos, d.val_photos)
     for idx, (name, scene, package, rel) in enumerate(SAMPLE_PHOTOS):
         rgb = load_photo(sample_photo_path(package, rel)).rgb
         split = splits[scene]
-        rng = np.random.default_rng([cfg.seed, idx])
+        rng = np.random.default_rng([ctx.seed, idx])
         meta = {"source": name, "scene": scene}
         for i, crop in enumerate(
             lowres_crops(rgb, rng, d.lowres_crops_per_photo, d.lowres_size, d.lowres_crop_fraction)
@@ -142,13 +157,11 @@ def _sample(cfg: PipelineConfig, writers: _Writers) -> dict[str, Any]:
     return {"splits": splits, "photos": [p[0] for p in SAMPLE_PHOTOS]}
 
 
-def _folder(cfg: PipelineConfig, root: Path, writers: _Writers) -> dict[str, Any]:
-    d = cfg.download
-    files = find_images(root)
+def _folder(d: Settings, ctx: Context) -> dict[str, Any]:
+    root, writers = Path(d.path), ctx.writers
+    files = find_images(root, exclude=ctx.workdir)
     if not files:
-        raise ConfigError(
-            f"no images found under {root} (looked for {', '.join(sorted(storage.images.IMAGE_SUFFIXES))})"
-        )
+        raise ConfigError(f"no images found under {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     photos: list[tuple[str, np.ndarray]] = []
     skipped: list[dict[str, str]] = []
     for f in files:
@@ -170,7 +183,7 @@ def _folder(cfg: PipelineConfig, root: Path, writers: _Writers) -> dict[str, Any
     n = len(photos)
     n_test = max(1, round(n * d.test_fraction)) if n >= 3 else 0
     n_val = max(1, round(n * d.val_fraction)) if n >= 3 else 0
-    perm = np.random.default_rng(cfg.seed).permutation(n)
+    perm = np.random.default_rng(ctx.seed).permutation(n)
     split_of = {int(j): "test" if i < n_test else "val" if i < n_test + n_val else "train" for i, j in enumerate(perm)}
     splits = {}
     for i, (rel, rgb) in enumerate(photos):
@@ -211,17 +224,23 @@ def read_cifar_batch(path: Path) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
-def _cifar10(cfg: PipelineConfig, cache: Path, writers: _Writers) -> dict[str, Any]:
-    d = cfg.download
-    archive = download(
-        d.cifar10_url, cache / "cifar-10-python.tar.gz", md5=d.cifar10_md5, retries=d.retries, timeout=d.timeout
-    )
-    root = extract(archive, cache / "cifar-10-python") / "cifar-10-batches-py"
+def cached_name(url: str, fallback: str) -> str:
+    """The download cache's file name for ``url``: its basename prefixed by a hash of the whole URL, so
+    two mirrors' files that share a basename (``train/HR.zip``, ``valid/HR.zip``) never share a file."""
+    base = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or fallback
+    return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
+
+
+def _cifar10(d: Settings, ctx: Context) -> dict[str, Any]:
+    cache, writers = ctx.cache, ctx.writers
+    name = cached_name(d.cifar10_url, "cifar-10-python.tar.gz")
+    archive = download(d.cifar10_url, cache / name, md5=d.cifar10_md5, retries=d.retries, timeout=d.timeout)
+    root = extract(archive, cache / name.removesuffix(".tar.gz")) / "cifar-10-batches-py"
     if not root.is_dir():
-        raise ValueError(f"{archive.name}: no cifar-10-batches-py folder inside; is this the CIFAR-10 python archive?")
+        raise DataError(f"{archive.name}: no cifar-10-batches-py folder inside; is this the CIFAR-10 python archive?")
     train = np.concatenate([read_cifar_batch(root / f"data_batch_{i}") for i in range(1, 6)])
     test = read_cifar_batch(root / "test_batch")
-    perm = np.random.default_rng(cfg.seed).permutation(len(train))
+    perm = np.random.default_rng(ctx.seed).permutation(len(train))
     n_val = max(1, round(len(train) * d.val_fraction))
     parts = {"val": perm[:n_val], "train": perm[n_val:], "test": np.arange(len(test))}
     for split, idx in parts.items():
@@ -231,19 +250,25 @@ def _cifar10(cfg: PipelineConfig, cache: Path, writers: _Writers) -> dict[str, A
     return {"archive_md5": d.cifar10_md5}
 
 
-def _div2k(cfg: PipelineConfig, cache: Path, writers: _Writers) -> dict[str, Any]:
-    d = cfg.download
+def _div2k(d: Settings, ctx: Context) -> dict[str, Any]:
+    cache, writers = ctx.cache, ctx.writers
+    if d.div2k_train_url == d.div2k_valid_url:
+        raise ConfigError(
+            "download.div2k_train_url and download.div2k_valid_url are the same URL: "
+            "the test split would be the training set"
+        )
     recorded = {}
     groups = {}
     for part, url in (("train", d.div2k_train_url), ("valid", d.div2k_valid_url)):
-        name = url.rstrip("/").rsplit("/", 1)[-1] or f"DIV2K_{part}_HR.zip"
+        name = cached_name(url, f"DIV2K_{part}_HR.zip")
         archive = download(url, cache / name, retries=d.retries, timeout=d.timeout)
-        recorded[name] = (cache / f"{name}.sha256").read_text().split()[0]
+        base = name.split("-", 1)[1]  # the URL's own file name, for the manifest
+        recorded[base if base not in recorded else f"{part}/{base}"] = (cache / f"{name}.sha256").read_text().split()[0]
         folder = extract(archive, cache / name.removesuffix(".zip"))
         groups[part] = find_images(folder)
         if not groups[part]:
-            raise ValueError(f"{name}: no images inside; is this a DIV2K HR archive?")
-    perm = np.random.default_rng(cfg.seed).permutation(len(groups["train"]))
+            raise DataError(f"{name}: no images inside; is this a DIV2K HR archive?")
+    perm = np.random.default_rng(ctx.seed).permutation(len(groups["train"]))
     n_val = max(1, round(len(perm) * d.val_fraction))
     plan = [("val", groups["train"][i]) for i in perm[:n_val][: d.limit]]
     plan += [("train", groups["train"][i]) for i in perm[n_val:][: d.limit]]
@@ -259,47 +284,97 @@ def _div2k(cfg: PipelineConfig, cache: Path, writers: _Writers) -> dict[str, Any
     return {"archive_sha256": recorded, "skipped": skipped, "skipped_count": len(skipped)}
 
 
-def folder_fingerprint(root: Path) -> str:
+def folder_fingerprint(root: Path, workdir: Path) -> str:
     """Names, sizes and mtimes of a user's folder: adding or editing a photo changes the stage key."""
-    return digest([(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in find_images(root)])
+    return digest(
+        [(p.relative_to(root).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in find_images(root, workdir)]
+    )
 
 
-def download_config(cfg: PipelineConfig, dataset: str, path: Path | None) -> dict[str, Any]:
-    key_cfg: dict[str, Any] = {"dataset": dataset, "seed": cfg.seed, **cfg.download.model_dump()}
-    if dataset == "folder":
-        key_cfg["path"] = str(path.resolve())
-        key_cfg["fingerprint"] = folder_fingerprint(path)
-    return key_cfg
+@dataclass(frozen=True)
+class Source:
+    """One dataset: a reader that writes shards through ``ctx.writers`` and returns manifest fields."""
+
+    read: Callable[[Settings, Context], dict[str, Any]]
+    description: str
+    needs_path: bool = False
 
 
-def plan_download(cfg: PipelineConfig, dataset: str, workdir: Path, path: Path | None = None) -> dict[str, Any]:
-    if dataset == "folder":
-        if path is None:
-            raise ConfigError("--dataset folder needs --path DIR")
-        if not path.is_dir():
-            raise ConfigError(f"--path {path}: no such folder")
-    code = code_version(sys.modules[__name__], storage.images, storage.shards)
-    return make_plan(workdir, "download", [], download_config(cfg, dataset, path), code)
+# The registry of datasets: the CLI's choices, the settings' validation and the stage all read it.
+# Adding a dataset is one reader function above and one entry here.
+SOURCES: dict[str, Source] = {
+    "sample": Source(_sample, "real colour photos shipped in the scikit-image and scikit-learn wheels"),
+    "folder": Source(_folder, "your own photos under --path, recursively", needs_path=True),
+    "cifar10": Source(_cifar10, "CIFAR-10's python archive (32x32, low-res)"),
+    "div2k": Source(_div2k, "DIV2K's HR train and valid archives (2K, high-res)"),
+}
+Dataset = Literal[tuple(SOURCES)]  # type: ignore[valid-type]
 
 
-def run_download(
-    plan: dict[str, Any], cfg: PipelineConfig, dataset: str, path: Path | None = None, force: bool = False
-) -> StageResult:
-    cache = Path(plan["workdir"]) / "downloads"
+class Settings(Section):
+    """The download section: where photos come from and how they are cut and split."""
+
+    dataset: Dataset = Field("sample", description="which source to read (see SOURCES)")
+    path: str | None = Field(None, description="folder of photos, for sources that read one")
+    lowres_size: int = Field(32, ge=8, le=1024, description="side of the low-res (CIFAR-like) crops")
+    lowres_crops_per_photo: int = Field(12, ge=0)
+    lowres_crop_fraction: tuple[float, float] = (0.15, 0.5)
+    highres_size: int = Field(192, ge=32, le=8192, description="side of the high-res (DIV2K-like) sample crops")
+    highres_crops_per_photo: int = Field(16, ge=0)
+    test_photos: int = Field(2, ge=1, description="sample: scenes held out for the test split")
+    val_photos: int = Field(1, ge=1, description="sample: scenes held out for validation")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="cifar10/div2k/folder: share of train for val")
+    test_fraction: float = Field(0.2, gt=0, lt=1, description="folder: share of photos for test")
+    lowres_threshold: int = Field(64, ge=1, description="folder: photos with a shorter side are low-res")
+    limit: int | None = Field(None, ge=1, description="cifar10/div2k: at most this many images per split")
+    max_pixels: int = Field(80_000_000, ge=1)
+    cifar10_url: str = CIFAR10_URL
+    cifar10_md5: str = CIFAR10_MD5
+    div2k_train_url: str = DIV2K_TRAIN_URL
+    div2k_valid_url: str = DIV2K_VALID_URL
+    retries: int = Field(3, ge=0, le=100)
+    timeout: float = Field(60.0, gt=0, le=3600, description="seconds without data before a download is abandoned")
+    shard_maxcount: int = Field(1000, ge=1)
+
+    @field_validator("lowres_crop_fraction")
+    @classmethod
+    def _fraction(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("must be (low, high) with 0 < low <= high <= 1")
+        return v
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        return str(Path(v).expanduser().resolve()) if v else None
+
+    @model_validator(mode="after")
+    def _path_fits_source(self) -> Settings:
+        if SOURCES[self.dataset].needs_path and not self.path:
+            raise ValueError(f"--dataset {self.dataset} needs --path DIR")
+        return self
+
+
+def plan(s: Settings, seed: int, workdir: Path) -> dict[str, Any]:
+    """The download stage's plan. A folder source adds its fingerprint, so new or edited photos rerun it."""
+    facts: dict[str, Any] = {"seed": seed}
+    if s.path:
+        root = Path(s.path)
+        if not root.is_dir():
+            raise ConfigError(f"--path {root}: no such folder")
+        facts["fingerprint"] = folder_fingerprint(root, Path(workdir))
+    return make_plan(workdir, STAGE, {}, s.for_stage(), code_version(__name__), facts)
+
+
+def run(plan: dict[str, Any], force: bool = False) -> StageResult:
+    s = Settings.model_validate(plan["config"])
+    workdir = Path(plan["workdir"])
 
     def work(out: Path) -> dict[str, Any]:
-        writers = _Writers(out, cfg.download.shard_maxcount)
-        if dataset == "sample":
-            extra = _sample(cfg, writers)
-        elif dataset == "folder":
-            extra = _folder(cfg, path, writers)
-        elif dataset == "cifar10":
-            extra = _cifar10(cfg, cache, writers)
-        elif dataset == "div2k":
-            extra = _div2k(cfg, cache, writers)
-        else:
-            raise ConfigError(f"unknown dataset {dataset!r}")
+        writers = _Writers(out, s.shard_maxcount)
+        ctx = Context(plan["facts"]["seed"], workdir / "downloads", workdir, writers)
+        extra = SOURCES[s.dataset].read(s, ctx)
         writers.close()
-        return {"dataset": dataset, "seed": cfg.seed, "sets": writers.counts, **extra}
+        return {"dataset": s.dataset, "seed": ctx.seed, "sets": writers.counts, **extra}
 
     return run_stage(plan, work, force=force)

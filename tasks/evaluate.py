@@ -11,47 +11,44 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch.utils.data import DataLoader
 
-import model.inference
-import model.lab
-import model.metrics
-from flows.config import PipelineConfig
+from model.colorizer import load_folder
 from model.lab import lab_norm_to_rgb
-from model.metrics import Lpips, image_metrics
+from model.metrics import BASELINE, COLUMNS, Lpips, gray_baseline, image_metrics
+from model.pretrained import locate
 from model.preview import grid, save_png
-from storage import tracking
+from model.samples import decode_sample, first_batch
 from storage.atomic import write_bytes, write_json
+from storage.code_identity import code_version
+from storage.settings import Section
 from storage.shards import ShardDataset, shard_paths
-from storage.stage import StageResult, code_version, make_plan, run_stage
-from tasks.prepare import decode_sample
-from tasks.train import load_model, preview_batch
+from storage.stage import StageResult, make_plan, run_stage
+from storage.tracking import Tracker
 
 log = logging.getLogger(__name__)
-BASELINE = "grayscale baseline"
-COLUMNS = ("ab_mse", "rgb_mse", "psnr", "ssim", "lpips", "colorfulness", "colorfulness_truth", "colorfulness_gap")
+STAGE = "evaluate"
 
 
-def plan_evaluate(
-    cfg: PipelineConfig, prepared: dict[str, Any], trained: list[dict[str, Any]], workdir: Path
-) -> dict[str, Any]:
-    from model.pretrained import locate
+class Settings(Section):
+    """The evaluate section: which metrics, how many images in the grid, the scoring batch size."""
 
-    lpips_ready = cfg.evaluate.lpips and locate("alexnet", allow_download=False).available
-    config = {**cfg.evaluate.model_dump(), "lpips_backbone_present": lpips_ready}
-    code = code_version(sys.modules[__name__], model.metrics, model.lab, model.inference)
-    return make_plan(workdir, "evaluate", [prepared, *trained], config, code)
+    lpips: bool = True
+    grid_images: int = Field(8, ge=1, le=256)
+    batch_size: int = Field(16, ge=1, le=4096)
 
 
-def gray_baseline(l_norm: torch.Tensor) -> torch.Tensor:
-    """The prediction 'no colour at all': ab = 0 for every pixel."""
-    return torch.zeros(l_norm.shape[0], 2, *l_norm.shape[2:], dtype=l_norm.dtype)
+def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+    """Whether the LPIPS backbone is on disk decides whether LPIPS is scored, so it is a fact in the key."""
+    facts = {"lpips_backbone_present": s.lpips and locate("alexnet", allow_download=False).available}
+    inputs = {"prepared": prepared, "trained": trained}
+    return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), facts)
 
 
 def score(predict: Any, prepared: dict[str, Any], lpips: Lpips, batch_size: int) -> dict[str, Any]:
@@ -101,16 +98,9 @@ def markdown(table: list[dict[str, Any]], lpips_missing: str | None) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
-def run_evaluate(
-    plan: dict[str, Any],
-    cfg: PipelineConfig,
-    prepared: dict[str, Any],
-    trained: list[dict[str, Any]],
-    parent_run_id: str | None = None,
-    force: bool = False,
-) -> StageResult:
-    workdir = Path(plan["workdir"])
-    e = cfg.evaluate
+def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = None) -> StageResult:
+    e = Settings.model_validate(plan["config"])
+    prepared, trained = plan["inputs"]["prepared"], plan["inputs"]["trained"]
 
     def work(out: Path) -> dict[str, Any]:
         lpips = Lpips(e.lpips)
@@ -119,9 +109,9 @@ def run_evaluate(
         table = [{"variant": BASELINE, **score(gray_baseline, prepared, lpips, e.batch_size)}]
         nets = {}
         for t in trained:
-            net = nets[t["variant"]] = load_model(Path(t["folder"]))
+            net = nets[t["variant"]] = load_folder(t["folder"])
             table.append({"variant": t["variant"], **score(lambda x, n=net: n(x), prepared, lpips, e.batch_size)})
-        l_norm, ab = preview_batch(prepared, "test", e.grid_images)
+        l_norm, ab = first_batch(shard_paths(prepared, "test"), e.grid_images)
         with torch.no_grad():
             cols = [nets[t["variant"]](l_norm) for t in trained]
         save_png(grid(l_norm, [*cols, ab]), out / "grid.png")
@@ -139,17 +129,15 @@ def run_evaluate(
                 "grid_columns": ["gray", *[t["variant"] for t in trained], "truth"],
             },
         )
+        tracker = Tracker(Path(plan["workdir"]))
         for t, row in zip(trained, table[1:], strict=True):
             metrics = {f"test_{k}": row[k] for k in COLUMNS if not math.isnan(row[k])}
-            tracking.log_metrics(workdir, t["mlflow_run_id"], metrics)
-            tracking.set_tags(
-                workdir,
-                t["mlflow_run_id"],
-                {"test_lpips": row["lpips"] if lpips.missing is None else f"missing: {lpips.missing}"},
-            )
+            tracker.log_metrics(t["mlflow_run_id"], metrics)
+            lpips_tag = row["lpips"] if lpips.missing is None else f"missing: {lpips.missing}"
+            tracker.set_tags(t["mlflow_run_id"], {"test_lpips": lpips_tag})
         if parent_run_id:
             for name in ("metrics.md", "metrics.csv", "grid.png"):
-                tracking.log_artifact(workdir, parent_run_id, out / name, "evaluation")
+                tracker.log_artifact(parent_run_id, out / name, "evaluation")
         log.info("test metrics:\n%s", md)
         return {"table": table, "lpips_missing": lpips.missing, "variants": [t["variant"] for t in trained]}
 

@@ -4,17 +4,14 @@ Inputs per split: the upscaled low-res images (from the upscale stage) and the h
 the download stage). Square images are resized; others are resized so the short side fits, then
 cropped (train: a seeded random crop; val/test: the centre), never squashed out of aspect.
 
-Storage: one ``lab.npy`` per sample, float16, channels first ``(3, S, S)`` holding ``L/100`` and
-``ab/110`` (model.lab's normalization): 6 bytes per pixel, 24,704 bytes per 64x64 sample with the npy
-header, read straight into tensors by the training loop. float16 keeps ab to about 0.03 Lab units,
-far below what the eye or the loss can see, and the conversion cost is paid once here, not per epoch.
+Storage: model.samples' format (one float16 Lab array per sample), written once here so training
+never converts colour spaces.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,25 +19,39 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from pydantic import Field, field_validator
 
-import model.lab
-import storage.shards
-from flows.config import PipelineConfig
-from model.lab import normalize, rgb8_to_lab
+from model import samples
 from model.metrics import colorfulness
-from storage.shards import ShardWriter, decode_npy, decode_png, encode_npy, iter_samples, shard_paths
-from storage.stage import StageResult, code_version, make_plan, run_stage
+from storage.code_identity import code_version
+from storage.errors import ConfigError
+from storage.settings import Section
+from storage.shards import SPLITS, ShardWriter, decode_png, iter_samples, shard_paths
+from storage.stage import StageResult, make_plan, run_stage
 
-SPLITS = ("train", "val", "test")
+STAGE = "prepare"
 CHUNK = 64
 
 
-def plan_prepare(
-    cfg: PipelineConfig, download: dict[str, Any], upscaled: dict[str, Any] | None, workdir: Path
+class Settings(Section):
+    """The prepare section: the model's input size (a multiple of 32: five stride-2 stages)."""
+
+    image_size: int = Field(64, le=2048, description="model input side; a multiple of 32")
+    shard_maxcount: int = Field(1000, ge=1)
+
+    @field_validator("image_size")
+    @classmethod
+    def _multiple_of_32(cls, v: int) -> int:
+        if v < 32 or v % 32:
+            raise ValueError(f"image_size must be a positive multiple of 32, got {v}")
+        return v
+
+
+def plan(
+    s: Settings, seed: int, download: dict[str, Any], upscaled: dict[str, Any] | None, workdir: Path
 ) -> dict[str, Any]:
-    inputs = [download] + ([upscaled] if upscaled else [])
-    code = code_version(sys.modules[__name__], model.lab, storage.shards)
-    return make_plan(workdir, "prepare", inputs, {"seed": cfg.seed, **cfg.prepare.model_dump()}, code)
+    inputs = {"download": download, "upscaled": upscaled}
+    return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), {"seed": seed})
 
 
 def fit(rgb: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -67,25 +78,19 @@ def _sources(split: str, download: dict[str, Any], upscaled: dict[str, Any] | No
 
 def _flush(chunk: list[tuple[dict[str, Any], np.ndarray]], writer: ShardWriter, stats: dict[str, float]) -> None:
     rgb = torch.from_numpy(np.stack([img for _, img in chunk])).permute(0, 3, 1, 2)
-    lab = rgb8_to_lab(rgb)
-    l_norm, ab_norm = normalize(lab)
-    packed = torch.cat((l_norm, ab_norm), dim=1).to(torch.float16).numpy()
+    lab, encoded = samples.encode_batch(rgb)
     stats["a"] += float(lab[:, 1].mean(dim=(1, 2)).sum())
     stats["b"] += float(lab[:, 2].mean(dim=(1, 2)).sum())
-    for (meta, img), arr in zip(chunk, packed, strict=True):
+    for (meta, img), field in zip(chunk, encoded, strict=True):
         stats["colorfulness"] += colorfulness(img)
-        writer.write({"__key__": meta["__key__"], "lab.npy": encode_npy(arr), "json": meta["json"]})
+        writer.write({"__key__": meta["__key__"], samples.FIELD: field, "json": meta["json"]})
     chunk.clear()
 
 
-def run_prepare(
-    plan: dict[str, Any],
-    cfg: PipelineConfig,
-    download: dict[str, Any],
-    upscaled: dict[str, Any] | None,
-    force: bool = False,
-) -> StageResult:
-    size = cfg.prepare.image_size
+def run(plan: dict[str, Any], force: bool = False) -> StageResult:
+    settings = Settings.model_validate(plan["config"])
+    size, seed = settings.image_size, plan["facts"]["seed"]
+    download, upscaled = plan["inputs"]["download"], plan["inputs"]["upscaled"]
 
     def work(out: Path) -> dict[str, Any]:
         counts, stats_out = {}, {}
@@ -93,13 +98,13 @@ def run_prepare(
             stats = {"a": 0.0, "b": 0.0, "colorfulness": 0.0}
             n = 0
             chunk: list[tuple[dict[str, Any], np.ndarray]] = []
-            with ShardWriter(out, split, maxcount=cfg.prepare.shard_maxcount) as writer:
+            with ShardWriter(out, split, maxcount=settings.shard_maxcount) as writer:
                 for kind, shard in _sources(split, download, upscaled):
                     for s in iter_samples([shard]):
                         key = s["__key__"]
                         rng = None
                         if split == "train":
-                            digest = hashlib.sha256(f"{cfg.seed}/{key}".encode()).digest()
+                            digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
                             rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
                         meta = {**json.loads(s["json"]), "set": kind}
                         chunk.append(({"__key__": key, "json": meta}, fit(decode_png(s["png"]), size, rng)))
@@ -116,19 +121,13 @@ def run_prepare(
                     "colorfulness": round(stats["colorfulness"] / n, 4),
                 }
         if not counts["train"]:
-            raise ValueError("the train split is empty: the dataset has too few images for the requested splits")
+            raise ConfigError("the train split is empty: the dataset has too few images for the requested splits")
         return {
             "image_size": size,
             "counts": counts,
             "stats": stats_out,
-            "format": "lab.npy float16 (3,S,S): L/100, a/110, b/110",
-            "bytes_per_sample": 3 * size * size * 2 + 128,
+            "format": samples.DESCRIPTION,
+            "bytes_per_sample": samples.bytes_per_sample(size),
         }
 
     return run_stage(plan, work, force=force)
-
-
-def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A prepared sample -> (L/100 of shape (1,S,S), ab/110 of shape (2,S,S)) as float32 tensors."""
-    arr = torch.from_numpy(decode_npy(sample["lab.npy"]).astype(np.float32))
-    return arr[:1], arr[1:]

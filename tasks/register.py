@@ -1,51 +1,70 @@
-"""Register stage: pick the best variant by a configurable metric, log it as an MLflow pyfunc model,
-register it as ``colorizer`` and point the ``champion`` alias at it, with the evaluation table attached.
+"""Register stage: pick the best variant by a configurable metric, log it as an MLflow pyfunc model with
+its ONNX export (checked against eager PyTorch first), register it as ``colorizer`` and point the
+``champion`` alias at it, with the evaluation table attached.
 
 Selection is by the test-table metric (default RGB MSE, lower is better) with a second metric breaking
-ties; a variant that does not beat the grayscale baseline on the chosen metric is still registered
-(the user asked for a champion), but the version is tagged ``beats_baseline=false`` and a warning says so.
+ties; a variant whose metric is not a finite number is never chosen. A variant that does not beat the
+grayscale baseline on the chosen metric is still registered (the user asked for a champion), but the
+version is tagged ``beats_baseline=false`` and a warning says so.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
-import model.pyfunc
-from flows.config import PipelineConfig
-from model.metrics import HIGHER_IS_BETTER
-from storage import tracking
+from model.colorizer import MODEL_FILE, SPEC_FILE, load_folder
+from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE
 from storage.atomic import write_bytes
-from storage.stage import StageResult, code_version, make_plan, run_stage
-from tasks.evaluate import BASELINE
-from tasks.train import MODEL_FILE, SPEC_FILE
+from storage.code_identity import code_version
+from storage.settings import Section
+from storage.stage import StageResult, make_plan, run_stage
+from storage.tracking import Tracker, flatten, retry_locked, tracking_uri
 
 log = logging.getLogger(__name__)
-PIP_REQUIREMENTS = ["torch==2.14.1", "torchvision==0.29.1", "numpy", "pillow", "mlflow==3.17.2"]
+STAGE = "register"
+Metric = Literal[RANKABLE]  # type: ignore[valid-type]
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-def plan_register(
-    cfg: PipelineConfig, evaluated: dict[str, Any], trained: list[dict[str, Any]], workdir: Path
-) -> dict[str, Any]:
-    code = code_version(sys.modules[__name__], model.pyfunc)
-    return make_plan(workdir, "register", [evaluated, *trained], {"seed": cfg.seed, **cfg.register.model_dump()}, code)
+class Settings(Section):
+    """The register section: how the champion is chosen, and the registry names it is given."""
+
+    metric: Metric = "rgb_mse"
+    tie_breaker: Metric = "ssim"
+    model_name: str = Field("colorizer", description="registered model name")
+    alias: str = Field("champion", description="alias pointed at the chosen version")
+
+    @field_validator("model_name", "alias")
+    @classmethod
+    def _registry_name(cls, v: str) -> str:
+        if not _NAME.match(v):
+            raise ValueError(f"{v!r} is not a usable registry name (letters, digits, '_', '-', '.'; no '/')")
+        return v
+
+
+def plan(s: Settings, evaluated: dict[str, Any], trained: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
+    inputs = {"evaluated": evaluated, "trained": trained}
+    return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__))
 
 
 def choose(table: list[dict[str, Any]], metric: str, tie_breaker: str) -> dict[str, Any]:
-    """Best row among the variants (never the baseline) by ``metric``, ties broken by ``tie_breaker``."""
-    rows = [r for r in table if r["variant"] != BASELINE and not math.isnan(r[metric])]
+    """Best row among the variants (never the baseline) by ``metric``, ties broken by ``tie_breaker``.
+    Rows whose metric is NaN or infinite (a diverged model) are never chosen."""
+    rows = [r for r in table if r["variant"] != BASELINE and math.isfinite(r[metric])]
     if not rows:
-        raise ValueError(f"no variant has a value for {metric}; pick another register.metric")
+        raise ValueError(f"no variant has a finite value for {metric}; pick another register.metric")
 
     def key(row: dict[str, Any]) -> tuple[float, float]:
         def signed(m: str) -> float:
-            v = row[m] if not math.isnan(row[m]) else math.inf
-            return -v if HIGHER_IS_BETTER[m] else v
+            v = row[m] if math.isfinite(row[m]) else math.inf
+            return -v if HIGHER_IS_BETTER[m] and math.isfinite(row[m]) else v
 
         return (round(signed(metric), 12), signed(tie_breaker))
 
@@ -57,20 +76,32 @@ def beats_baseline(table: list[dict[str, Any]], row: dict[str, Any], metric: str
     return row[metric] > base if HIGHER_IS_BETTER[metric] else row[metric] < base
 
 
-def run_register(
-    plan: dict[str, Any],
-    cfg: PipelineConfig,
-    evaluated: dict[str, Any],
-    trained: list[dict[str, Any]],
-    force: bool = False,
-) -> StageResult:
+def _recreate_run(tracker: Tracker, trained: dict[str, Any], row: dict[str, Any]) -> str:
+    """A new MLflow run for a trained model whose original run no longer exists, holding what the train
+    manifest recorded and its test metrics, so the registered version points at a real run."""
+    variant = trained["variant"]
+    tags = {"stage": STAGE, "variant": variant, "recreated_from": trained["mlflow_run_id"]}
+    run_id = tracker.start_run(f"train-{variant}", tags=tags)
+    tracker.log_params(run_id, {"variant": variant, "train_key": trained["key"], **flatten("train", trained["config"])})
+    tracker.log_metrics(run_id, {f"test_{k}": v for k, v in row.items() if k in COLUMNS and math.isfinite(v)})
+    log.warning(
+        "the MLflow run of %s (%s) is gone; registering from a new run %s", variant, tags["recreated_from"], run_id
+    )
+    return run_id
+
+
+def run(plan: dict[str, Any], force: bool = False) -> StageResult:
     workdir = Path(plan["workdir"])
-    r = cfg.register
+    r = Settings.model_validate(plan["config"])
+    evaluated, trained = plan["inputs"]["evaluated"], plan["inputs"]["trained"]
 
     def work(out: Path) -> dict[str, Any]:
         import mlflow
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
+
+        from model import pyfunc  # imports mlflow: only when registering, not when composing settings
+        from model.onnx_engine import ONNX_FILE, export
 
         table = evaluated["table"]
         best = choose(table, r.metric, r.tie_breaker)
@@ -79,30 +110,42 @@ def run_register(
         if not wins:
             log.warning("the best variant (%s) does not beat the grayscale baseline on %s", best["variant"], r.metric)
         folder = Path(winner["folder"])
-        uri = tracking.tracking_uri(workdir)
+        uri = tracking_uri(workdir)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         size = winner["spec"]["image_size"]
         example = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
         images = Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))])  # any batch, any photo size
         signature = ModelSignature(inputs=images, outputs=images)
-        root = Path(__file__).resolve().parent.parent
-        with mlflow.start_run(run_id=winner["mlflow_run_id"]):
-            info = tracking.retry_locked(
+        root = Path(pyfunc.__file__).resolve().parent.parent
+        entry = out / "scratch" / "colorizer_model.py"
+        write_bytes(entry, pyfunc.ENTRY.encode())
+        onnx_path = out / "scratch" / ONNX_FILE  # stored with the registered version, not in the stage folder
+        onnx_report = export(load_folder(folder), onnx_path)
+        tracker = Tracker(workdir)
+        run_id = winner["mlflow_run_id"]
+        if not tracker.run_exists(run_id):  # mlflow.db was lost or replaced: the cached training run is gone
+            run_id = _recreate_run(tracker, winner, best)
+        with mlflow.start_run(run_id=run_id):
+            info = retry_locked(
                 mlflow.pyfunc.log_model,
                 name="colorizer",
-                python_model=str(Path(model.pyfunc.__file__)),  # models from code: nothing pickled
-                artifacts={"weights": str(folder / MODEL_FILE), "spec": str(folder / SPEC_FILE)},
+                python_model=str(entry),  # models from code: nothing pickled
+                artifacts={
+                    "weights": str(folder / MODEL_FILE),
+                    "spec": str(folder / SPEC_FILE),
+                    "onnx": str(onnx_path),
+                },
                 code_paths=[str(root / "model"), str(root / "storage")],
                 signature=signature,
                 input_example=example,
-                pip_requirements=PIP_REQUIREMENTS,
+                pip_requirements=pyfunc.pip_requirements(),
             )
-        version = tracking.retry_locked(mlflow.register_model, info.model_uri, r.model_name)
-        client = tracking.client(workdir)
-        tracking.retry_locked(client.set_registered_model_alias, r.model_name, r.alias, version.version)
+        version = retry_locked(mlflow.register_model, info.model_uri, r.model_name)
+        client = tracker.client
+        retry_locked(client.set_registered_model_alias, r.model_name, r.alias, version.version)
         summary = "\n".join(f"{row['variant']}: {r.metric}={row[r.metric]:.6g}" for row in table)
-        tracking.retry_locked(
+        retry_locked(
             client.update_model_version,
             r.model_name,
             version.version,
@@ -116,7 +159,7 @@ def run_register(
             "train_key": winner["key"],
             "evaluate_key": evaluated["key"],
         }.items():
-            tracking.retry_locked(client.set_model_version_tag, r.model_name, version.version, k, str(v))
+            retry_locked(client.set_model_version_tag, r.model_name, version.version, k, str(v))
         write_bytes(out / "registered.txt", f"models:/{r.model_name}@{r.alias} -> version {version.version}\n".encode())
         return {
             "model_name": r.model_name,
@@ -127,6 +170,7 @@ def run_register(
             "value": best[r.metric],
             "beats_baseline": wins,
             "model_uri": info.model_uri,
+            "onnx": {**onnx_report, "max_diff": max(v for k, v in onnx_report.items() if k.startswith("max_diff_"))},
         }
 
     return run_stage(plan, work, force=force)

@@ -9,7 +9,6 @@ it is x4, then resize.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,38 +16,51 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from tqdm import tqdm
 
-import model.ncnn
-import model.realesrgan
-import model.upscaler
-import storage.shards
-from flows.config import PipelineConfig
-from model.realesrgan import WeightsInfo, resolve_weights
-from model.upscaler import choose_backend, make_upscaler
-from storage.shards import ShardWriter, decode_png, encode_png, iter_samples, shard_paths
-from storage.stage import StageResult, code_version, make_plan, run_stage
+from model.realesrgan import SCALE, WeightsInfo, check_weights, resolve_weights
+from model.upscaler import Backend, choose_backend, make_upscaler
+from storage.code_identity import code_version
+from storage.settings import Section
+from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
+from storage.stage import StageResult, make_plan, run_stage
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
+STAGE = "upscale"
+
+
+class Settings(Section):
+    """The upscale section: which Real-ESRGAN weights, which engine, how big a batch."""
+
+    weights: str | None = Field(None, description="explicit RealESRGAN_x4plus .pth (else cache/download/ncnn)")
+    backend: Backend = Field(
+        "auto", description="auto: torch on a GPU, else ncnn (Winograd convolutions) when installed"
+    )
+    batch_size: int = Field(8, ge=1, le=4096)
+    threads: int | None = Field(None, ge=1, le=1024)
+    bf16: bool = Field(False, description="torch backend only")
+    channels_last: bool = Field(True, description="torch backend only")
+    shard_maxcount: int = Field(1000, ge=1)
 
 
 def has_lowres(download: dict[str, Any]) -> bool:
     return any(download.get("sets", {}).get("lowres", {}).values())
 
 
-def plan_upscale(cfg: PipelineConfig, download: dict[str, Any], workdir: Path) -> dict[str, Any]:
-    """The key covers the weights' sha256 (dropping the official file into the cache changes the output)
-    and the engine actually used (torch and ncnn agree within 1/255, not bit for bit), but not threads,
-    which change speed only."""
-    info = resolve_weights(cfg.upscale.weights)
-    config = {
-        **cfg.upscale.model_dump(exclude={"threads", "weights", "backend"}),
-        "backend": choose_backend(cfg.upscale.backend),
-        "weights": info.as_dict(),
-    }
-    code = code_version(sys.modules[__name__], model.realesrgan, model.upscaler, model.ncnn, storage.shards)
-    return make_plan(workdir, "upscale", [download], config, code)
+def preflight(s: Settings) -> None:
+    """A user-given weights file must exist and be RealESRGAN_x4plus: refused before any work."""
+    if s.weights:
+        check_weights(resolve_weights(s.weights))
+
+
+def plan(s: Settings, download: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Facts resolved now, so the key covers them: the weights' sha256 (dropping the official file into
+    the cache changes the output) and the engine actually used (torch and ncnn agree within 1/255, not
+    bit for bit). A weights file that is not RealESRGAN_x4plus is refused here, before any work."""
+    info = resolve_weights(s.weights)
+    facts = {"backend": choose_backend(s.backend), "weights": info.as_dict()}
+    return make_plan(workdir, STAGE, {"download": download}, s.for_stage(), code_version(__name__), facts)
 
 
 def _batches(shard: Path, size: int) -> Iterator[list[dict[str, Any]]]:
@@ -62,16 +74,15 @@ def _batches(shard: Path, size: int) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
-def run_upscale(
-    plan: dict[str, Any], cfg: PipelineConfig, download: dict[str, Any], force: bool = False
-) -> StageResult:
-    c = cfg.upscale
+def run(plan: dict[str, Any], force: bool = False) -> StageResult:
+    c = Settings.model_validate(plan["config"])
+    download = plan["inputs"]["download"]
 
     def work(out: Path) -> dict[str, Any]:
         if c.threads:
             torch.set_num_threads(c.threads)
-        info = WeightsInfo(**plan["config"]["weights"])
-        backend = plan["config"]["backend"]
+        info = WeightsInfo(**plan["facts"]["weights"])
+        backend = plan["facts"]["backend"]
         upscaler = make_upscaler(info, backend, threads=c.threads, bf16=c.bf16, channels_last=c.channels_last)
         counts = {}
         jobs = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
@@ -108,7 +119,7 @@ def run_upscale(
             "backend": backend,
             "sets": {"upscaled": counts},
             "images_per_second": ips,
-            "scale": model.realesrgan.SCALE,
+            "scale": SCALE,
         }
 
     return run_stage(plan, work, force=force)

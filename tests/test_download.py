@@ -14,16 +14,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from flows.config import ConfigError, build_config
+from flows.config import build_config
+from flows.pipeline import configure_run
 from storage.archives import UnsafeArchiveError, extract
+from storage.errors import ConfigError
 from storage.fetch import DownloadError, download
 from storage.shards import decode_png, iter_samples, shard_paths
-from tasks.download import plan_download, run_download
+from tasks import download as download_stage
 
 
 def _run(tmp_path: Path, dataset: str, *overrides: str, path: Path | None = None, preset: str = "tiny"):
-    cfg = build_config(preset, list(overrides))
-    return run_download(plan_download(cfg, dataset, tmp_path, path), cfg, dataset, path)
+    cfg, _ = configure_run(dataset, preset, list(overrides), str(path) if path else None)
+    return download_stage.run(download_stage.plan(cfg.download, cfg.seed, tmp_path))
 
 
 def _sources(manifest: dict, set_name: str, split: str) -> set[str]:
@@ -255,9 +257,31 @@ def test_div2k_zip_slip_fails_the_stage_and_leaves_no_dataset(tmp_path: Path, ht
     bad = _zip({"DIV2K_train_HR/0001.png": _png_bytes(40, 40, 1), "../../escape.png": b"x"})
     t_url = http_server.add("/DIV2K_train_HR.zip", bad)
     v_url = http_server.add("/DIV2K_valid_HR.zip", bad)
-    cfg = build_config("tiny", [f"download.div2k_train_url={t_url}", f"download.div2k_valid_url={v_url}"])
-    plan = plan_download(cfg, "div2k", tmp_path)
+    cfg, _ = configure_run(
+        "div2k", "tiny", [f"download.div2k_train_url={t_url}", f"download.div2k_valid_url={v_url}"], None
+    )
+    plan = download_stage.plan(cfg.download, cfg.seed, tmp_path)
     with pytest.raises(UnsafeArchiveError):
-        run_download(plan, cfg, "div2k")
+        download_stage.run(plan)
     assert not (tmp_path / "download" / plan["key"]).exists()
     assert not list(tmp_path.rglob("escape.png"))
+
+
+def test_mirror_archives_sharing_a_file_name_are_both_fetched_and_kept_apart(tmp_path: Path, http_server) -> None:
+    """A mirror serving train/HR.zip and valid/HR.zip: the test split must hold the valid images."""
+    train = _zip({f"train/{i:04d}.png": _png_bytes(90, 120, i) for i in range(1, 6)})
+    valid = _zip({f"valid/{i:04d}.png": _png_bytes(90, 120, i) for i in range(801, 803)})
+    t_url = http_server.add("/train/HR.zip", train)
+    v_url = http_server.add("/valid/HR.zip", valid)
+    m = _run(
+        tmp_path,
+        "div2k",
+        f"download.div2k_train_url={t_url}",
+        f"download.div2k_valid_url={v_url}",
+        "download.limit=null",
+    ).manifest
+    assert len(http_server.routes["/train/HR.zip"].hits) == len(http_server.routes["/valid/HR.zip"].hits) == 1
+    assert _sources(m, "highres", "test") == {"div2k/0801.png", "div2k/0802.png"}
+    assert not _sources(m, "highres", "train") & _sources(m, "highres", "test")
+    with pytest.raises(ConfigError, match="same URL"):
+        _run(tmp_path, "div2k", f"download.div2k_train_url={t_url}", f"download.div2k_valid_url={t_url}")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.metrics import Lpips, colorfulness, image_metrics
-from tasks.evaluate import BASELINE, COLUMNS, gray_baseline, markdown
+from model.metrics import BASELINE, COLUMNS, Lpips, colorfulness, gray_baseline, image_metrics
+from tasks.evaluate import markdown
 from tasks.register import beats_baseline, choose
 
 
@@ -74,5 +74,5 @@ def test_champion_is_chosen_by_metric_with_tie_breaker_and_never_the_baseline() 
     assert choose(table, "ssim", "rgb_mse")["variant"] == "average"
     assert choose(table, "psnr", "ssim")["variant"] == "average"  # psnr ties everywhere -> ssim
     assert not beats_baseline(table, choose(table, "rgb_mse", "ssim"), "rgb_mse")
-    with pytest.raises(ValueError, match="no variant has a value for lpips"):
+    with pytest.raises(ValueError, match="no variant has a finite value for lpips"):
         choose([_row(BASELINE), _row("max", lpips=math.nan)], "lpips", "ssim")

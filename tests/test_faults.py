@@ -21,11 +21,11 @@ import pytest
 import torch
 
 from flows.config import build_config
+from model.colorizer import load_folder as load_model
 from storage import tracking
 from storage.archives import UnsafeArchiveError, extract
-from tasks.download import plan_download, run_download
-from tasks.prepare import plan_prepare, run_prepare
-from tasks.train import load_model, plan_train
+from tasks import download, prepare
+from tasks import train as train_stage
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [p for d in ("flows", "tasks", "model", "storage", "bench", "scripts") for p in (ROOT / d).rglob("*.py")]
@@ -64,10 +64,10 @@ def test_servers_bind_to_loopback_by_default(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_no_secret_or_home_path_lands_in_mlflow_params(tmp_path: Path) -> None:
-    run = tracking.start_run(tmp_path, "t")
+    tracker = tracking.Tracker(tmp_path)
+    run = tracker.start_run("t")
     home = str(Path.home())
-    tracking.log_params(
-        tmp_path,
+    tracker.log_params(
         run,
         {
             "download.cifar10_url": "https://ann:s3cret@mirror.example/c.tar.gz",
@@ -75,14 +75,14 @@ def test_no_secret_or_home_path_lands_in_mlflow_params(tmp_path: Path) -> None:
             "weights": f"{home}/.cache/torch/w.pth",
         },
     )
-    params = tracking.client(tmp_path).get_run(run).data.params
+    params = tracker.client.get_run(run).data.params
     assert "s3cret" not in str(params) and "abc123" not in str(params)
     assert params["weights"] == "~/.cache/torch/w.pth" and params["api_token"] == "***"
 
 
 # ---------------------------------------------------------------- corrupt state
 def test_locked_mlflow_db_is_waited_out(tmp_path: Path, caplog) -> None:
-    tracking.experiment_id(tmp_path)  # create the store
+    tracking.Tracker(tmp_path).experiment_id()  # create the store
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -102,7 +102,7 @@ def test_locked_mlflow_db_is_waited_out(tmp_path: Path, caplog) -> None:
     assert holder.stdout.readline().strip() == "locked"
     t0 = time.time()
     with caplog.at_level(logging.WARNING):
-        run = tracking.start_run(tmp_path, "while-locked")
+        run = tracking.Tracker(tmp_path).start_run("while-locked")
     holder.wait()
     assert run and time.time() - t0 >= 5.0
     assert "locked by another process" in caplog.text
@@ -154,22 +154,22 @@ import sys, time
 from pathlib import Path
 from flows.config import build_config
 from storage.stage import load_manifest
-from tasks.train import plan_train, run_train
+from tasks import train
 prep = load_manifest(sys.argv[1])
 cfg = build_config("tiny", ["train.max_steps=6", "train.checkpoint_every=2"])
 def slow(step):
     print("step", step, flush=True)
     if len(sys.argv) > 3 and step == int(sys.argv[3]):
         time.sleep(120)  # the parent kills us here
-run_train(plan_train(cfg, prep, "average", Path(sys.argv[2])), cfg, prep, "average", on_step=slow)
+train.run(train.plan(cfg.train, cfg.seed, "average", prep, Path(sys.argv[2])), on_step=slow)
 print("done", flush=True)
 """
 
 
 def test_sigkill_during_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     cfg = build_config("tiny")
-    dl = run_download(plan_download(cfg, "sample", tmp_path / "data"), cfg, "sample").manifest
-    prep = run_prepare(plan_prepare(cfg, dl, None, tmp_path / "data"), cfg, dl, None).manifest
+    dl = download.run(download.plan(cfg.download, cfg.seed, tmp_path / "data")).manifest
+    prep = prepare.run(prepare.plan(cfg.prepare, cfg.seed, dl, None, tmp_path / "data")).manifest
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch")}
 
     def train(workdir: Path, kill_at: int | None = None) -> None:
@@ -188,9 +188,8 @@ def test_sigkill_during_training_resumes_to_the_same_weights(tmp_path: Path) -> 
     train(tmp_path / "a")
     train(tmp_path / "b", kill_at=5)  # after the step-4 checkpoint, mid-way to the next
     train(tmp_path / "b")
-    plan = plan_train(
-        build_config("tiny", ["train.max_steps=6", "train.checkpoint_every=2"]), prep, "average", tmp_path / "a"
-    )
+    small = build_config("tiny", ["train.max_steps=6", "train.checkpoint_every=2"])
+    plan = train_stage.plan(small.train, small.seed, "average", prep, tmp_path / "a")
     a = load_model(tmp_path / "a" / "train" / plan["key"]).state_dict()
     b = load_model(tmp_path / "b" / "train" / plan["key"]).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -13,9 +13,8 @@ from torchvision.models import densenet121, resnet50
 from flows.config import build_config
 from model import pretrained
 from model.colorizer import Colorizer, ColorizerSpec, ResNetEncoder, adapt_stem, build
-from tasks.download import plan_download, run_download
-from tasks.prepare import plan_prepare, run_prepare
-from tasks.train import load_model, plan_train, run_train
+from model.colorizer import load_folder as load_model
+from tasks import download, prepare, train
 
 
 @pytest.mark.parametrize("fusion", ["concat", "average", "max"])
@@ -126,8 +125,8 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Small prepared data (low-res crops resized directly, no Real-ESRGAN: this is about training)."""
     wd = tmp_path_factory.mktemp("data")
     cfg = build_config("tiny")
-    dl = run_download(plan_download(cfg, "sample", wd), cfg, "sample").manifest
-    return run_prepare(plan_prepare(cfg, dl, None, wd), cfg, dl, None).manifest
+    dl = download.run(download.plan(cfg.download, cfg.seed, wd)).manifest
+    return prepare.run(prepare.plan(cfg.prepare, cfg.seed, dl, None, wd)).manifest
 
 
 class _Interrupt(Exception):
@@ -137,18 +136,18 @@ class _Interrupt(Exception):
 def test_resumed_training_ends_with_the_same_weights(prepared: dict, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = build_config("tiny", ["train.max_steps=5", "train.checkpoint_every=2", "train.variants=max"])
-    straight = run_train(plan_train(cfg, prepared, "max", tmp_path / "a"), cfg, prepared, "max").manifest
+    straight = train.run(train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "a")).manifest
 
-    plan_b = plan_train(cfg, prepared, "max", tmp_path / "b")
+    plan_b = train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "b")
 
     def stop_at_3(step: int) -> None:
         if step == 3:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        run_train(plan_b, cfg, prepared, "max", on_step=stop_at_3)
+        train.run(plan_b, on_step=stop_at_3)
     assert (tmp_path / "b" / "train" / f"{plan_b['key']}.partial" / "scratch" / "checkpoint.pt").exists()
-    resumed = run_train(plan_b, cfg, prepared, "max").manifest
+    resumed = train.run(plan_b).manifest
     a, b = load_model(Path(straight["folder"])).state_dict(), load_model(Path(resumed["folder"])).state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -159,16 +158,16 @@ def test_resumed_training_ends_with_the_same_weights(prepared: dict, tmp_path: P
 def test_truncated_checkpoint_is_detected_and_training_restarts(prepared: dict, tmp_path: Path, monkeypatch, caplog):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = build_config("tiny", ["train.max_steps=3", "train.checkpoint_every=1"])
-    plan = plan_train(cfg, prepared, "concat", tmp_path)
+    plan = train.plan(cfg.train, cfg.seed, "concat", prepared, tmp_path)
 
     def stop_at_2(step: int) -> None:
         if step == 2:
             raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        run_train(plan, cfg, prepared, "concat", on_step=stop_at_2)
+        train.run(plan, on_step=stop_at_2)
     ckpt = tmp_path / "train" / f"{plan['key']}.partial" / "scratch" / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with caplog.at_level(logging.WARNING):
-        manifest = run_train(plan, cfg, prepared, "concat").manifest
+        manifest = train.run(plan).manifest
     assert "unreadable" in caplog.text and manifest["steps"] == 3

@@ -34,10 +34,10 @@ def first_run(workdir: Path) -> dict:
 
     real = train_mod.train_variant
 
-    def failing(out, cfg, variant, *args, **kw):
-        if variant == "max":
+    def failing(out, plan, *args, **kw):
+        if plan["facts"]["variant"] == "max":
             raise RuntimeError("injected fault: out of memory")
-        return real(out, cfg, variant, *args, **kw)
+        return real(out, plan, *args, **kw)
 
     train_mod.train_variant = failing
     try:
@@ -83,9 +83,9 @@ def test_run_ends_with_a_registered_champion(rerun: dict, workdir: Path) -> None
 
 
 def test_mlflow_holds_parent_and_child_runs_with_metrics_and_images(rerun: dict, workdir: Path) -> None:
-    from storage.tracking import client
+    from storage.tracking import Tracker
 
-    c = client(workdir)
+    c = Tracker(workdir).client
     parent = c.get_run(rerun["mlflow_parent_run_id"])
     assert parent.data.tags["prefect.flow_run_id"] not in ("", "unknown")
     children = c.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -267,3 +267,174 @@ def test_colorize_image_with_upscale_runs_real_esrgan_first(rerun: dict, workdir
         == 0
     )
     assert Image.open(tmp_path / "o.png").size == (128, 128)
+
+
+# ---------------------------------------------------------------- the work dir's MLflow store, lost or moved
+def _copy(workdir: Path, dest: Path) -> Path:
+    shutil.copytree(workdir, dest, ignore=shutil.ignore_patterns("*.lock", ".prefect"))
+    return dest
+
+
+def _artifact_files(workdir: Path) -> list[Path]:
+    return sorted(p for p in (workdir / "mlartifacts").rglob("*") if p.is_file())
+
+
+def test_a_lost_mlflow_db_is_rebuilt_from_the_stage_folders(rerun: dict, workdir: Path, tmp_path: Path) -> None:
+    lost = _copy(workdir, tmp_path / "lost")
+    (lost / "mlflow.db").unlink()
+    states = _states(pipeline(dataset="sample", preset="tiny", workdir=str(lost)))
+    assert states["train-max"] == "cached" and states["register"] == "ran"
+    img = tmp_path / "p.png"
+    Image.fromarray(data.chelsea()[:64, :64]).save(img)
+    assert main(["image", str(img), "--out", str(tmp_path / "o.png"), "--workdir", str(lost)]) == 0
+
+
+def test_a_copied_or_moved_work_dir_writes_only_into_itself(rerun: dict, workdir: Path, tmp_path: Path) -> None:
+    original = _artifact_files(workdir)
+    copy = _copy(workdir, tmp_path / "copy")
+    states = _states(pipeline(dataset="sample", preset="tiny", workdir=str(copy), overrides=["register.alias=mine"]))
+    assert states["register"] == "ran"
+    assert _artifact_files(workdir) == original  # nothing written into the original
+    assert len(_artifact_files(copy)) > len(original)
+
+    moved = copy.rename(tmp_path / "moved")
+    again = pipeline(dataset="sample", preset="tiny", workdir=str(moved), overrides=["register.alias=mine"])
+    assert set(_states(again).values()) == {"cached"}  # the registry's files were found in the moved dir
+    img = tmp_path / "p.png"
+    Image.fromarray(data.chelsea()[:64, :64]).save(img)
+    assert main(["image", str(img), "--out", str(tmp_path / "o.png"), "--workdir", str(moved)]) == 0
+
+
+# ---------------------------------------------------------------- serving the champion: ONNX, REST, the web page
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        assert proc.poll() is None, f"the server exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def _serve(argv: list[str], url_path: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *argv, "--port", str(port)],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    _wait_http(base + url_path, proc)
+    return proc, base
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import os
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def test_the_champion_is_registered_with_an_onnx_export_that_matches_torch(rerun: dict, workdir: Path, tmp_path):
+    reg = json.loads((Path(rerun["stages"]["register"]) / "manifest.json").read_text())
+    assert reg["onnx"]["max_diff"] <= 1e-4
+    src = tmp_path / "cat.png"
+    Image.fromarray(data.chelsea()[:120, :160]).save(src)
+    outs = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / f"{engine}.png"
+        assert main(["image", str(src), "--out", str(out), "--engine", engine, "--workdir", str(workdir)]) == 0
+        outs[engine] = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(outs["torch"] - outs["onnx"]).max() <= 1  # within 1/255
+
+
+def test_rest_api_serves_the_champion_and_refuses_malformed_requests(rerun: dict, workdir: Path) -> None:
+    import urllib.error
+    import urllib.request
+
+    proc, base = _serve(["serve", "--workdir", str(workdir)], "/ping")
+    try:
+        image = data.chelsea()[:40:2, :48:2]  # 20 x 24, real colours (only L is used)
+
+        def post(body: bytes) -> tuple[int, bytes]:
+            req = urllib.request.Request(base + "/invocations", body, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=120) as resp:
+                    return resp.status, resp.read()
+            except urllib.error.HTTPError as exc:
+                return exc.code, exc.read()
+
+        status, body = post(json.dumps({"inputs": image[None].tolist()}).encode())
+        assert status == 200, body[:500]
+        out = np.asarray(json.loads(body)["predictions"], dtype=np.uint8)
+        assert out.shape == (1, 20, 24, 3)
+        assert (out.max(-1).astype(int) - out.min(-1)).max() > 0  # colour, not grey
+        for bad in (b"not json", json.dumps({"inputs": "hello"}).encode(), json.dumps({"rows": [1]}).encode()):
+            status, body = post(bad)
+            assert 400 <= status < 500 and body, (bad, status)
+        with urllib.request.urlopen(base + "/ping", timeout=10) as resp:  # still serving after bad requests
+            assert resp.status == 200
+    finally:
+        _stop(proc)
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium (apt-get install chromium; .ci/run does)")
+def test_web_page_in_a_real_browser(rerun: dict, workdir: Path, tmp_path: Path) -> None:
+    import io
+    import os
+    import urllib.request
+
+    from playwright.sync_api import sync_playwright
+
+    from flows.app import demo_image
+
+    photo = tmp_path / "coffee.png"
+    demo_image().save(photo)
+    (tmp_path / "notes.txt").write_text("not a photo")
+    proc, base = _serve(["app", "--workdir", str(workdir)], "/")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(base)
+            page.locator("#go").wait_for(timeout=60_000)  # the page has rendered
+            assert "version" in page.locator("body").inner_text()  # which model runs
+            page.locator("#photos input[type=file]").set_input_files(str(photo))
+            page.locator("#go").click()
+            link = page.locator("#downloads a[href]").first
+            link.wait_for(timeout=120_000)
+            png = urllib.request.urlopen(urllib.parse.urljoin(base, link.get_attribute("href")), timeout=60).read()
+            result = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+            assert result.shape[:2] == (400, 600)  # the input's size (coffee is 600 x 400)
+            assert (result.max(-1) - result.min(-1)).mean() > 1  # it has colour; the input was grey
+            shot = Path(os.environ.get("COLORIZE_APP_SCREENSHOT", tmp_path / "app.png"))
+            page.screenshot(path=str(shot), full_page=True)
+
+            page.locator("#photos input[type=file]").set_input_files(str(tmp_path / "notes.txt"))
+            page.locator("#go").click()
+            page.get_by_text("not an image").wait_for(timeout=60_000)
+            browser.close()
+        assert proc.poll() is None  # the server goes on after a bad file
+    finally:
+        _stop(proc)

@@ -10,10 +10,11 @@ import torch
 from skimage import color
 
 from flows.config import build_config
+from model.samples import decode_sample
 from storage.shards import decode_png, iter_samples, shard_paths
+from tasks import download, prepare
 from tasks import upscale as up
-from tasks.download import plan_download, run_download
-from tasks.prepare import decode_sample, fit, plan_prepare, run_prepare
+from tasks.prepare import fit
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def staged(tmp_path_factory: pytest.TempPathFactory):
             "tiny",
             ["download.lowres_crops_per_photo=1", "download.highres_crops_per_photo=1", "download.shard_maxcount=2"],
         )
-        dl = run_download(plan_download(cfg, "sample", wd), cfg, "sample").manifest
+        dl = download.run(download.plan(cfg.download, cfg.seed, wd)).manifest
         calls: list[int] = []
         crashed: list[bool] = []
         real = up.make_upscaler
@@ -44,13 +45,13 @@ def staged(tmp_path_factory: pytest.TempPathFactory):
             return call
 
         mp.setattr(up, "make_upscaler", flaky)
-        plan = up.plan_upscale(cfg, dl, wd)
+        plan = up.plan(cfg.upscale, dl, wd)
         with pytest.raises(RuntimeError, match="killed"):
-            up.run_upscale(plan, cfg, dl)
+            up.run(plan)
         first_try = list(calls)
         calls.clear()
-        upscaled = up.run_upscale(plan, cfg, dl).manifest
-        prep = run_prepare(plan_prepare(cfg, dl, upscaled, wd), cfg, dl, upscaled).manifest
+        upscaled = up.run(plan).manifest
+        prep = prepare.run(prepare.plan(cfg.prepare, cfg.seed, dl, upscaled, wd)).manifest
     return {"cfg": cfg, "download": dl, "upscaled": upscaled, "prepared": prep, "calls": (first_try, calls)}
 
 

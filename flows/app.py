@@ -1,0 +1,93 @@
+"""``colorize app``: a web page to try the champion in a browser (Gradio), on 127.0.0.1 by default.
+
+Upload one or several photos (grayscale or colour), optionally upscale small ones with Real-ESRGAN
+first, see each before and after, download the PNGs. It runs the same pipeline as ``colorize image``
+(flows.colorize_images.PhotoColorizer: the network at its own size, the photo's own full-resolution L).
+A file that is not an image gets a line in the page's status, and the server goes on. The page says
+which model version it runs and that version's test metrics.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from flows.colorize_images import PhotoColorizer, model_summary, save
+from storage.images import ImageError
+
+
+def colorize_uploads(
+    colorizer: PhotoColorizer, files: list[Any] | None, upscale: bool, out_dir: Path
+) -> tuple[list[tuple[np.ndarray, str]], list[str], str]:
+    """(gallery of before/after pairs, PNG paths to download, a status line per file)."""
+    gallery: list[tuple[np.ndarray, str]] = []
+    outputs: list[str] = []
+    notes: list[str] = []
+    for f in files or []:
+        path = Path(f if isinstance(f, str) else getattr(f, "name", f))
+        name = path.name
+        try:
+            before, after, alpha = colorizer.colorize_file(path, upscale)
+        except (ImageError, OSError) as exc:
+            notes.append(f"**{name}**: {str(exc).removeprefix(str(path) + ': ')}")
+            continue
+        dest = out_dir / f"{path.stem}_color.png"
+        n = 2
+        while dest.exists():
+            dest = out_dir / f"{path.stem}_color-{n}.png"
+            n += 1
+        save(after, alpha, dest)
+        gallery += [(before, f"{name}: before"), (after, f"{name}: after ({after.shape[1]}x{after.shape[0]})")]
+        outputs.append(str(dest))
+        notes.append(f"**{name}**: colorized, {after.shape[1]}x{after.shape[0]}")
+    if not notes:
+        notes.append("Choose one or more photos first.")
+    return gallery, outputs, "\n\n".join(notes)
+
+
+def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
+    import gradio as gr
+
+    with gr.Blocks(title="colorize") as page:
+        gr.Markdown(f"# Colorize grayscale photos\n{summary}")
+        with gr.Row():
+            with gr.Column():
+                files = gr.File(file_count="multiple", label="Photos (grayscale or colour)", elem_id="photos")
+                upscale = gr.Checkbox(label="Upscale small photos first (Real-ESRGAN x4)", elem_id="upscale")
+                go = gr.Button("Colorize", variant="primary", elem_id="go")
+                status = gr.Markdown(elem_id="status")
+            with gr.Column():
+                gallery = gr.Gallery(label="Before and after", columns=2, elem_id="results")
+                downloads = gr.File(label="Download (PNG)", file_count="multiple", elem_id="downloads")
+
+        def run(chosen: list[Any] | None, up: bool) -> tuple[Any, Any, str]:
+            pictures, paths, text = colorize_uploads(colorizer, chosen, up, out_dir)
+            return pictures, paths or None, text
+
+        go.click(run, [files, upscale], [gallery, downloads, status])
+    return page
+
+
+def serve(workdir: Path, model: str | None, engine: str, host: str, port: int) -> int:
+    from flows.ui import exposure_warning
+
+    colorizer = PhotoColorizer.load(model, workdir, engine)
+    warning = exposure_warning(host)
+    if warning:
+        print(warning.replace("both UIs", "the app"))
+    out_dir = Path(tempfile.mkdtemp(prefix="colorize-app-"))
+    page = build(colorizer, model_summary(model, workdir, colorizer), out_dir)
+    print(f"colorize app: http://{host}:{port}  (Ctrl-C stops it)")
+    page.launch(server_name=host, server_port=port, allowed_paths=[str(out_dir)], show_error=True, quiet=True)
+    return 0
+
+
+def demo_image() -> Image.Image:
+    """A real photo for the README's screenshot and the browser test (scikit-image's coffee, grayscale)."""
+    from skimage import data
+
+    return Image.fromarray(data.coffee()).convert("L")

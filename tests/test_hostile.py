@@ -1,0 +1,322 @@
+"""Hostile and careless use: each case a user met with a wrong result, lost data, a leak or a traceback.
+The cases that need a whole pipeline run are in tests/test_pipeline.py (lost mlflow.db, moved work dir)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from flows.cli import main
+from flows.config import build_config
+from storage.images import find_images
+from storage.tracking import sanitize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        return int(exc.code)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small (untrained) colorizer saved as a stage folder: enough for the CLI's file handling."""
+    from model.colorizer import Colorizer, ColorizerSpec, save_trained
+
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    save_trained(Colorizer(ColorizerSpec(decoder_width=8, image_size=32)).eval(), folder)
+    return folder
+
+
+# ---------------------------------------------------------------- wrong results reported as success
+@pytest.mark.parametrize(
+    "setting", ["train.lr=Infinity", "train.lr=nan", "download.timeout=inf", "train.grad_clip=-Infinity"]
+)
+def test_non_finite_settings_are_refused(setting: str, tmp_path: Path, capsys) -> None:
+    assert _exit_code(["run", "--set", setting, "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert setting.split("=")[0] in err and len(err.splitlines()) == 1
+
+
+def test_a_diverging_loss_fails_training_and_caches_nothing(tmp_path: Path, monkeypatch) -> None:
+    from tasks import download, prepare, train
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = build_config("tiny", ["train.lr=1e30", "train.grad_clip=null", "train.max_steps=4"])
+    dl = download.run(download.plan(cfg.download, cfg.seed, tmp_path)).manifest
+    prep = prepare.run(prepare.plan(cfg.prepare, cfg.seed, dl, None, tmp_path)).manifest
+    plan = train.plan(cfg.train, cfg.seed, "max", prep, tmp_path)
+    with pytest.raises(train.DivergedError, match="training diverged at step"):
+        train.run(plan)
+    assert not (tmp_path / "train" / plan["key"]).exists()
+    assert json.loads((tmp_path / "train" / "last.json").read_text())["state"] == "failed"
+
+
+def test_a_nan_model_is_never_champion_and_its_psnr_is_not_infinite() -> None:
+    from model.metrics import BASELINE, COLUMNS, image_metrics
+    from tasks.register import choose
+
+    truth = np.full((8, 8, 3), 0.5)
+    m = image_metrics(truth, np.full((8, 8, 3), np.nan), np.zeros((2, 8, 8)), np.full((2, 8, 8), np.nan))
+    assert math.isnan(m["psnr"]) and math.isnan(m["rgb_mse"])
+
+    def row(variant: str, **v: float) -> dict:
+        return {"variant": variant, **dict.fromkeys(COLUMNS, 0.5), **v}
+
+    table = [row(BASELINE, psnr=20.0), row("max", psnr=math.nan, ssim=math.nan), row("concat", psnr=19.0)]
+    assert choose(table, "psnr", "ssim")["variant"] == "concat"
+    assert choose(table, "rgb_mse", "ssim")["variant"] == "concat"  # a NaN tie-breaker loses the tie
+
+
+def test_a_work_dir_inside_the_photo_folder_is_never_read_as_photos(tmp_path: Path) -> None:
+    from tasks.download import folder_fingerprint
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(data.astronaut()[i * 50 : i * 50 + 100, :100]).save(photos / f"p{i}.png")
+    work = photos / "work"
+    before = folder_fingerprint(photos, work)
+    (work / "train" / "abc").mkdir(parents=True)
+    Image.new("RGB", (90, 90), (0, 200, 0)).save(work / "train" / "abc" / "samples.png")
+    (work / "mlflow.db").write_bytes(b"")
+    other = photos / "old-run"  # another work dir, not the current one
+    (other / "evaluate" / "k").mkdir(parents=True)
+    (other / "mlflow.db").write_bytes(b"")
+    Image.new("RGB", (90, 90)).save(other / "evaluate" / "k" / "grid.png")
+    assert [p.name for p in find_images(photos, work)] == ["p0.png", "p1.png", "p2.png"]
+    assert folder_fingerprint(photos, work) == before  # the key does not change as the run writes
+
+
+# ---------------------------------------------------------------- colorize image never loses a photo
+def _img(path: Path, colour: tuple[int, int, int] = (120, 60, 30), size: tuple[int, int] = (40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def test_every_input_gets_its_own_output_with_the_folder_layout_kept(tmp_path: Path, model_dir: Path) -> None:
+    src = tmp_path / "in"
+    for rel in ("a.png", "sub/a.png", "a.gif", "b.jpg", "b.JPG"):
+        _img(src / rel)
+    assert main(["image", str(src), "--out", str(tmp_path / "out"), "--model", str(model_dir)]) == 0
+    got = sorted(p.relative_to(tmp_path / "out").as_posix() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert got == ["a.gif.png", "a.png", "b.JPG", "b.jpg", "sub/a.png"]
+
+
+def test_an_input_is_never_overwritten(tmp_path: Path, model_dir: Path, capsys) -> None:
+    photo = _img(tmp_path / "same.png")
+    before = photo.read_bytes()
+    assert main(["image", str(photo), "--out", str(photo), "--model", str(model_dir)]) == 2
+    assert "would overwrite the input" in capsys.readouterr().err
+    folder = tmp_path / "album"
+    _img(folder / "x.png")
+    _img(folder / "y.jpg")
+    assert main(["image", str(folder), "--out", str(folder), "--model", str(model_dir)]) == 2
+    assert photo.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["x.png", "y.jpg"]
+
+
+@pytest.mark.parametrize("out", ["result.xyz", "result.gif", "result"])
+def test_an_output_format_that_cannot_be_written_is_refused(tmp_path: Path, model_dir: Path, out: str, capsys):
+    photo = _img(tmp_path / "p.png")
+    assert main(["image", str(photo), "--out", str(tmp_path / out), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--out" in err
+    assert not (tmp_path / out).exists()
+
+
+def test_upscale_handles_images_a_few_pixels_wide(tmp_path: Path, model_dir: Path) -> None:
+    for side in (1, 4, 10):
+        _img(tmp_path / "in" / f"s{side}.png", size=(side, side + 2))
+    code = main(["image", str(tmp_path / "in"), "--upscale", "--out", str(tmp_path / "o"), "--model", str(model_dir)])
+    assert code == 0
+    assert Image.open(tmp_path / "o" / "s4.png").size == (16, 24)
+
+
+# ---------------------------------------------------------------- user mistakes: one line, exit 2, no work
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--set", "seed=-1"], "seed"),
+        (["run", "--set", "download.lowres_crop_fraction=[0.5,2]"], "lowres_crop_fraction"),
+        (["run", "--set", "register.model_name="], "register.model_name"),
+        (["run", "--set", "register.model_name=a/b"], "register.model_name"),
+        (["run", "--set", "register.alias="], "register.alias"),
+        (["run", "--set", "prepare.image_size=32000"], "prepare.image_size"),
+        (["run", "--set", "train.batch_size=1"], "train.batch_size"),
+        (["run", "--set", "upscale.weights=/etc/passwd"], "upscale.weights"),
+        (["image", "x.png", "--size", "-32"], "--size"),
+        (["image", "x.png", "--max-pixels", "0"], "--max-pixels"),
+        (["image", "x.png", "--max-pixels", "-5"], "--max-pixels"),
+    ],
+)
+def test_user_mistakes_are_one_line_exit_2_before_any_work(argv: list[str], message: str, tmp_path: Path, capsys):
+    argv = [*argv, "--workdir", str(tmp_path / "w")]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "w" / "download").exists()
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured(tmp_path: Path) -> None:
+    from storage.images import load_photo
+
+    big = tmp_path / "big.png"
+    Image.new("L", (10_000, 9_000)).save(big)  # 90 MP: over Pillow's default 89.5 MP bomb limit
+    assert load_photo(big, max_pixels=100_000_000).rgb.shape == (9_000, 10_000, 3)
+
+
+def test_an_all_grayscale_folder_is_a_user_error(prefect_harness, tmp_path: Path, capsys) -> None:
+    for i in range(3):
+        Image.fromarray(data.camera()[i * 100 : i * 100 + 100, :100]).save(tmp_path / f"g{i}.png")
+    argv = ["run", "--dataset", "folder", "--path", str(tmp_path), "--preset", "tiny", "--workdir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "usable colour photo" in err[0] and "rerun" not in err[0]
+
+
+def test_a_hostile_archive_reads_as_the_users_problem(prefect_harness, tmp_path: Path, http_server, capsys) -> None:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    url = http_server.add("/c.tar.gz", buf.getvalue())
+    md5 = __import__("hashlib").md5(buf.getvalue()).hexdigest()
+    argv = ["run", "--dataset", "cifar10", "--preset", "tiny", "--until", "download", "--workdir", str(tmp_path)]
+    assert main([*argv, "--set", f"download.cifar10_url={url}", "--set", f"download.cifar10_md5={md5}"]) == 1
+    err = capsys.readouterr().err.strip().split("\r")[-1]  # after the progress bar's last redraw
+    assert err.startswith("error: download failed: ") and "escapes the target folder" in err
+    assert "Task run" not in err and "rerun" not in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- disk full, and a broken status file
+def test_a_full_disk_is_one_line_and_the_status_says_failed(prefect_harness, tmp_path: Path, monkeypatch, capsys):
+    from storage import shards
+
+    def full(self, sample):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards.ShardWriter, "write", full)
+    argv = ["run", "--preset", "tiny", "--until", "download", "--workdir", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no space left on device" in err[0].lower() and "free some space" in err[0]
+    assert main(["status", "--workdir", str(tmp_path)]) == 0
+    assert "download   failed" in capsys.readouterr().out
+    assert not list(tmp_path.glob("download/*/manifest.json"))
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"state": 3}', '{"key": "abc"}', ""])
+def test_status_survives_a_malformed_last_json(tmp_path: Path, content: str, capsys) -> None:
+    (tmp_path / "train").mkdir(parents=True)
+    (tmp_path / "train" / "last.json").write_text(content)
+    assert main(["status", "--workdir", str(tmp_path)]) == 0
+    assert "train      unreadable" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- secrets and exposure
+@pytest.mark.parametrize(
+    ("value", "secret"),
+    [
+        ("https://:SECRET1@host/x.zip", "SECRET1"),
+        ("https://bob:p@ss@host/x.zip", "ss@host"),
+        ("https://bob:SECRET2@host/x.zip", "SECRET2"),
+        ("https://host/x.zip?X-Amz-Signature=SECRET3&token=SECRET4&ok=1", "SECRET3"),
+        ("https://host/x.zip?X-Amz-Signature=SECRET3&token=SECRET4&ok=1", "SECRET4"),
+        ("https://host/x.zip?access_key=SECRET5", "SECRET5"),
+    ],
+)
+def test_credentials_in_urls_are_redacted(value: str, secret: str) -> None:
+    clean = sanitize("download.div2k_train_url", value)
+    assert secret not in clean and "host" in clean and "***" in clean
+    assert "ok=1" in sanitize("u", "https://host/x.zip?X-Amz-Signature=S&ok=1")
+
+
+def test_the_raw_overrides_never_reach_prefects_database(prefect_harness, tmp_path: Path) -> None:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+
+    secret_url = "https://ann:TOPSECRET@mirror.example/cifar.tar.gz?token=TOKSECRET"
+    argv = ["run", "--preset", "tiny", "--until", "download", "--workdir", str(tmp_path)]
+    assert main([*argv, "--set", f"download.cifar10_url={secret_url}"]) == 0
+
+    async def parameters() -> list[dict]:
+        async with get_client() as client:
+            return [r.parameters for r in await client.read_flow_runs()]
+
+    stored = json.dumps(asyncio.run(parameters()))
+    assert "mirror.example" in stored and "TOPSECRET" not in stored and "TOKSECRET" not in stored
+
+
+def test_binding_beyond_loopback_warns_that_there_is_no_authentication() -> None:
+    from flows.ui import exposure_warning
+
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert exposure_warning(host) is None
+    for host in ("0.0.0.0", "192.0.2.10", "::"):
+        text = exposure_warning(host)
+        assert text and "no authentication" in text and host in text
+
+
+# ---------------------------------------------------------------- the temporary Prefect server never leaks
+def _servers_of(workdir: Path) -> list[int]:
+    from flows.env import prefect_servers
+
+    return prefect_servers(workdir)
+
+
+def _start_run(workdir: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    argv = [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--workdir", str(workdir)]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not _servers_of(workdir):
+        assert proc.poll() is None, "the run ended before its Prefect server started"
+        time.sleep(0.5)
+    assert _servers_of(workdir), "no temporary Prefect server was seen"
+    return proc
+
+
+def test_sigterm_stops_the_temporary_prefect_server(tmp_path: Path) -> None:
+    proc = _start_run(tmp_path)
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) != 0
+    deadline = time.time() + 30
+    while _servers_of(tmp_path) and time.time() < deadline:
+        time.sleep(0.5)
+    assert _servers_of(tmp_path) == []
+
+
+def test_an_orphaned_server_of_this_work_dir_is_stopped_by_the_next_run(tmp_path: Path) -> None:
+    from flows.env import stop_orphaned_servers
+
+    proc = _start_run(tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    orphans = _servers_of(tmp_path)
+    assert orphans, "SIGKILL left no orphan to clean up"
+    assert stop_orphaned_servers(tmp_path) == orphans
+    assert _servers_of(tmp_path) == []
