@@ -114,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
 
+    vid = sub.add_parser("video", help="colorize a video with temporally stable colour")
+    vid.add_argument("input", metavar="INPUT", help="any video FFmpeg reads")
+    vid.add_argument("--out", "-o", required=True, help="output video (.mp4, .mkv, .mov, .avi)")
+    vid.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
+    vid.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
+    vid.add_argument("--temporal", choices=("on", "off"), default="on", help="off: each frame on its own")
+    vid.add_argument("--batch", type=_positive, default=8, help="frames per network call")
+    vid.add_argument("--chunk", type=_positive, default=240, help="frames per resumable chunk")
+    vid.add_argument("--size", type=_side, default=None, help="network input size (default: the model's)")
+    vid.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
+
     a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
     a.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
     a.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
@@ -253,6 +264,25 @@ def cmd_image(args: argparse.Namespace) -> int:
     return colorize_files(args, workdir)
 
 
+def cmd_video(args: argparse.Namespace) -> int:
+    from flows.colorize_images import NoModel, load_net
+    from flows.colorize_video import VideoColorizer, VideoError, probe
+    from flows.env import configure
+
+    src, dest = Path(args.input).expanduser(), Path(args.out).expanduser()
+    workdir = _workdir_path(args.workdir)
+    configure(workdir)
+    try:
+        probe(src)  # a bad input is refused before the model loads
+        net, size = load_net(args.model, workdir, args.engine)
+        colorizer = VideoColorizer(net, args.size or size, args.temporal == "on", args.batch, args.chunk)
+        stats = colorizer.run(src, dest, args.model or "champion")
+    except (VideoError, NoModel) as exc:
+        raise UserError(str(exc)) from None
+    print(f"{src} -> {dest}: {stats['frames']} frames at {stats['rate']} fps, {stats['size'][0]}x{stats['size'][1]}")
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from flows.app import serve
     from flows.colorize_images import NoModel
@@ -291,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "status": cmd_status,
         "image": cmd_image,
+        "video": cmd_video,
         "app": cmd_app,
         "serve": cmd_serve,
         "ui": cmd_ui,

@@ -55,7 +55,7 @@ rm "$TMP/work/train"
 "$BIN/prefect" worker start --pool colorize --run-once >"$TMP/worker2.log" 2>&1 || { tail -40 "$TMP/worker2.log"; exit 1; }
 
 "$BIN/python" - "$TMP/work" "$RUN_ID" <<'PY'
-import asyncio, glob, json, sys
+import asyncio, glob, json, sys, time
 from collections import defaultdict
 from uuid import UUID
 
@@ -63,26 +63,45 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 async def states():
+    """Each task's state names over both attempts, oldest first, from every task run's state history
+    (a retried flow run may reuse a task run or create a new one; both are read)."""
     async with get_client() as client:
         flow_runs = await client.read_flow_runs()
         tasks = await client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(sys.argv[2])])), limit=200
         )
-        return flow_runs, tasks
+        per_task = defaultdict(list)
+        for t in tasks:
+            for s in await client.read_task_run_states(t.id):
+                per_task[t.name.rsplit("-", 1)[0]].append((s.timestamp, s.name))
+        return flow_runs, {k: [n for _, n in sorted(v) if n in ("Completed", "Cached", "Failed")] for k, v in per_task.items()}
 
-flow_runs, tasks = asyncio.run(states())
+
+def settled(per_task):
+    trains = [name for name in per_task if name.startswith("train-")]
+    return (
+        all(per_task.get(s, [""])[-1] == "Cached" for s in ("download", "upscale", "prepare"))
+        and len(trains) == 3
+        and all("Failed" in per_task[n] and per_task[n][-1] == "Completed" for n in trains)
+        and per_task.get("register", [""])[-1] == "Completed"
+    )
+
+
+# The server records task states from the engine's events asynchronously: give it a moment to settle.
+for _ in range(60):
+    flow_runs, per_task = asyncio.run(states())
+    if settled(per_task):
+        break
+    time.sleep(1)
 print("flow runs:", [(r.name, r.state.type.value, r.run_count) for r in flow_runs])
 assert len(flow_runs) == 1 and str(flow_runs[0].id) == sys.argv[2], "the retry must rerun the same flow run"
 assert flow_runs[0].state.type.value == "COMPLETED" and flow_runs[0].run_count == 2, flow_runs[0]
-per_task = defaultdict(list)  # task name -> state names, oldest first
-for t in sorted(tasks, key=lambda t: t.created):
-    per_task[t.name.rsplit("-", 1)[0]].append(t.state.name)
-print("task runs:", dict(per_task))
+print("task states:", per_task)
 for stage in ("download", "upscale", "prepare"):
-    assert per_task[stage][-1] == "Cached", f"{stage} was not reused on retry: {per_task[stage]}"
+    assert per_task[stage][0] == "Completed" and per_task[stage][-1] == "Cached", f"{stage} not reused: {per_task[stage]}"
 trains = [name for name in per_task if name.startswith("train-")]
-assert trains and all(per_task[n][0] == "Failed" and per_task[n][-1] == "Completed" for n in trains), per_task
-assert per_task["register"] == ["Completed"], per_task["register"]
+assert len(trains) == 3 and all(per_task[n][0] == "Failed" and per_task[n][-1] == "Completed" for n in trains), per_task
+assert per_task["register"][-1] == "Completed", per_task["register"]
 reg = glob.glob(f"{sys.argv[1]}/register/*/manifest.json")
 assert reg, "no register stage output"
 print("registered:", {k: json.load(open(reg[0]))[k] for k in ("model_name", "alias", "version", "variant")})

@@ -7,13 +7,19 @@ outside the project (torch, the standard library) are left to the recorded libra
 
 A hand-kept list drifted before (editing ``model/metrics.py`` left the prepare stage cached); a graph
 read from the source cannot.
+
+Import statements are read with a regular expression over the source lines, not ``ast.parse``: plans
+are computed inside Prefect flows, and CPython 3.11's AST constructor is not safe when two threads
+parse at once ("AST constructor recursion depth mismatch", python/cpython#106905). A line inside a
+string that looks like an import can only add a module to the graph: the key then covers a little more
+code than it needs, never less.
 """
 
 from __future__ import annotations
 
-import ast
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,24 +39,34 @@ def _imports(path: Path, module: str) -> set[str]:
     return _parsed_imports(path, module, stat.st_mtime_ns, stat.st_size)
 
 
+_FROM = re.compile(r"^[ \t]*from[ \t]+(\.*)([\w.]*)[ \t]+import[ \t]+(\([^)]*\)|[^\n]*)", re.MULTILINE)
+_IMPORT = re.compile(r"^[ \t]*import[ \t]+([^\n]+)", re.MULTILINE)
+
+
+def _names(clause: str) -> list[str]:
+    """``a.b as c, d  # comment`` or ``(x,\n y as z,)`` -> ["a.b", "d"] / ["x", "y"]."""
+    text = re.sub(r"#[^\n]*", "", clause).strip().strip("()")
+    return [item.split()[0] for item in text.replace("\n", " ").split(",") if item.split()]
+
+
 @functools.lru_cache(maxsize=1024)
 def _parsed_imports(path: Path, module: str, _mtime_ns: int, _size: int) -> frozenset[str]:
-    """Every module name ``path`` may import, including ``from pkg import sub`` submodules (parsed once
+    """Every module name ``path`` may import, including ``from pkg import sub`` submodules (read once
     per version of the file: the stat is part of the cache key)."""
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    source = path.read_text()
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_bytes(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                parts = package.split(".")
-                base = ".".join(parts[: len(parts) - node.level + 1])
-                target = f"{base}.{node.module}" if node.module else base
-            else:
-                target = node.module or ""
-            found.add(target)
-            found.update(f"{target}.{alias.name}" for alias in node.names)
+    for clause in _IMPORT.findall(source):
+        found.update(_names(clause))
+    for dots, name, clause in _FROM.findall(source):
+        if dots:
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - len(dots) + 1])
+            target = f"{base}.{name}" if name else base
+        else:
+            target = name
+        found.add(target)
+        found.update(f"{target}.{item}" for item in _names(clause))
     return frozenset(found)
 
 
