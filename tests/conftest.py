@@ -104,3 +104,16 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield home
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small (untrained) colorizer saved as a stage folder: enough for the CLI's file and video handling."""
+    import torch
+
+    from model.colorizer import Colorizer, ColorizerSpec, save_trained
+
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    save_trained(Colorizer(ColorizerSpec(decoder_width=8, image_size=32)).eval(), folder)
+    return folder

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from skimage import data
 
@@ -32,17 +31,6 @@ def _exit_code(argv: list[str]) -> int:
         return main(argv)
     except SystemExit as exc:  # argparse's own usage errors
         return int(exc.code)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small (untrained) colorizer saved as a stage folder: enough for the CLI's file handling."""
-    from model.colorizer import Colorizer, ColorizerSpec, save_trained
-
-    folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    save_trained(Colorizer(ColorizerSpec(decoder_width=8, image_size=32)).eval(), folder)
-    return folder
 
 
 # ---------------------------------------------------------------- wrong results reported as success

@@ -9,12 +9,11 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
 from skimage import color, data
 
 from flows.cli import main
 from flows.colorize_video import VideoColorizer, fingerprint, probe
-from model.colorizer import Colorizer, ColorizerSpec, load_folder, save_trained
+from model.colorizer import load_folder
 from model.temporal import Stabilizer, to_gray8, warping_error
 
 
@@ -48,14 +47,6 @@ def make_clip(path: Path, n: int = 20, fps: int = 10, audio: bool = True) -> Pat
             out.mux(packet)
     out.close()
     return path
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    save_trained(Colorizer(ColorizerSpec(decoder_width=8, image_size=32)).eval(), folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
