@@ -20,14 +20,11 @@ from pathlib import Path
 
 import av
 import numpy as np
-import torch
 from PIL import Image
 from skimage import color
 
 from flows.colorize_images import load_net
 from flows.colorize_video import VideoColorizer, frames
-from model.inference import compose, predict_ab
-from model.lab import L_SCALE, rgb8_to_lab
 from model.temporal import Stabilizer, to_gray8, warping_error
 
 CLIPS = Path("/usr/share/doc/opencv-doc/examples/data")
@@ -39,18 +36,10 @@ def small_lab(rgb: np.ndarray, width: int = 256) -> np.ndarray:
 
 
 def colorized(net, size: int, originals: list[np.ndarray], temporal: bool) -> list[np.ndarray]:
+    """The frames through `colorize video`'s own pipeline, without the encoding."""
+    video = VideoColorizer(net, size, temporal)
     stabilizer = Stabilizer() if temporal else None
-    outputs = []
-    for start in range(0, len(originals), 8):
-        batch = originals[start : start + 8]
-        ab = predict_ab(net, batch, size)
-        for rgb, ab_small in zip(batch, ab, strict=True):
-            if stabilizer is not None:
-                small = np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BOX))
-                l_norm = (rgb8_to_lab(torch.from_numpy(np.array(small)).permute(2, 0, 1))[0] / L_SCALE).numpy()
-                ab_small = torch.from_numpy(stabilizer(l_norm, ab_small.numpy()))
-            outputs.append(compose(rgb, ab_small))
-    return outputs
+    return [out for i in range(0, len(originals), 8) for out in video.colorize_frames(originals[i : i + 8], stabilizer)]
 
 
 def measure(net, size: int, originals: list[np.ndarray], temporal: bool) -> dict[str, float]:

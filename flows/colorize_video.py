@@ -14,7 +14,6 @@ alongside, into a temporary file renamed to the output. Frame rate, size and aud
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -26,8 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model.inference import compose, predict_ab
-from model.lab import L_SCALE, rgb8_to_lab
+from model.inference import compose, predict
 from model.temporal import Stabilizer
 from storage.atomic import atomic_path, temp_name, write_json
 
@@ -109,13 +107,13 @@ class VideoColorizer:
             "codec": [CODEC, CRF],
         }
 
-    def _frames_colorized(self, rgbs: list[np.ndarray], stabilizer: Stabilizer | None) -> Iterator[np.ndarray]:
-        ab = predict_ab(self.net, rgbs, self.size)
-        for rgb, ab_small in zip(rgbs, ab, strict=True):
+    def colorize_frames(self, rgbs: list[np.ndarray], stabilizer: Stabilizer | None) -> Iterator[np.ndarray]:
+        """One batch of consecutive frames -> their colour versions, the stabilizer (if any) carrying its
+        memory from the previous batch."""
+        l_norm, ab = predict(self.net, rgbs, self.size)
+        for rgb, light, ab_small in zip(rgbs, l_norm, ab, strict=True):
             if stabilizer is not None:
-                small = torch.from_numpy(np.array(_resize(rgb, self.size))).permute(2, 0, 1)
-                l_norm = (rgb8_to_lab(small)[0] / L_SCALE).numpy()
-                ab_small = torch.from_numpy(stabilizer(l_norm, ab_small.numpy()))
+                ab_small = torch.from_numpy(stabilizer(light[0].numpy(), ab_small.numpy()))
             yield compose(rgb, ab_small)
 
     def run(self, src: Path, dest: Path, model: str = "") -> dict[str, Any]:
@@ -172,7 +170,7 @@ class VideoColorizer:
         container, stream = _chunk_writer(tmp, info)
         try:
             for start in range(0, len(rgbs), self.batch):
-                for out in self._frames_colorized(rgbs[start : start + self.batch], stabilizer):
+                for out in self.colorize_frames(rgbs[start : start + self.batch], stabilizer):
                     frame = _av_frame(out, stream)
                     for packet in stream.encode(frame):
                         container.mux(packet)
@@ -192,13 +190,6 @@ def _av_frame(rgb: np.ndarray, stream: Any) -> Any:
     import av
 
     return av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=stream.pix_fmt)
-
-
-def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
-    resample = Image.Resampling.BOX if min(rgb.shape[:2]) >= size else Image.Resampling.BICUBIC
-    return np.asarray(Image.fromarray(rgb).resize((size, size), resample))
 
 
 def _join(parts: Path, chunks: int, src: Path, dest: Path, info: dict[str, Any]) -> None:
@@ -242,8 +233,3 @@ def _join(parts: Path, chunks: int, src: Path, dest: Path, info: dict[str, Any])
 
 def _format(dest: Path) -> str:
     return {".mkv": "matroska", ".mov": "mov", ".avi": "avi", ".webm": "webm"}.get(dest.suffix.lower(), "mp4")
-
-
-def fingerprint(path: Path) -> str:
-    """sha256 of a file, for tests and benchmarks that compare outputs."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -18,7 +18,7 @@ from model.lab import AB_SCALE, L_SCALE, lab_to_rgb, rgb8_to_lab
 TILE_ROWS = 256
 
 
-def _net_input(rgb: np.ndarray, size: int) -> torch.Tensor:
+def net_input(rgb: np.ndarray, size: int) -> torch.Tensor:
     resample = Image.Resampling.BOX if min(rgb.shape[:2]) >= size else Image.Resampling.BICUBIC
     small = np.array(Image.fromarray(rgb).resize((size, size), resample))  # np.array: writable, as torch wants
     lab = rgb8_to_lab(torch.from_numpy(small).permute(2, 0, 1)[None])
@@ -28,8 +28,15 @@ def _net_input(rgb: np.ndarray, size: int) -> torch.Tensor:
 @torch.inference_mode()
 def predict_ab(net: torch.nn.Module, rgbs: list[np.ndarray], size: int) -> torch.Tensor:
     """Normalized ab at the network's size for a batch of photos of any sizes: (B, 2, size, size)."""
-    x = torch.cat([_net_input(rgb, size) for rgb in rgbs])
-    return net(x).float()
+    return predict(net, rgbs, size)[1]
+
+
+@torch.inference_mode()
+def predict(net: torch.nn.Module, rgbs: list[np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the network's input L/100, (B, 1, size, size); its normalized ab, (B, 2, size, size)): the input
+    too, for callers that work on it further (the video stabilizer computes its flow on it)."""
+    x = torch.cat([net_input(rgb, size) for rgb in rgbs])
+    return x, net(x).float()
 
 
 @torch.inference_mode()

@@ -3,6 +3,7 @@ stabilizer against flicker on a pan with known motion, and bad inputs."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -12,9 +13,13 @@ import pytest
 from skimage import color, data
 
 from flows.cli import main
-from flows.colorize_video import VideoColorizer, fingerprint, probe
+from flows.colorize_video import VideoColorizer, probe
 from model.colorizer import load_folder
 from model.temporal import Stabilizer, to_gray8, warping_error
+
+
+def fingerprint(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _pan(n: int, w: int = 64, h: int = 48, step: int = 3) -> list[np.ndarray]:
