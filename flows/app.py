@@ -76,9 +76,9 @@ def serve(workdir: Path, model: str | None, engine: str, host: str, port: int) -
     from flows.ui import exposure_warning
 
     colorizer = PhotoColorizer.load(model, workdir, engine)
-    warning = exposure_warning(host)
+    warning = exposure_warning(host, "the app")
     if warning:
-        print(warning.replace("both UIs", "the app"))
+        print(warning)
     out_dir = Path(tempfile.mkdtemp(prefix="colorize-app-"))
     page = build(colorizer, model_summary(model, workdir, colorizer), out_dir)
     print(f"colorize app: http://{host}:{port}  (Ctrl-C stops it)")

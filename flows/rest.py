@@ -36,9 +36,9 @@ def environment(workdir: Path) -> dict[str, str]:
 def serve(workdir: Path, model: str | None, host: str, port: int) -> int:
     from flows.ui import exposure_warning
 
-    warning = exposure_warning(host)
+    warning = exposure_warning(host, "the REST API")
     if warning:
-        print(warning.replace("both UIs", "the REST API"), file=sys.stderr)
+        print(warning, file=sys.stderr)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     stop_on_sigterm()
     proc = subprocess.Popen(

@@ -38,15 +38,15 @@ def commands(workdir: Path, host: str, mlflow_port: int, prefect_port: int) -> d
     }
 
 
-def exposure_warning(host: str) -> str | None:
-    """What to tell a user who binds beyond this machine, or None for a loopback address."""
+def exposure_warning(host: str, what: str = "both UIs") -> str | None:
+    """What to tell a user who binds ``what`` beyond this machine, or None for a loopback address."""
     try:
         if host == "localhost" or ipaddress.ip_address(host).is_loopback:
             return None
     except ValueError:  # a host name: it may resolve to anything
         pass
     return (
-        f"WARNING: binding to {host} exposes both UIs beyond this machine, and they have no authentication: "
+        f"WARNING: binding to {host} exposes {what} beyond this machine, with no authentication: "
         "anyone who can reach this address can read every run, parameter and model, and change them. "
         "Use 127.0.0.1 with an SSH tunnel, or put an authenticating proxy in front."
     )
