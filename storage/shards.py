@@ -136,11 +136,23 @@ def decode_npy(data: bytes) -> np.ndarray:
 
 
 def iter_samples(
-    shards: Iterable[Path | str], *, seed: int | None = None, buffer: int = 1000, skip: int = 0
+    shards: Iterable[Path | str],
+    *,
+    seed: int | None = None,
+    buffer: int = 1000,
+    skip: int = 0,
+    rank: int = 0,
+    world: int = 1,
 ) -> Iterator[dict[str, Any]]:
     """Raw samples from shards. ``seed=None``: file order. Otherwise shards and a buffer of samples are
     shuffled with ``random.Random(seed)``, so the same seed always gives the same order. ``skip`` drops
-    the first samples without decoding them (resuming mid-epoch)."""
+    the first samples without decoding them (resuming mid-epoch).
+
+    ``rank``/``world`` split that one order by sample index (``i % world == rank``, counted from the
+    start, ``skip`` included), not by shard: every rank then holds the same number of samples, give or
+    take one, whatever the shard count, so ranks stay in step (a split by shard stalls the ranks that
+    run out first whenever shards do not divide evenly). Rank r's k-th sample is the global sample
+    ``k * world + r``: a per-rank batch of b is its share of the global batch of ``b * world``."""
     urls = [str(s) for s in shards]
     stages: list[Any] = []
     if seed is not None:
@@ -149,7 +161,7 @@ def iter_samples(
         stages = [wds.shuffle(buffer, initial=min(buffer, 100), rng=rng)]
     pipeline = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples(), *stages)
     for i, sample in enumerate(pipeline):
-        if i >= skip:
+        if i >= skip and i % world == rank:
             yield sample
 
 
@@ -157,7 +169,8 @@ class ShardDataset(IterableDataset):
     """A torch IterableDataset over shards with a reproducible, per-epoch shuffle.
 
     ``set_epoch(e)`` reseeds with ``seed + e`` (the DistributedSampler convention), and ``skip`` resumes
-    mid-epoch from a checkpoint's data position.
+    mid-epoch from a checkpoint's data position (in samples of the global order). ``rank``/``world``:
+    this process's share of that order (see :func:`iter_samples`).
     """
 
     def __init__(
@@ -166,9 +179,14 @@ class ShardDataset(IterableDataset):
         decode: Callable[[dict[str, Any]], Any],
         seed: int | None = None,
         buffer: int = 1000,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside a world of {world}")
         self.shards = [str(s) for s in shards]
         self.decode, self.seed, self.buffer = decode, seed, buffer
+        self.rank, self.world = rank, world
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -176,7 +194,10 @@ class ShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         seed = None if self.seed is None else self.seed + self.epoch
-        for sample in iter_samples(self.shards, seed=seed, buffer=self.buffer, skip=self.skip):
+        samples = iter_samples(
+            self.shards, seed=seed, buffer=self.buffer, skip=self.skip, rank=self.rank, world=self.world
+        )
+        for sample in samples:
             yield self.decode(sample)
 
 

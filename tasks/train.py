@@ -11,8 +11,10 @@ nothing is cached, so a diverged model can never be evaluated or registered.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -36,6 +38,8 @@ from storage.settings import Section, flow_setting
 from storage.shards import ShardDataset, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan, run_stage
 from storage.tracking import Tracker, flatten
+from tasks import distributed
+from tasks.distributed import RankFailed, World
 
 log = logging.getLogger(__name__)
 STAGE = "train"
@@ -64,7 +68,10 @@ class Settings(Section):
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(5, ge=1)
     preview_images: int = Field(8, ge=1, le=256, description="images in samples.png")
-    threads: int | None = Field(None, ge=1, le=1024)
+    threads: int | None = Field(None, ge=1, le=1024, description="torch threads per training process")
+    accelerator: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible")
+    devices: int = Field(1, ge=1, le=1024, description="training processes per node (torchrun, DDP); GPUs with CUDA")
+    nodes: int = Field(1, ge=1, le=4096, description=f"machines in the job; above 1 set {distributed.RDZV_ENV}")
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -78,6 +85,21 @@ class Settings(Section):
             raise ValueError("at least one variant is needed")
         return list(dict.fromkeys(v))
 
+    @model_validator(mode="after")
+    def _split_batch(self) -> Settings:
+        """The global batch is kept whatever the process count: each rank takes batch / processes."""
+        world = self.devices * self.nodes
+        if self.batch_size % world:
+            raise ValueError(
+                f"batch_size {self.batch_size} does not split evenly over {world} processes (devices x nodes); "
+                f"choose a multiple of {world}"
+            )
+        if self.batch_size // world < 2:
+            raise ValueError(
+                f"batch_size {self.batch_size} over {world} processes leaves under 2 per process (BatchNorm)"
+            )
+        return self
+
 
 def plan(s: Settings, seed: int, variant: str, prepared: dict[str, Any], workdir: Path) -> dict[str, Any]:
     """Whether ImageNet weights are on disk changes the result, so which were found is a fact in the key."""
@@ -86,7 +108,10 @@ def plan(s: Settings, seed: int, variant: str, prepared: dict[str, Any], workdir
         "seed": seed,
         "variant": variant,
         "imagenet_weights": [f.path.name for f in found if f.available] if s.pretrained else [],
+        "accelerator": distributed.resolve_accelerator(s.accelerator),
     }
+    if facts["accelerator"] == "cuda" and s.devices > torch.cuda.device_count():
+        raise ConfigError(f"train.devices={s.devices} but {torch.cuda.device_count()} CUDA device(s) are visible")
     return make_plan(workdir, STAGE, {"prepared": prepared}, s.for_stage(), code_version(__name__), facts)
 
 
@@ -107,7 +132,9 @@ class DivergedError(ConfigError):
 
 
 @torch.no_grad()
-def validate(net: Colorizer, shards: list[Path], batch_size: int, channels_last: bool) -> tuple[float, float] | None:
+def validate(
+    net: Colorizer, shards: list[Path], batch_size: int, channels_last: bool, device: torch.device | None = None
+) -> tuple[float, float] | None:
     """(MSE of the model's ab, MSE of the grayscale baseline ab = 0) on the validation split."""
     if not shards:
         return None
@@ -115,13 +142,19 @@ def validate(net: Colorizer, shards: list[Path], batch_size: int, channels_last:
     total, gray, n = 0.0, 0.0, 0
     loader = DataLoader(ShardDataset(shards, decode_sample), batch_size=batch_size)
     for l_norm, ab in loader:
-        if channels_last:
-            l_norm = l_norm.contiguous(memory_format=torch.channels_last)
+        l_norm, ab = _to(l_norm, device, channels_last), _to(ab, device)
         total += float(torch.nn.functional.mse_loss(net(l_norm), ab, reduction="sum"))
         gray += float(ab.square().sum())
         n += ab.numel()
     net.train()
     return (total / n, gray / n) if n else None
+
+
+def _to(x: torch.Tensor, device: torch.device | None, channels_last: bool = False) -> torch.Tensor:
+    """To the training device (non-blocking from pinned memory on CUDA), channels_last for the network."""
+    if device is not None and x.device != device:
+        x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @dataclass
@@ -134,7 +167,7 @@ class Progress:
 
 
 def train_one_epoch(
-    net: Colorizer,
+    net: torch.nn.Module,
     opt: torch.optim.Optimizer,
     criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     loader: DataLoader,
@@ -143,20 +176,24 @@ def train_one_epoch(
     progress: Progress,
     last_step: int,
     after_step: Callable[[float], None],
+    world: World | None = None,
 ) -> None:
     """Steps until the loader is exhausted (end of epoch) or ``last_step``; ``after_step(loss)`` runs after
-    each (logging, validation at epoch end, checkpoints)."""
+    each (logging, validation at epoch end, checkpoints). Under DDP each rank holds batch / world samples
+    of the global batch (see :func:`_rank_batches`): flips are drawn for the whole global batch from the
+    same generator on every rank, each rank takes its samples' draws, and the loss reported is the mean
+    over ranks, so a run's record and its flips do not depend on the process count."""
+    world = world or World()
     for l_norm, ab in loader:
         if s.hflip:
-            flip = torch.rand(len(ab), generator=flips) < 0.5
+            flip = (torch.rand(len(ab) * world.size, generator=flips) < 0.5)[world.rank :: world.size]
             l_norm, ab = l_norm.clone(), ab.clone()
             l_norm[flip], ab[flip] = l_norm[flip].flip(-1), ab[flip].flip(-1)
-        if s.channels_last:
-            l_norm = l_norm.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.bf16):
+        l_norm, ab = _to(l_norm, world.device, s.channels_last), _to(ab, world.device)
+        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=s.bf16):
             pred = net(l_norm)
         loss = criterion(pred.float(), ab)
-        loss_value = loss.item()
+        loss_value = world.mean(loss.item())
         if not math.isfinite(loss_value):
             raise DivergedError(
                 f"training diverged at step {progress.step + 1}: the loss is {loss_value} "
@@ -174,10 +211,10 @@ def train_one_epoch(
             return
 
 
-_CHECKPOINT_KEYS = {"model", "optimizer", "step", "torch_rng", "flip_rng", "history"}
+_CHECKPOINT_KEYS = {"model", "optimizer", "step", "torch_rng", "flip_rng", "history", "world"}
 
 
-def _read_checkpoint(path: Path, variant: str) -> dict[str, Any] | None:
+def _read_checkpoint(path: Path, variant: str, world: int) -> dict[str, Any] | None:
     """The resumable state, or None: absent, or unreadable (then reported and redone, never trusted)."""
     if not path.is_file():
         return None
@@ -185,16 +222,51 @@ def _read_checkpoint(path: Path, variant: str) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not state.keys() >= _CHECKPOINT_KEYS:
             raise ValueError("missing fields")
+        if state["world"] != world or len(state["torch_rng"]) != world:
+            raise ValueError(f"written by {state['world']} processes, not {world}")  # a keyed setting: defensive
         return state
     except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign: all mean "start over"
         log.warning("%s: checkpoint %s is unreadable (%s); starting this variant over", variant, path, exc)
         return None
 
 
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _world_size(s: Settings) -> int:
+    return s.devices * s.nodes
+
+
 def train_variant(
-    out: Path, plan: dict[str, Any], parent_run_id: str | None = None, on_step: Callable[[int], None] | None = None
-) -> dict[str, Any]:
+    out: Path,
+    plan: dict[str, Any],
+    parent_run_id: str | None = None,
+    on_step: Callable[[int], None] | None = None,
+    world: World | None = None,
+    job_info: dict[str, Any] | None = None,
+) -> dict[str, Any] | None:
+    """One variant's training, in this process (``world`` given or a single process) or, when the
+    settings ask for several processes, in a torchrun job this process launches and waits for.
+
+    Every rank runs the same steps; rank 0 alone validates, logs to MLflow and writes checkpoints and
+    the stage folder's files (the others return None). Exact resume under DDP: the checkpoint holds
+    every rank's RNG state (gathered), rank 0's weights and BatchNorm buffers (``broadcast_buffers``
+    syncs the others from them at each forward), the optimizer (identical on all ranks: the gradients
+    are all-reduced), and the step, from which each rank finds its place in the global sample order."""
     s = Settings.model_validate(plan["config"])
+    if world is None and _world_size(s) > 1:
+        return _launch(out, plan, parent_run_id)
+    world = world or World(device=torch.device("cuda" if plan["facts"]["accelerator"] == "cuda" else "cpu"))
     seed, variant = plan["facts"]["seed"], plan["facts"]["variant"]
     prepared = plan["inputs"]["prepared"]
     if s.threads:
@@ -202,26 +274,35 @@ def train_variant(
     scratch = out / SCRATCH
     scratch.mkdir(parents=True, exist_ok=True)
     ckpt = scratch / CHECKPOINT
-    state = _read_checkpoint(ckpt, variant)  # before building: a damaged one means a fresh start
+    state = _read_checkpoint(ckpt, variant, world.size)  # before building: a damaged one means a fresh start
     torch.manual_seed(seed)
     random.seed(seed)
     spec = ColorizerSpec(fusion=variant, decoder_width=s.decoder_width, image_size=prepared["image_size"])
-    net, weights = build(spec, s.pretrained, allow_download=True)
+    # Ranks never download: the launching process fetched what was fetchable (see _launch).
+    net, weights = build(spec, s.pretrained, allow_download=world.size == 1)
     net.freeze(s.freeze)
-    net = net.to(memory_format=torch.channels_last if s.channels_last else torch.contiguous_format).train()
+    net = net.to(world.device, memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
+    net.train()
     opt = make_optimizer(net, s.lr, s.weight_decay)
     criterion = loss_fn(s.loss)
 
     n_train = prepared["counts"]["train"]
-    bs = min(s.batch_size, n_train)
-    if bs < 2:
+    bs = min(s.batch_size, n_train) // world.size * world.size
+    if bs < 2 * world.size:
         raise ConfigError(
-            f"the train split holds {n_train} image(s); training needs at least 2 per batch (BatchNorm): "
-            "add photos, or lower download.test_fraction / download.val_fraction"
+            f"the train split holds {n_train} image(s); training needs at least 2 per batch and process "
+            "(BatchNorm): add photos, or lower download.test_fraction / download.val_fraction"
         )
     per_epoch = n_train // bs
     total = s.epochs * per_epoch if s.max_steps is None else min(s.epochs * per_epoch, s.max_steps)
-    dataset = ShardDataset(shard_paths(prepared, "train"), decode_sample, seed=seed, buffer=max(256, 4 * bs))
+    dataset = ShardDataset(
+        shard_paths(prepared, "train"),
+        decode_sample,
+        seed=seed,
+        buffer=max(256, 4 * bs),
+        rank=world.rank,
+        world=world.size,
+    )
     val_shards = shard_paths(prepared, "val")
 
     # Own generators: flips are drawn from `flips` (saved in the checkpoint); the DataLoader gets its own
@@ -232,13 +313,20 @@ def train_variant(
     if state is not None:
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
+        _set_rng_state(state["torch_rng"][world.rank], world.device)
         flips.set_state(state["flip_rng"])
         progress = Progress(state["step"], state["history"], state.get("mlflow_run_id"))
-        log.info("%s: resuming from step %d of %d", variant, progress.step, total)
+        if world.main:
+            log.info("%s: resuming from step %d of %d", variant, progress.step, total)
+    model: torch.nn.Module = net
+    if world.size > 1:
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
+        # forward_sync_buffers: rank 0's BatchNorm running statistics are copied to every rank at each
+        # forward, so rank 0's buffers (the ones checkpointed and saved) are the job's.
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=True)
 
-    tracker = Tracker(Path(plan["workdir"]))
-    if progress.run_id is None:
+    tracker = Tracker(Path(plan["workdir"])) if world.main else None
+    if tracker is not None and progress.run_id is None:
         tags = {"stage": STAGE, "variant": variant, "pretrained": str(weights.used)}
         progress.run_id = tracker.start_run(f"train-{variant}", parent_run_id, tags)
         params = {
@@ -249,6 +337,8 @@ def train_variant(
             "prepared_key": prepared["key"],
             "n_train": n_train,
             "pretrained_weights": weights.detail,
+            "world_size": world.size,
+            "accelerator": plan["facts"]["accelerator"],
         }
         tracker.log_params(progress.run_id, params)
         if not weights.used:
@@ -256,6 +346,9 @@ def train_variant(
     run_id = progress.run_id
 
     def save_checkpoint() -> None:
+        rng = world.gather(_rng_state(world.device))  # a collective: every rank takes part
+        if not world.main:
+            return
         with atomic_path(ckpt) as tmp:
             torch.save(
                 {
@@ -263,7 +356,8 @@ def train_variant(
                     "optimizer": opt.state_dict(),
                     "step": progress.step,
                     "epoch": progress.step // per_epoch,
-                    "torch_rng": torch.get_rng_state(),
+                    "world": world.size,
+                    "torch_rng": rng,
                     "flip_rng": flips.get_state(),
                     "history": progress.history,
                     "mlflow_run_id": run_id,
@@ -271,20 +365,29 @@ def train_variant(
                 tmp,
             )
 
-    bar = tqdm(total=total, initial=progress.step, desc=f"train {variant}", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=progress.step,
+        desc=f"train {variant}",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not world.main,
+    )
     t_start, images = time.perf_counter(), 0
 
     def after_step(loss_value: float) -> None:
         nonlocal images
         step = progress.step
         images += bs
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images / (time.perf_counter() - t_start):.1f}")
-        if step % s.log_every == 0 or step == total:
-            tracker.log_metrics(run_id, {"train_loss": loss_value}, step)
+        if job_info is not None:
+            distributed.check_parent(job_info)
         end_of_epoch = step % per_epoch == 0 or step == total
-        if end_of_epoch:
-            val = validate(net, val_shards, bs, s.channels_last)
+        if tracker is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images / (time.perf_counter() - t_start):.1f}")
+            if step % s.log_every == 0 or step == total:
+                tracker.log_metrics(run_id, {"train_loss": loss_value}, step)
+            val = validate(net, val_shards, bs, s.channels_last, world.device) if end_of_epoch else None
             if val is not None:
                 progress.history["val"].append((step, val[0]))
                 progress.history["val_gray"] = val[1]
@@ -296,16 +399,20 @@ def train_variant(
         if on_step is not None:
             on_step(step)
 
+    pin = world.device.type == "cuda"
     while progress.step < total:
         epoch = progress.step // per_epoch
         dataset.set_epoch(epoch, skip=(progress.step % per_epoch) * bs)
-        loader = DataLoader(dataset, batch_size=bs, drop_last=True, generator=loader_gen)
+        loader = DataLoader(dataset, batch_size=bs // world.size, drop_last=True, generator=loader_gen, pin_memory=pin)
         epoch_end = min(total, (epoch + 1) * per_epoch)
-        train_one_epoch(net, opt, criterion, loader, s, flips, progress, epoch_end, after_step)
+        train_one_epoch(model, opt, criterion, loader, s, flips, progress, epoch_end, after_step, world)
     bar.close()
+    if tracker is None:
+        return None
     ips = images / (time.perf_counter() - t_start) if images else None
 
     history = progress.history
+    net = net.cpu()
     save_trained(net, out)
     write_json(out / "history.json", history)
     net.eval()
@@ -328,7 +435,63 @@ def train_variant(
         "pretrained": {"used": weights.used, "detail": weights.detail},
         "images_per_second": round(ips, 2) if ips else None,
         "seed": seed,
+        "world_size": world.size,
+        "accelerator": plan["facts"]["accelerator"],
     }
+
+
+JOB_DIR = "ddp"  # under scratch: the job file, rank 0's result and the ranks' error reports
+RESULT = "result.json"
+
+
+def _launch(out: Path, plan: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
+    """Run this variant as a torchrun job (see tasks.distributed) and return rank 0's result."""
+    s = Settings.model_validate(plan["config"])
+    if s.pretrained:  # fetch once here, not once per rank
+        for name in ("resnet50", "densenet121"):
+            pretrained.locate(name, allow_download=True)
+    job = out / SCRATCH / JOB_DIR / "job.json"
+    (job.parent / RESULT).unlink(missing_ok=True)
+    launch = distributed.Launch(nproc_per_node=s.devices, nnodes=s.nodes, rdzv_id=plan["key"][:32])
+    info = {"plan": plan, "out": str(out), "parent_run_id": parent_run_id}
+    what = f"train {plan['facts']['variant']}"
+    try:
+        distributed.launch(launch, job, info, what, {"DivergedError": DivergedError})
+    except RankFailed as exc:
+        step = _checkpoint_step(out / SCRATCH / CHECKPOINT)
+        then = f"a rerun resumes from step {step}" if step else "no checkpoint yet: a rerun starts over"
+        raise RankFailed(f"{exc} ({then})") from None
+    return json.loads((job.parent / RESULT).read_text())
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint holds, read without loading its tensors (memory-mapped)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - absent or damaged: the rerun reports it and starts over
+        return None
+
+
+def worker_main(argv: list[str]) -> int:
+    """A rank's entry point (``python -m tasks.train_worker JOB``, started by torchrun)."""
+    job = Path(argv[0])
+    info = json.loads(job.read_text())
+    s = Settings.model_validate(info["plan"]["config"])
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    world = distributed.join(info["plan"]["facts"]["accelerator"])
+    if not world.main:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        with distributed.report_errors(job, world.rank):
+            if s.threads is None and world.device.type == "cpu":
+                # torchrun sets one thread per process; share this node's cores between its ranks instead
+                torch.set_num_threads(max(1, (os.cpu_count() or 1) // s.devices))
+            result = train_variant(Path(info["out"]), info["plan"], info["parent_run_id"], world=world, job_info=info)
+            if result is not None:
+                write_json(job.parent / RESULT, result)
+    finally:
+        distributed.leave()
+    return 0
 
 
 def run(
