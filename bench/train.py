@@ -1,14 +1,17 @@
 """Benchmark: this stage's training throughput vs the original notebooks' loop, same model, same images.
 
 Baseline (the notebooks' way): RGB images resized and Lab-converted one by one with scikit-image inside
-the loop, batch 8, fp32, default memory format, plain Adam. This stage: prepared float16 Lab shards read
-by the shard DataLoader, channels_last, fused Adam. Both train the same ResNet50 + DenseNet121 concat
-colorizer at 128 px; the two loops take turns step by step. Also times the data loader alone, to show
-the step is compute-bound, and with ``--breakdown`` logs one step of each side with oneDNN's verbose
-mode: convolution kernels, layout reorders and the rest, and the ratio those kernels allow at most.
-Last line: ``RATIO train <value>``.
+the loop, batch 8, fp32, default memory format, plain Adam, blocking copies to the device. This stage:
+prepared float16 Lab shards read by the shard DataLoader, then the stage's own step
+(``tasks.train.train_one_epoch`` with the train section's defaults: channels_last, fused Adam, seeded
+flips, gradient clipping), and on a GPU pinned memory with non-blocking copies and, with ``--bf16``, bf16
+autocast. Both train the same ResNet50 + DenseNet121 concat colorizer at 128 px; the two loops take turns
+step by step. Also times the data loader alone, to show the step is compute-bound, and with
+``--breakdown`` (CPU) logs one step of each side with oneDNN's verbose mode: convolution kernels, layout
+reorders and the rest, and the ratio those kernels allow at most. Last line: ``RATIO train <value>``.
 
     .venv/bin/python bench/train.py [--steps 10] [--size 128] [--batch 8] [--breakdown]
+    .venv/bin/python bench/train.py --device cuda --bf16 --size 224   # the paper preset's size, on a GPU
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import ctypes
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +40,9 @@ from flows.config import build_config
 from model.colorizer import Colorizer, ColorizerSpec
 from model.samples import decode_sample
 from storage.shards import ShardDataset, decode_png, iter_samples, shard_paths
-from tasks import download, prepare
-from tasks.train import make_optimizer
+from tasks import download, prepare, train
+from tasks.distributed import World
+from tasks.train import Progress, make_optimizer, train_one_epoch
 
 
 def notebook_batches(pngs: list[bytes], size: int, batch: int):
@@ -56,32 +60,54 @@ def notebook_batches(pngs: list[bytes], size: int, batch: int):
         yield torch.stack(ls), torch.stack(abs_)
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
 @dataclass
 class Loop:
-    """One side of the comparison: a model, its optimizer, its batches and its input memory format."""
+    """One side of the comparison: its batches and what one optimizer step does with a batch."""
 
-    net: torch.nn.Module
-    opt: torch.optim.Optimizer
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
-    channels_last: bool
+    batches: Iterator[Batch]
+    step: Callable[[Batch], None]
+    device: torch.device
     steps: int = 0
     images: int = 0
     seconds: float = 0.0
     data_seconds: float = 0.0
 
 
+def notebook_step(net: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> Callable[[Batch], None]:
+    def step(batch: Batch) -> None:
+        l_norm, ab = (t.to(device) for t in batch)
+        loss = torch.nn.functional.mse_loss(net(l_norm), ab)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def stage_step(net: torch.nn.Module, settings: train.Settings, world: World) -> Callable[[Batch], None]:
+    """The train stage's own loop body, one batch at a time."""
+    opt = make_optimizer(net, 1e-4)
+    criterion = train.loss_fn(settings.loss)
+    flips, progress = torch.Generator().manual_seed(0), Progress()
+
+    def step(batch: Batch) -> None:
+        train_one_epoch(net, opt, criterion, [batch], settings, flips, progress, 1 << 62, lambda _: None, world)
+
+    return step
+
+
 def train_step(loop: Loop) -> tuple[int, float, float]:
     """(images, step seconds, seconds spent producing the batch) for one optimizer step."""
     t0 = time.perf_counter()
-    l_norm, ab = next(loop.batches)
-    if loop.channels_last:
-        l_norm = l_norm.contiguous(memory_format=torch.channels_last)
+    batch = next(loop.batches)
     t_data = time.perf_counter() - t0
-    loss = torch.nn.functional.mse_loss(loop.net(l_norm), ab)
-    loop.opt.zero_grad()
-    loss.backward()
-    loop.opt.step()
-    return len(ab), time.perf_counter() - t0, t_data
+    loop.step(batch)
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize(loop.device)
+    return len(batch[1]), time.perf_counter() - t0, t_data
 
 
 def run_alternating(loops: list[Loop], steps: int) -> None:
@@ -152,7 +178,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--breakdown", action="store_true", help="also log one step of each side with oneDNN's verbose")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    ap.add_argument("--bf16", action="store_true", help="the stage's side with bf16 autocast (train.bf16)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but no CUDA device is visible")
     with tempfile.TemporaryDirectory() as tmp:
         wd = Path(tmp)
         cfg = build_config(
@@ -173,21 +204,18 @@ def main() -> None:
             epoch = 0
             while True:
                 ds.set_epoch(epoch)
-                yield from DataLoader(ds, batch_size=args.batch, drop_last=True)
+                yield from DataLoader(ds, batch_size=args.batch, drop_last=True, pin_memory=device.type == "cuda")
                 epoch += 1
 
         spec = ColorizerSpec(fusion="concat", decoder_width=64, image_size=args.size)
         torch.manual_seed(0)
-        base_net = Colorizer(spec).train()
+        base_net = Colorizer(spec).to(device).train()
         torch.manual_seed(0)
-        our_net = Colorizer(spec).to(memory_format=torch.channels_last).train()
-        base = Loop(
-            base_net,
-            torch.optim.Adam(base_net.parameters(), lr=1e-4),  # the notebooks' plain Adam
-            notebook_batches(pngs, args.size, args.batch),
-            channels_last=False,
-        )
-        our = Loop(our_net, make_optimizer(our_net, 1e-4), ours(), channels_last=True)
+        our_net = Colorizer(spec).to(device, memory_format=torch.channels_last).train()
+        plain_adam = torch.optim.Adam(base_net.parameters(), lr=1e-4)  # the notebooks' optimizer
+        base = Loop(notebook_batches(pngs, args.size, args.batch), notebook_step(base_net, plain_adam, device), device)
+        settings = train.Settings(bf16=args.bf16, batch_size=args.batch)
+        our = Loop(ours(), stage_step(our_net, settings, World(device=device)), device)
         run_alternating([base, our], args.steps)
         base_ips, our_ips = base.images / base.seconds, our.images / our.seconds
 
@@ -197,10 +225,11 @@ def main() -> None:
         for _ in range(args.steps):
             next(loader_only)
         t_loader = (time.perf_counter() - t0) / args.steps
-        if args.breakdown:
+        if args.breakdown and device.type == "cpu":
             breakdown({"notebooks": base, "this stage": our}, wd)
     step_s = args.batch / our_ips
-    print(f"model: ResNet50 + DenseNet121 concat, {args.size}px, batch {args.batch}, threads {torch.get_num_threads()}")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, threads {torch.get_num_threads()}"
+    print(f"model: ResNet50 + DenseNet121 concat, {args.size}px, batch {args.batch}, bf16 {args.bf16}, {where}")
     skimage_s = base.data_seconds / args.steps
     print(f"original notebooks' loop: {base_ips:.2f} img/s (per-image skimage: {skimage_s:.3f} s/batch)")
     print(f"this stage's loop:        {our_ips:.2f} img/s")

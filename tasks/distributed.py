@@ -105,8 +105,9 @@ def error_file(job: Path, rank: int) -> Path:
 
 @contextlib.contextmanager
 def report_errors(job: Path, rank: int) -> Iterator[None]:
-    """In a rank: any exception is written down for the stage process, then re-raised (torchrun then
-    stops the other ranks). User-facing errors keep their class, message and exit code."""
+    """In a rank: any exception is written down, with its traceback, for the stage process, then
+    re-raised (torchrun then stops the other ranks). User-facing errors keep their class, message and
+    exit code. The rank prints nothing: the stage reports the cause in one line."""
     try:
         yield
     except BaseException as exc:
@@ -143,7 +144,9 @@ class RankFailed(TransientError):
 _KNOWN: dict[str, type[UserFacingError]] = {c.__name__: c for c in (ConfigError, DataError, TransientError)}
 
 
-def _rank_error(record: dict[str, Any], rank: int, size: int, known: dict[str, type[UserFacingError]]) -> Exception:
+def _rank_error(
+    record: dict[str, Any], rank: int, size: int, known: dict[str, type[UserFacingError]], where: Path
+) -> Exception:
     cls = known.get(record["type"]) or _KNOWN.get(record["type"])
     if cls is not None:
         return cls(record["message"])
@@ -152,7 +155,7 @@ def _rank_error(record: dict[str, Any], rank: int, size: int, known: dict[str, t
         err.exit_code, err.rerun_helps = record["exit_code"], record["rerun_helps"]
         return err
     last = record["message"].strip().splitlines()[-1] if record["message"].strip() else record["type"]
-    return RankFailed(f"rank {rank} of {size} failed: {record['type']}: {last} (its traceback is above)")
+    return RankFailed(f"rank {rank} of {size} failed: {record['type']}: {last} (traceback in {where})")
 
 
 _FAILURE = re.compile(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", re.S)
@@ -204,15 +207,30 @@ class Launch:
         ]
 
 
-def _tee(stream: Any, tail: list[str], limit: int = 65536) -> None:
-    """Copy the job's stderr to ours as it comes (progress bars included) and keep its tail."""
+_AGENT_FAILURE = re.compile(r"elastic/multiprocessing/api\.py:\d+\] failed \(exitcode")
+
+
+def _tee(stream: Any, log_path: Path, tail: list[str], limit: int = 65536) -> None:
+    """Copy the job's stderr to ours as it comes (progress bars included), all of it to ``log_path``, and
+    keep its tail. From torchrun's first failure line on, the rest (its own traceback and report, the
+    surviving ranks' connection errors) goes to the log only: the stage says what happened in one line."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    kept = ""
-    while chunk := stream.read1(8192) if hasattr(stream, "read1") else stream.read(8192):
-        text = decoder.decode(chunk)
-        sys.stderr.write(text)
-        sys.stderr.flush()
-        kept = (kept + text)[-limit:]
+    kept, carry, echo = "", "", True  # carry: the previous chunk's end, for a marker split across chunks
+    with log_path.open("w", encoding="utf-8") as saved:
+        while chunk := stream.read1(8192):
+            text = decoder.decode(chunk)
+            saved.write(text)
+            kept = (kept + text)[-limit:]
+            if not echo:
+                continue
+            window, shown = carry + text, text
+            if m := _AGENT_FAILURE.search(window):
+                echo = False
+                line_start = window.rfind("\n", 0, m.start()) + 1
+                shown = window[len(carry) : line_start] if line_start > len(carry) else ""
+            sys.stderr.write(shown)
+            sys.stderr.flush()
+            carry = window[-200:]
     tail.append(kept)
 
 
@@ -249,7 +267,7 @@ def launch(
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env, cwd=_ROOT)
     tail: list[str] = []
-    reader = threading.Thread(target=_tee, args=(proc.stderr, tail), daemon=True)
+    reader = threading.Thread(target=_tee, args=(proc.stderr, job.parent / "torchrun.log", tail), daemon=True)
     reader.start()
     try:
         code = proc.wait()
@@ -272,8 +290,9 @@ def launch(
     records = {r: json.loads(error_file(job, r).read_text()) for r in range(size) if error_file(job, r).is_file()}
     if not killed and records:
         rank = min(records, key=lambda r: (not records[r]["user_facing"], r))
-        raise _rank_error(records[rank], rank, size, known_errors or {})
+        raise _rank_error(records[rank], rank, size, known_errors or {}, error_file(job, rank))
     rank = killed[0] if killed else min(failed, default=None)
     who = f"rank {rank} of {size}" if rank is not None else f"the torchrun job ({size} processes)"
     how = _how(failed[rank]) if rank is not None else f"exited with code {code}"
-    raise RankFailed(f"{what}: {who} {how}")
+    log.warning("%s: torchrun's own report is in %s", what, job.parent / "torchrun.log")
+    raise RankFailed(f"{who} {how}")

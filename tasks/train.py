@@ -33,7 +33,7 @@ from model.preview import grid, save_loss_curve, save_png
 from model.samples import decode_sample, first_batch
 from storage.atomic import atomic_path, write_json
 from storage.code_identity import code_version
-from storage.errors import ConfigError
+from storage.errors import ConfigError, UserFacingError
 from storage.settings import Section, flow_setting
 from storage.shards import ShardDataset, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan, run_stage
@@ -489,6 +489,8 @@ def worker_main(argv: list[str]) -> int:
             result = train_variant(Path(info["out"]), info["plan"], info["parent_run_id"], world=world, job_info=info)
             if result is not None:
                 write_json(job.parent / RESULT, result)
+    except Exception as exc:  # noqa: BLE001 - recorded with its traceback for the stage, which reports it
+        return exc.exit_code if isinstance(exc, UserFacingError) else 1  # in one line; nothing printed here
     finally:
         distributed.leave()
     return 0

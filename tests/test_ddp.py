@@ -94,6 +94,27 @@ Root Cause (first observed failure):
     assert distributed.failures(report) == {0: -15, 1: -9}
 
 
+def test_a_ranks_recorded_error_becomes_one_line_of_the_right_kind(tmp_path: Path) -> None:
+    def record(type_: str, message: str, user_facing: bool, exit_code: int = 1) -> dict:
+        return {
+            "type": type_,
+            "message": message,
+            "user_facing": user_facing,
+            "exit_code": exit_code,
+            "rerun_helps": False,
+        }
+
+    where = tmp_path / "error-rank0.json"
+    known = {"DivergedError": train.DivergedError}
+    err = distributed._rank_error(record("DivergedError", "training diverged", True, 2), 0, 2, known, where)
+    assert type(err) is train.DivergedError and err.exit_code == 2
+    err = distributed._rank_error(record("StageError", "a file blocks it", True, 3), 1, 2, known, where)
+    assert isinstance(err, UserFacingError) and err.exit_code == 3 and str(err) == "a file blocks it"
+    err = distributed._rank_error(record("KeyError", "'lab.npy'\n", False), 0, 2, known, where)
+    assert isinstance(err, distributed.RankFailed) and "\n" not in str(err)
+    assert str(err) == f"rank 0 of 2 failed: KeyError: 'lab.npy' (traceback in {where})"
+
+
 # ------------------------------------------------------------------ two real processes
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict:
@@ -180,11 +201,12 @@ def test_a_killed_rank_is_one_line_and_the_rerun_ends_bitwise_equal_to_an_uninte
     ddp_train, ddp_val = _curve(straight)
     one_train, one_val = _curve(single_run)
     # Same initial weights, same global batches and flips: only BatchNorm differs (statistics over each
-    # rank's 4 samples instead of all 8). Step 1, with identical weights, isolates that effect (4% here);
-    # later steps compound it through the updates. Validation runs BatchNorm on running statistics and
-    # agrees within 1% (measured); a wrong split of the data or unsynchronized gradients move it further.
+    # rank's 4 samples instead of all 8). Step 1, with identical weights, isolates that effect (9.5% here,
+    # 4-10% on other data); later steps compound it through the updates (mean 4.8%). Validation runs
+    # BatchNorm on running statistics and agrees within 1.1%. The data split itself is checked exactly
+    # above (test_ranks_split_the_global_order...); these bounds are about twice what was measured.
     rel = [abs(a - b) / b for a, b in zip(ddp_train, one_train, strict=True)]
-    assert rel[0] < 0.10 and sum(rel) / len(rel) < 0.15, rel
+    assert rel[0] < 0.20 and sum(rel) / len(rel) < 0.10, rel
     assert all(abs(a - b) / b < 0.03 for a, b in zip(ddp_val, one_val, strict=True)), (ddp_val, one_val)
 
     # killed: rank 1 gets SIGKILL once a checkpoint exists
@@ -205,6 +227,7 @@ def test_a_killed_rank_is_one_line_and_the_rerun_ends_bitwise_equal_to_an_uninte
     assert 2 <= killed_at < 8
     message = str(err.value)
     assert "\n" not in message and "rank 1 of 2 was killed by SIGKILL" in message, message
+    assert "Traceback" not in capfd.readouterr().err  # torchrun's report went to its log file
     assert f"a rerun resumes from step {killed_at}" in message and err.value.rerun_helps
     assert not (tmp_path / "b" / "train" / plan["key"]).exists()  # nothing finished, nothing cached
 
