@@ -1,9 +1,13 @@
-"""Evaluate stage: every trained variant and the grayscale baseline, on the test split, by the same code.
+"""Evaluate stage: every trained model (variant x seed) and the grayscale baseline, on the test split,
+by the same code, and the study over them.
 
 RGB is rebuilt from the true L and the predicted ab (model.lab), so L is exact and PSNR/SSIM are high
 for any prediction; the grayscale baseline (ab = 0) is the row to beat. Metrics are per image, then
-averaged. Outputs: metrics.csv, metrics.md, metrics.json (one row per variant + baseline), grid.png
-(the same test images for every variant), and each variant's test metrics in its MLflow run.
+averaged. Outputs: metrics.csv, metrics.md, metrics.json (one row per model + baseline, then per variant
+mean +- std over seeds, then paired comparisons with 95% intervals: model.study), per_image.csv (every
+model's score on every test image), study.png (the ranking metric per variant with error bars, and the
+paired differences), grid.png (gray | each variant | truth on the same test images), and each model's
+test metrics in its MLflow run.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import torch
 from pydantic import Field
 from torch.utils.data import DataLoader
 
-from model.colorizer import load_folder
+from model.colorizer import Colorizer, load_folder
 from model.lab import lab_norm_to_rgb
-from model.metrics import BASELINE, COLUMNS, Lpips, gray_baseline, image_metrics
+from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE, Lpips, gray_baseline, image_metrics
 from model.pretrained import locate
-from model.preview import grid, save_png
+from model.preview import grid, save_png, save_study_plot
+from model.study import aggregate, compare_all
 from model.samples import decode_sample, first_batch
 from storage.atomic import write_bytes, write_json
 from storage.code_identity import code_version
@@ -34,6 +39,7 @@ from storage.tracking import Tracker
 
 log = logging.getLogger(__name__)
 STAGE = "evaluate"
+PLOTTED = ("rgb_mse", "colorfulness_gap")  # study.png: the two the study's targets are stated in
 
 
 class Settings(Section):
@@ -51,8 +57,9 @@ def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], w
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), facts)
 
 
-def score(predict: Any, prepared: dict[str, Any], lpips: Lpips, batch_size: int) -> dict[str, Any]:
-    """Average per-image metrics of ``predict(l_norm) -> ab_norm`` over the test split."""
+def score(predict: Any, prepared: dict[str, Any], lpips: Lpips, batch_size: int) -> tuple[dict[str, Any], list[dict]]:
+    """(mean per-image metrics, the per-image rows) of ``predict(l_norm) -> ab_norm`` on the test split,
+    images in file order: every model is scored on the same images in the same order (paired)."""
     rows: list[dict[str, float]] = []
     loader = DataLoader(ShardDataset(shard_paths(prepared, "test"), decode_sample), batch_size=batch_size)
     with torch.no_grad():
@@ -73,7 +80,7 @@ def score(predict: Any, prepared: dict[str, Any], lpips: Lpips, batch_size: int)
         raise ValueError("the test split is empty: nothing to evaluate")
     means = {k: float(np.mean([r[k] for r in rows])) for k in COLUMNS}
     means["n_images"] = len(rows)
-    return means
+    return means, rows
 
 
 def _fmt(v: float | str) -> str:
@@ -83,10 +90,12 @@ def _fmt(v: float | str) -> str:
 
 
 def markdown(table: list[dict[str, Any]], lpips_missing: str | None) -> str:
-    head = ["variant", *COLUMNS, "n_images"]
+    head = ["variant", "seed", *COLUMNS, "n_images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
-        lines.append("| " + " | ".join([row["variant"], *(_fmt(row[c]) for c in COLUMNS), str(row["n_images"])]) + " |")
+        seed = "" if row.get("seed") is None else str(row["seed"])
+        cells = [row["variant"], seed, *(_fmt(row[c]) for c in COLUMNS), str(row["n_images"])]
+        lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
         "RGB rebuilt from the true L and the predicted ab; PSNR/SSIM with data_range=1.0 on RGB in [0,1]; "
@@ -98,6 +107,66 @@ def markdown(table: list[dict[str, Any]], lpips_missing: str | None) -> str:
     return "\n".join(lines + notes) + "\n"
 
 
+def study_markdown(variant_table: list[dict[str, Any]], comparisons: list[dict[str, Any]]) -> str:
+    """Per variant mean +- std over seeds, then every paired comparison with its interval."""
+    head = ["variant", "seeds", *RANKABLE]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in variant_table:
+        cells = [_fmt(row[m]) + ("" if row["n_seeds"] < 2 else f" ± {_fmt(row[m + '_std'])}") for m in RANKABLE]
+        lines.append("| " + " | ".join([row["variant"], str(row["n_seeds"]), *cells]) + " |")
+    lines += [
+        "",
+        "| A - B | metric | mean difference | 95% interval | Wilcoxon p | significant |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in comparisons:
+        interval = f"[{c['ci_low']:+.5g}, {c['ci_high']:+.5g}]"
+        better = "" if not c["significant"] else f" ({_better(c)} better)"
+        lines.append(
+            f"| {c['a']} - {c['b']} | {c['metric']} | {c['mean_diff']:+.5g} | {interval} | {c['p_wilcoxon']:.3g} "
+            f"| {'yes' if c['significant'] else 'no'}{better} |"
+        )
+    lines += [
+        "",
+        "Paired by test image. Interval: two-level bootstrap (test images and each variant's training seeds "
+        "resampled, 10,000 replicates); significant when it excludes 0. Wilcoxon signed-rank over the "
+        "seed-averaged images, as a second opinion that ignores seed noise.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _seed_mean(per_seed: dict[Any, list[float]]) -> list[float]:
+    return np.mean(np.array(list(per_seed.values()), dtype=np.float64), axis=0).tolist()
+
+
+def _better(c: dict[str, Any]) -> str:
+    a_higher = c["mean_diff"] > 0
+    return c["a"] if a_higher == HIGHER_IS_BETTER[c["metric"]] else c["b"]
+
+
+def model_label(t: dict[str, Any], multi_seed: bool) -> str:
+    return f"{t['variant']}-seed{t['seed']}" if multi_seed else t["variant"]
+
+
+def _study(
+    trained: list[dict[str, Any]], per_image: dict[str, dict[str, dict[Any, list[float]]]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(per variant mean +- std over seeds with the baseline first, paired comparisons)."""
+    variants = list(dict.fromkeys(t["variant"] for t in trained))
+    rows = []
+    for variant in [BASELINE, *variants]:
+        row: dict[str, Any] = {"variant": variant}
+        for metric in COLUMNS:
+            agg = aggregate(per_image[metric][variant], variant, metric)
+            row[metric], row[f"{metric}_std"] = agg.mean, agg.std
+            row.setdefault("per_seed", {})[metric] = list(agg.per_seed.values())
+        row["n_seeds"] = 0 if variant == BASELINE else len(per_image[COLUMNS[0]][variant])
+        row["seeds"] = [] if variant == BASELINE else sorted(per_image[COLUMNS[0]][variant])
+        rows.append(row)
+    comparisons = [c.as_dict() for c in compare_all(per_image, variants, BASELINE, RANKABLE)]
+    return rows, comparisons
+
+
 def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = None) -> StageResult:
     e = Settings.model_validate(plan["config"])
     prepared, trained = plan["inputs"]["prepared"], plan["inputs"]["trained"]
@@ -106,39 +175,70 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         lpips = Lpips(e.lpips)
         if lpips.missing:
             log.warning("LPIPS will be reported as missing: %s", lpips.missing)
-        table = [{"variant": BASELINE, **score(gray_baseline, prepared, lpips, e.batch_size)}]
-        nets = {}
-        for t in trained:
-            net = nets[t["variant"]] = load_folder(t["folder"])
-            table.append({"variant": t["variant"], **score(lambda x, n=net: n(x), prepared, lpips, e.batch_size)})
+        means, rows = score(gray_baseline, prepared, lpips, e.batch_size)
+        table = [{"variant": BASELINE, "seed": None, **means}]
+        per_image = {m: {BASELINE: {None: [r[m] for r in rows]}} for m in COLUMNS}
+        per_image_rows = [{"model": BASELINE, "image": i, **r} for i, r in enumerate(rows)]
+        multi_seed = len({t["seed"] for t in trained}) > 1
+        first: dict[str, Colorizer] = {}  # each variant's lowest-seed model, for the picture grid
+        for t in sorted(trained, key=lambda t: (t["variant"], t["seed"])):
+            net = load_folder(t["folder"])
+            first.setdefault(t["variant"], net)
+            means, rows = score(lambda x, n=net: n(x), prepared, lpips, e.batch_size)
+            table.append({"variant": t["variant"], "seed": t["seed"], **means})
+            for m in COLUMNS:
+                per_image[m].setdefault(t["variant"], {})[t["seed"]] = [r[m] for r in rows]
+            label = model_label(t, multi_seed)
+            per_image_rows += [{"model": label, "image": i, **r} for i, r in enumerate(rows)]
+        variant_table, comparisons = _study(trained, per_image)
+
+        variants = list(dict.fromkeys(t["variant"] for t in trained))
         l_norm, ab = first_batch(shard_paths(prepared, "test"), e.grid_images)
         with torch.no_grad():
-            cols = [nets[t["variant"]](l_norm) for t in trained]
+            cols = [first[v](l_norm) for v in variants]
         save_png(grid(l_norm, [*cols, ab]), out / "grid.png")
+        diffs = {
+            (c["metric"], c["a"], c["b"]): np.subtract(
+                _seed_mean(per_image[c["metric"]][c["a"]]), _seed_mean(per_image[c["metric"]][c["b"]])
+            ).tolist()
+            for c in comparisons
+            if c["metric"] in PLOTTED
+        }
+        save_study_plot(variant_table, comparisons, diffs, PLOTTED, out / "study.png")
         import pandas as pd
 
         frame = pd.DataFrame(table)
         write_bytes(out / "metrics.csv", frame.to_csv(index=False).encode())
-        md = markdown(table, lpips.missing)
+        write_bytes(out / "per_image.csv", pd.DataFrame(per_image_rows).to_csv(index=False).encode())
+        md = markdown(table, lpips.missing) + "\n" + study_markdown(variant_table, comparisons)
         write_bytes(out / "metrics.md", md.encode())
         write_json(
             out / "metrics.json",
             {
                 "rows": json.loads(frame.to_json(orient="records")),
+                "variants": variant_table,
+                "comparisons": comparisons,
                 "lpips_missing": lpips.missing,
-                "grid_columns": ["gray", *[t["variant"] for t in trained], "truth"],
+                "grid_columns": ["gray", *variants, "truth"],
             },
         )
         tracker = Tracker(Path(plan["workdir"]))
-        for t, row in zip(trained, table[1:], strict=True):
+        for row in table[1:]:
+            t = next(t for t in trained if (t["variant"], t["seed"]) == (row["variant"], row["seed"]))
             metrics = {f"test_{k}": row[k] for k in COLUMNS if not math.isnan(row[k])}
             tracker.log_metrics(t["mlflow_run_id"], metrics)
             lpips_tag = row["lpips"] if lpips.missing is None else f"missing: {lpips.missing}"
             tracker.set_tags(t["mlflow_run_id"], {"test_lpips": lpips_tag})
         if parent_run_id:
-            for name in ("metrics.md", "metrics.csv", "grid.png"):
+            for name in ("metrics.md", "metrics.csv", "per_image.csv", "grid.png", "study.png"):
                 tracker.log_artifact(parent_run_id, out / name, "evaluation")
         log.info("test metrics:\n%s", md)
-        return {"table": table, "lpips_missing": lpips.missing, "variants": [t["variant"] for t in trained]}
+        return {
+            "table": table,
+            "variant_table": variant_table,
+            "comparisons": comparisons,
+            "lpips_missing": lpips.missing,
+            "variants": variants,
+        }
 
     return run_stage(plan, work, force=force)
