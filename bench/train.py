@@ -90,7 +90,7 @@ def notebook_step(net: torch.nn.Module, opt: torch.optim.Optimizer, device: torc
 def stage_step(net: torch.nn.Module, settings: train.Settings, world: World) -> Callable[[Batch], None]:
     """The train stage's own loop body, one batch at a time."""
     opt = make_optimizer(net, 1e-4)
-    criterion = train.loss_fn(settings.loss)
+    criterion = train.loss_fn(settings.loss, settings.colour_weight)
     flips, progress = torch.Generator().manual_seed(0), Progress()
 
     def step(batch: Batch) -> None:

@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a setting, e.g. --set train.lr=1e-3 (repeatable)",
     )
     r.add_argument("--variants", help=f"comma list of fusion variants ({', '.join(FUSIONS)})")
+    r.add_argument("--seeds", help="comma list of training seeds: each variant is trained once per seed (the study)")
     r.add_argument("--until", default="register", help=f"last stage to run ({', '.join(STAGES)})")
     r.add_argument("--only", help="run just this stage (earlier stages must be finished)")
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE despite its cache")
@@ -163,6 +164,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.variants:
         overrides.append(f"train.variants={args.variants}")
+    if args.seeds:
+        overrides.append(f"train.seeds={args.seeds}")
     preset = args.preset or ("tiny" if os.environ.get("COLORIZE_PRESET") == "tiny" else "demo")
     until = _check_stage(args.until, "--until")
     only = _check_stage(args.only, "--only") if args.only else None
@@ -222,9 +225,11 @@ def print_summary(result: dict, workdir: Path) -> None:
     if "registered" in result:
         r = result["registered"]
         verdict = "beats" if r["beats_baseline"] else "does NOT beat"
+        over = f" (mean of {r['n_seeds']} seeds; registered: seed {r['seed']})" if r["n_seeds"] > 1 else ""
+        sure = ", 95% interval excludes 0" if r["beats_baseline_95ci"] else ""
         print(
             f"champion: models:/{r['model_name']}@{r['alias']} = version {r['version']} ({r['variant']} fusion, "
-            f"{r['metric']}={r['value']:.5g}, {verdict} the grayscale baseline)"
+            f"{r['metric']}={r['value']:.5g}{over}, {verdict} the grayscale baseline{sure})"
         )
         print("\nnext:")
         print(f"  colorize image photo.jpg --out photo_color.png --workdir {workdir}")

@@ -190,6 +190,11 @@ def configure_run(
     return build_config(preset, every), every
 
 
+def train_name(variant: str, seed: int, named: bool) -> str:
+    """``train-max``, or ``train-max-seed1`` when the run trains several seeds (or another than its own)."""
+    return f"train-{variant}-seed{seed}" if named else f"train-{variant}"
+
+
 @flow(name="colorize-pipeline", log_prints=True, persist_result=True)
 def pipeline(
     dataset: str = "sample",
@@ -239,20 +244,27 @@ def pipeline(
     status = "FAILED"
     try:
         tracker.log_params(parent, {**flatten("", cfg.model_dump()), "dataset": dataset, "preset": preset})
-        plans = {v: train_stage.plan(cfg.train, cfg.seed, v, prep, wd) for v in cfg.train.variants}
+        seeds = cfg.train.seeds or [cfg.seed]  # the data split keeps the run's seed; these seed training
+        named = len(seeds) > 1 or seeds != [cfg.seed]
+        plans = {
+            train_name(v, s, named): train_stage.plan(cfg.train, s, v, prep, wd)
+            for v in cfg.train.variants
+            for s in seeds
+        }
         trained, failed = [], []
         pending = []
-        for variant, plan in plans.items():
-            future = run.submit(f"train-{variant}", plan, parent_run_id=parent)
-            pending.append((variant, plan, future))
+        for name, plan in plans.items():
+            future = run.submit(name, plan, parent_run_id=parent)
+            pending.append((name, plan, future))
             if not cfg.train.concurrent:  # on a CPU, variants would fight for the same cores
                 future.wait()
-        for variant, plan, future in pending:
-            manifest = run.resolve(f"train-{variant}", plan, future)
-            (trained.append(manifest) if manifest is not None else failed.append(variant))
-        for t in trained:
-            out["stages"][f"train-{t['variant']}"] = t["folder"]
-            tracker.set_tags(parent, {f"train_run.{t['variant']}": t["mlflow_run_id"]})
+        for name, plan, future in pending:
+            manifest = run.resolve(name, plan, future)
+            (trained.append((name, manifest)) if manifest is not None else failed.append(name.removeprefix("train-")))
+        for name, t in trained:
+            out["stages"][name] = t["folder"]
+            tracker.set_tags(parent, {f"train_run.{name.removeprefix('train-')}": t["mlflow_run_id"]})
+        trained = [t for _, t in trained]
         if failed:
             worst = max(run.failures, key=lambda f: f.exit_code)
             raise StageFailed(
@@ -275,7 +287,11 @@ def pipeline(
         reg = run("register", reg_plan, intact_check=_registered(wd, reg_plan))
         out["stages"]["register"] = reg["folder"]
         out["registered"] = {
-            k: reg[k] for k in ("model_name", "alias", "version", "variant", "metric", "value", "beats_baseline")
+            k: reg[k]
+            for k in (
+                *("model_name", "alias", "version", "variant", "seed", "n_seeds", "metric", "value"),
+                *("beats_baseline", "beats_baseline_95ci"),
+            )
         }
         tracker.set_tags(parent, {"champion": f"{reg['variant']} (version {reg['version']})"})
         status = "FINISHED"

@@ -21,6 +21,17 @@ def colorfulness(rgb: np.ndarray) -> float:
     return float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
 
 
+def colorfulness_torch(rgb: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """:func:`colorfulness` per image of a (B,3,H,W) RGB batch in [0, 1], differentiable (the training
+    loss's colourfulness term; ``eps`` keeps the square roots' gradients finite at grey)."""
+    x = rgb.float() * 255.0
+    rg = (x[:, 0] - x[:, 1]).flatten(1)
+    yb = (0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]).flatten(1)
+    spread = torch.sqrt(rg.var(1, unbiased=False) + yb.var(1, unbiased=False) + eps)
+    mean = torch.sqrt(rg.mean(1).square() + yb.mean(1).square() + eps)
+    return spread + 0.3 * mean
+
+
 BASELINE = "grayscale baseline"
 # Which direction is better, per metric a champion can be chosen by: the one list of those metrics.
 HIGHER_IS_BETTER = {

@@ -99,7 +99,7 @@ def paired(
         images = rng.integers(0, n, n)
         sa = rng.integers(0, ma.shape[0], ma.shape[0])
         sb = rng.integers(0, mb.shape[0], mb.shape[0])
-        boot[i] = (ma[np.ix_(sa, images)].mean() - mb[np.ix_(sb, images)].mean())
+        boot[i] = ma[np.ix_(sa, images)].mean() - mb[np.ix_(sb, images)].mean()
     tail = (1 - level) / 2 * 100
     low, high = (float(x) for x in np.percentile(boot, [tail, 100 - tail]))
     p = float(wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0

@@ -28,8 +28,8 @@ from model.lab import lab_norm_to_rgb
 from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE, Lpips, gray_baseline, image_metrics
 from model.pretrained import locate
 from model.preview import grid, save_png, save_study_plot
-from model.study import aggregate, compare_all
 from model.samples import decode_sample, first_batch
+from model.study import aggregate, compare_all
 from storage.atomic import write_bytes, write_json
 from storage.code_identity import code_version
 from storage.settings import Section
@@ -112,7 +112,10 @@ def study_markdown(variant_table: list[dict[str, Any]], comparisons: list[dict[s
     head = ["variant", "seeds", *RANKABLE]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in variant_table:
-        cells = [_fmt(row[m]) + ("" if row["n_seeds"] < 2 else f" ± {_fmt(row[m + '_std'])}") for m in RANKABLE]
+        cells = [
+            _fmt(row[m]) + ("" if row["n_seeds"] < 2 or math.isnan(row[m]) else f" ± {_fmt(row[m + '_std'])}")
+            for m in RANKABLE
+        ]
         lines.append("| " + " | ".join([row["variant"], str(row["n_seeds"]), *cells]) + " |")
     lines += [
         "",

@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from model import pretrained
 from model.colorizer import FUSIONS, SPEC_FILE, Colorizer, ColorizerSpec, Fusion, build, save_trained
+from model.lab import lab_norm_to_rgb
+from model.metrics import colorfulness_torch
 from model.preview import grid, save_loss_curve, save_png
 from model.samples import decode_sample, first_batch
 from storage.atomic import atomic_path, write_json
@@ -52,12 +54,18 @@ class Settings(Section):
 
     variants: list[Fusion] = flow_setting(default_factory=lambda: list(FUSIONS))
     concurrent: bool = flow_setting(False, description="train variants at the same time (off: they share cores)")
+    seeds: list[int] | None = flow_setting(
+        None, description="training seeds: one train stage per variant and seed (default: the run's seed)"
+    )
     batch_size: int = Field(16, ge=2, le=65536, description="at least 2: BatchNorm needs two samples")
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     epochs: int = Field(6, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (across epochs)")
-    loss: Literal["mse", "l1", "mse+l1"] = "mse"
+    loss: Literal["mse", "l1", "mse+l1", "mse+colourfulness"] = "mse"
+    colour_weight: float = Field(
+        0.5, ge=0, le=100, description="weight of the colourfulness term (loss=mse+colourfulness)"
+    )
     hflip: bool = Field(True, description="random horizontal flips of training batches (seeded)")
     pretrained: bool = Field(True, description="use ImageNet weights when present or downloadable")
     freeze: Literal["none", "stems", "all"] = "none"
@@ -73,10 +81,23 @@ class Settings(Section):
     devices: int = Field(1, ge=1, le=1024, description="training processes per node (torchrun, DDP); GPUs with CUDA")
     nodes: int = Field(1, ge=1, le=4096, description=f"machines in the job; above 1 set {distributed.RDZV_ENV}")
 
-    @field_validator("variants", mode="before")
+    @field_validator("variants", "seeds", mode="before")
     @classmethod
     def _split(cls, v: object) -> object:
+        if isinstance(v, int) and not isinstance(v, bool):
+            return [v]
         return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return None
+        if not v:
+            raise ValueError("at least one seed is needed")
+        if any(not 0 <= x < 2**32 for x in v):
+            raise ValueError("seeds must be in [0, 2**32)")
+        return list(dict.fromkeys(v))
 
     @field_validator("variants")
     @classmethod
@@ -122,9 +143,27 @@ def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float = 0.0) -
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def loss_fn(kind: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (pred ab, true ab, L) -> loss
+
+
+def loss_fn(kind: str, colour_weight: float = 0.5) -> Criterion:
+    """The training loss on normalized ab. ``mse+colourfulness`` adds the per-image gap between the
+    prediction's and the truth's colourfulness (Hasler & Suesstrunk, on RGB rebuilt with the true L),
+    in units of 100, times ``colour_weight``: plain MSE is minimized by the conditional mean of ab, which
+    for an ambiguous object is a desaturated brown (the sepia look); the gap term charges exactly that.
+    DDColor's colourfulness loss pushes colourfulness up without a target; with the truth at hand the
+    gap is the supervised form of it, and cannot be lowered by over-saturating."""
     mse, l1 = torch.nn.functional.mse_loss, torch.nn.functional.l1_loss
-    return {"mse": mse, "l1": l1, "mse+l1": lambda p, t: mse(p, t) + l1(p, t)}[kind]
+    if kind == "mse+colourfulness":
+
+        def mse_colour(pred: torch.Tensor, true: torch.Tensor, l_norm: torch.Tensor) -> torch.Tensor:
+            l_norm = l_norm.float().contiguous()
+            gap = colorfulness_torch(lab_norm_to_rgb(l_norm, pred)) - colorfulness_torch(lab_norm_to_rgb(l_norm, true))
+            return mse(pred, true) + colour_weight * gap.abs().mean() / 100.0
+
+        return mse_colour
+    plain = {"mse": mse, "l1": l1, "mse+l1": lambda p, t: mse(p, t) + l1(p, t)}[kind]
+    return lambda pred, true, _l: plain(pred, true)
 
 
 class DivergedError(ConfigError):
@@ -169,7 +208,7 @@ class Progress:
 def train_one_epoch(
     net: torch.nn.Module,
     opt: torch.optim.Optimizer,
-    criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    criterion: Criterion,
     loader: DataLoader,
     s: Settings,
     flips: torch.Generator,
@@ -192,7 +231,7 @@ def train_one_epoch(
         l_norm, ab = _to(l_norm, world.device, s.channels_last), _to(ab, world.device)
         with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=s.bf16):
             pred = net(l_norm)
-        loss = criterion(pred.float(), ab)
+        loss = criterion(pred.float(), ab, l_norm)
         loss_value = world.mean(loss.item())
         if not math.isfinite(loss_value):
             raise DivergedError(
@@ -284,7 +323,7 @@ def train_variant(
     net = net.to(world.device, memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
     net.train()
     opt = make_optimizer(net, s.lr, s.weight_decay)
-    criterion = loss_fn(s.loss)
+    criterion = loss_fn(s.loss, s.colour_weight)
 
     n_train = prepared["counts"]["train"]
     bs = min(s.batch_size, n_train) // world.size * world.size

@@ -45,7 +45,9 @@ def _stage_keys(tree: Path) -> dict[str, str]:
 @pytest.mark.parametrize(
     ("module", "importers"),
     [
-        ("model/metrics.py", {"prepare", "evaluate", "register"}),  # prepare calls its colorfulness
+        # prepare calls its colorfulness, train its differentiable form (the mse+colourfulness loss)
+        ("model/metrics.py", {"prepare", "train", "evaluate", "register"}),
+        ("model/study.py", {"evaluate"}),  # register reads what evaluate computed, not the module
         ("storage/archives.py", {"download"}),
         ("model/inference.py", {"register"}),  # the registered model runs it; no other stage does
         ("storage/stage.py", {"download", "upscale", "prepare", "train", "evaluate", "register"}),
@@ -89,7 +91,7 @@ def _candidates(annotation: Any, default: Any, resources: dict[str, str]) -> Ite
         yield from (default + "x", "https://mirror.example/data/archive.tar.gz")
     elif origin is list:
         (item,) = args
-        yield from ([v] for v in _candidates(item, None, resources))
+        yield from ([v] for v in _candidates(item, 1 if item in (int, float) else None, resources))
     elif origin is tuple:
         yield (default[0], default[1] * 0.9)
         yield (default[0] * 0.9, default[1])

@@ -5,8 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
+from model.lab import lab_norm_to_rgb
+from model.metrics import colorfulness, colorfulness_torch
 from model.study import aggregate, compare_all, paired
+from tasks import train
 
 
 def test_aggregate_is_the_mean_and_sample_std_of_the_seeds_test_means() -> None:
@@ -75,3 +79,27 @@ def test_compare_all_covers_every_pair_and_the_baseline_and_skips_missing_metric
         ("concat", "gray", "rgb_mse"),
         ("max", "gray", "rgb_mse"),
     ]
+
+
+# ------------------------------------------------------------------ the colourfulness term of the loss
+def test_the_differentiable_colourfulness_is_the_metric() -> None:
+    rgb = torch.rand(3, 3, 16, 16)
+    want = [colorfulness(img.permute(1, 2, 0).double().numpy()) for img in rgb]
+    assert colorfulness_torch(rgb).tolist() == pytest.approx(want, rel=1e-4)
+
+
+def test_the_colourfulness_term_charges_a_desaturated_prediction_and_pulls_it_towards_the_truth() -> None:
+    torch.manual_seed(0)
+    l_norm = torch.full((2, 1, 16, 16), 0.6)
+    true = torch.stack([torch.full((16, 16), 0.4), torch.full((16, 16), -0.3)])[None].repeat(2, 1, 1, 1)
+    true = true + 0.1 * torch.randn_like(true)
+    mse, colour = train.loss_fn("mse"), train.loss_fn("mse+colourfulness", colour_weight=0.5)
+    grey = torch.zeros_like(true)
+    assert colour(grey, true, l_norm) > mse(grey, true, l_norm)  # the sepia answer costs more
+    assert colour(true, true, l_norm) == pytest.approx(0.0, abs=1e-3)  # the truth costs nothing extra
+    pred = (0.1 * true).requires_grad_()  # dull, right hue
+    colour(pred, true, l_norm).backward()
+    step = pred - 0.5 * pred.grad
+    rgb = lab_norm_to_rgb(l_norm, step.detach())
+    before = colorfulness_torch(lab_norm_to_rgb(l_norm, pred.detach()))
+    assert (colorfulness_torch(rgb) > before).all()

@@ -1,0 +1,105 @@
+"""The study path end to end on the tiny preset: seeds as separate cached train stages, a failed seed
+rerun alone, and the evaluate and register stages' study outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flows.cli import main
+from flows.pipeline import StageFailed, pipeline
+from model.metrics import BASELINE
+
+ARGS = {"dataset": "sample", "preset": "tiny", "overrides": ["train.variants=concat,max", "train.seeds=0,1"]}
+
+
+def _states(result: dict) -> dict[str, str]:
+    return {c["stage"]: c["state"] for c in result["calls"]}
+
+
+@pytest.fixture(scope="module")
+def workdir(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("study")
+
+
+@pytest.fixture(scope="module")
+def runs(workdir: Path) -> list[dict]:
+    """First run: seed 1 of `max` fails (an injected fault); then the rerun; then a third, unchanged."""
+    import tasks.train as train_mod
+
+    real = train_mod.train_variant
+
+    def failing(out, plan, *args, **kw):
+        if (plan["facts"]["variant"], plan["facts"]["seed"]) == ("max", 1):
+            raise RuntimeError("injected fault: the node went away")
+        return real(out, plan, *args, **kw)
+
+    train_mod.train_variant = failing
+    try:
+        with pytest.raises(StageFailed, match="training failed for max-seed1"):
+            pipeline(**ARGS, workdir=str(workdir))
+    finally:
+        train_mod.train_variant = real
+    return [pipeline(**ARGS, workdir=str(workdir)), pipeline(**ARGS, workdir=str(workdir))]
+
+
+def test_each_variant_and_seed_is_its_own_stage_and_a_failed_seed_reruns_alone(runs: list[dict]) -> None:
+    rerun, third = runs
+    assert _states(rerun) == {
+        "download": "cached",
+        "upscale": "cached",
+        "prepare": "cached",
+        "train-concat-seed0": "cached",
+        "train-concat-seed1": "cached",
+        "train-max-seed0": "cached",
+        "train-max-seed1": "ran",
+        "evaluate": "ran",
+        "register": "ran",
+    }
+    assert set(_states(third).values()) == {"cached"}
+    folders = {rerun["stages"][f"train-max-seed{s}"] for s in (0, 1)}
+    assert len(folders) == 2  # two trainings, two keys
+
+
+def test_evaluate_reports_seeds_paired_intervals_and_a_plot(runs: list[dict]) -> None:
+    rerun = runs[0]
+    folder = Path(rerun["stages"]["evaluate"])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in metrics["rows"]] == [
+        (BASELINE, None),
+        ("concat", 0),
+        ("concat", 1),
+        ("max", 0),
+        ("max", 1),
+    ]
+    by_variant = {r["variant"]: r for r in metrics["variants"]}
+    for v in ("concat", "max"):
+        seeds = [r["rgb_mse"] for r in metrics["rows"] if r["variant"] == v]
+        assert by_variant[v]["n_seeds"] == 2 and by_variant[v]["rgb_mse"] == pytest.approx(sum(seeds) / 2)
+        assert by_variant[v]["rgb_mse_std"] == pytest.approx(abs(seeds[0] - seeds[1]) / 2**0.5)
+    pairs = {(c["a"], c["b"]) for c in metrics["comparisons"] if c["metric"] == "rgb_mse"}
+    assert pairs == {("concat", "max"), ("concat", BASELINE), ("max", BASELINE)}
+    for c in metrics["comparisons"]:
+        assert c["ci_low"] <= c["mean_diff"] <= c["ci_high"] and c["n_images"] == metrics["rows"][0]["n_images"]
+    md = (folder / "metrics.md").read_text()
+    assert "95% interval" in md and "| concat - max | rgb_mse |" in md
+    per_image = (folder / "per_image.csv").read_text().splitlines()
+    assert len(per_image) == 1 + 5 * metrics["rows"][0]["n_images"]  # header + baseline and four models
+    assert (folder / "study.png").stat().st_size > 10_000
+
+
+def test_the_champion_variant_is_chosen_by_its_mean_over_seeds(runs: list[dict], workdir: Path, capsys) -> None:
+    rerun = runs[0]
+    reg = rerun["registered"]
+    metrics = json.loads((Path(rerun["stages"]["evaluate"]) / "metrics.json").read_text())
+    means = {r["variant"]: r["rgb_mse"] for r in metrics["variants"] if r["variant"] != BASELINE}
+    assert reg["variant"] == min(means, key=means.get) and reg["value"] == pytest.approx(means[reg["variant"]])
+    assert reg["n_seeds"] == 2
+    seeds = {r["seed"]: r["rgb_mse"] for r in metrics["rows"] if r["variant"] == reg["variant"]}
+    assert reg["seed"] == min(seeds, key=seeds.get)  # the registered model: that variant's best seed
+    assert (
+        main(["run", "--preset", "tiny", "--variants", "concat,max", "--seeds", "0,1", "--workdir", str(workdir)]) == 0
+    )
+    assert f"(mean of 2 seeds; registered: seed {reg['seed']})" in capsys.readouterr().out
