@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 EXPERIMENT = "colorize"
 
 
+def shared_server() -> bool:
+    """Whether runs go to a store named by ``COLORIZE_MLFLOW_URI`` instead of the work dir's own."""
+    return bool(os.environ.get("COLORIZE_MLFLOW_URI"))
+
+
 def tracking_uri(workdir: Path) -> str:
     """The work dir's sqlite store, unless ``COLORIZE_MLFLOW_URI`` names a shared server (e.g. PostgreSQL-backed)."""
     return os.environ.get("COLORIZE_MLFLOW_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
@@ -141,7 +146,10 @@ class Tracker:
         exp = retry_locked(c.get_experiment_by_name, name)
         if exp is not None:
             return exp.experiment_id
-        root = (self.workdir.resolve() / "mlartifacts").as_uri()
+        # The work dir's own store keeps its artifacts beside it. A shared server decides where artifacts go
+        # (with --serve-artifacts: through the server): a client path would be a folder on this machine
+        # that no other machine, and not the server, can read.
+        root = None if shared_server() else (self.workdir.resolve() / "mlartifacts").as_uri()
         try:
             return retry_locked(c.create_experiment, name, artifact_location=root)
         except Exception:  # another run created it first

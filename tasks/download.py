@@ -77,6 +77,16 @@ def _resize(rgb: np.ndarray, size: int) -> np.ndarray:
     )
 
 
+def _shorter_side(rgb: np.ndarray, side: int) -> np.ndarray:
+    """The photo scaled so its shorter side is ``side`` (area averaging down, bicubic up)."""
+    h, w = rgb.shape[:2]
+    scale = side / min(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(
+        Image.fromarray(rgb).resize(size, Image.Resampling.BOX if scale < 1 else Image.Resampling.BICUBIC)
+    )
+
+
 def lowres_crops(
     rgb: np.ndarray, rng: np.random.Generator, n: int, size: int, fraction: tuple[float, float]
 ) -> Iterator[np.ndarray]:
@@ -189,9 +199,17 @@ def _folder(d: Settings, ctx: Context) -> dict[str, Any]:
     for i, (rel, rgb) in enumerate(photos):
         split = splits[rel] = split_of[i]
         small = min(rgb.shape[:2]) < d.lowres_threshold
-        image = _resize(center_square(rgb), d.lowres_size) if small else rgb
         key = hashlib.sha1(rel.encode()).hexdigest()[:16]
-        writers.write("lowres" if small else "highres", split, key, image, {"source": rel})
+        if small or not d.folder_crops_per_photo:
+            image = _resize(center_square(rgb), d.lowres_size) if small else rgb
+            writers.write("lowres" if small else "highres", split, key, image, {"source": rel})
+            continue
+        # Several crops per photo (all in the photo's split): more signal per photo for a small corpus.
+        # Seeded by the run's seed and the photo's path, so adding a photo leaves the others' crops alone.
+        rng = np.random.default_rng([ctx.seed, int(key[:12], 16)])
+        scaled = _shorter_side(rgb, d.folder_photo_side) if d.folder_photo_side else rgb
+        for j, crop in enumerate(highres_crops(scaled, rng, d.folder_crops_per_photo, d.highres_size)):
+            writers.write("highres", split, f"{key}-{j:03d}", crop, {"source": rel, "crop": j})
     if n < 3:
         log.warning("only %d usable photos: all of them go to train, none to val/test", n)
     return {"splits": splits, "skipped": skipped, "skipped_count": len(skipped), "usable": n}
@@ -326,6 +344,12 @@ class Settings(Section):
     val_fraction: float = Field(0.1, gt=0, lt=1, description="cifar10/div2k/folder: share of train for val")
     test_fraction: float = Field(0.2, gt=0, lt=1, description="folder: share of photos for test")
     lowres_threshold: int = Field(64, ge=1, description="folder: photos with a shorter side are low-res")
+    folder_crops_per_photo: int = Field(
+        0, ge=0, le=10_000, description="folder: 0 keeps each photo whole; N cuts N random highres_size crops"
+    )
+    folder_photo_side: int | None = Field(
+        None, ge=32, le=16384, description="folder: scale each photo's shorter side to this before cutting crops"
+    )
     limit: int | None = Field(None, ge=1, description="cifar10/div2k: at most this many images per split")
     max_pixels: int = Field(80_000_000, ge=1)
     cifar10_url: str = CIFAR10_URL

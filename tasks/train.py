@@ -219,9 +219,9 @@ def train_one_epoch(
 ) -> None:
     """Steps until the loader is exhausted (end of epoch) or ``last_step``; ``after_step(loss)`` runs after
     each (logging, validation at epoch end, checkpoints). Under DDP each rank holds batch / world samples
-    of the global batch (see :func:`_rank_batches`): flips are drawn for the whole global batch from the
-    same generator on every rank, each rank takes its samples' draws, and the loss reported is the mean
-    over ranks, so a run's record and its flips do not depend on the process count."""
+    of the global batch (see storage.shards.iter_samples): flips are drawn for the whole global batch
+    from the same generator on every rank, each rank takes its samples' draws, and the loss reported is
+    the mean over ranks, so a run's record and its flips do not depend on the process count."""
     world = world or World()
     for l_norm, ab in loader:
         if s.hflip:
@@ -299,9 +299,10 @@ def train_variant(
 
     Every rank runs the same steps; rank 0 alone validates, logs to MLflow and writes checkpoints and
     the stage folder's files (the others return None). Exact resume under DDP: the checkpoint holds
-    every rank's RNG state (gathered), rank 0's weights and BatchNorm buffers (``broadcast_buffers``
-    syncs the others from them at each forward), the optimizer (identical on all ranks: the gradients
-    are all-reduced), and the step, from which each rank finds its place in the global sample order."""
+    every rank's RNG state (gathered), rank 0's weights and BatchNorm buffers (DDP's
+    ``forward_sync_buffers`` copies them to the others at each forward), the optimizer (identical on
+    all ranks: the gradients are all-reduced), and the step, from which each rank finds its place in
+    the global sample order."""
     s = Settings.model_validate(plan["config"])
     if world is None and _world_size(s) > 1:
         return _launch(out, plan, parent_run_id)

@@ -100,6 +100,27 @@ def test_folder_handles_modes_and_skips_bad_files(tmp_path: Path) -> None:
     assert set(m["splits"].values()) == {"train", "val", "test"}
 
 
+def test_folder_cuts_several_crops_per_photo_all_in_the_photos_split(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    for name in ("a", "b", "c", "d", "e"):
+        _save(photos / f"{name}.png", Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)))
+    _save(photos / "tiny.png", Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)))
+    opts = ["download.folder_crops_per_photo=4", "download.folder_photo_side=96", "download.highres_size=64"]
+    m = _run(tmp_path / "w", "folder", *opts, path=photos).manifest
+    assert sum(m["sets"]["highres"].values()) == 5 * 4 and sum(m["sets"]["lowres"].values()) == 1
+    seen = {}
+    for split in ("train", "val", "test"):
+        for shard in shard_paths(m, f"highres-{split}"):
+            for sample in iter_samples([shard]):
+                meta = json.loads(sample["json"])
+                assert decode_png(sample["png"]).shape == (64, 64, 3)
+                assert seen.setdefault(meta["source"], split) == split == m["splits"][meta["source"]]
+    assert len(seen) == 5
+    again = _run(tmp_path / "w2", "folder", *opts, path=photos).manifest
+    assert again["content"] == m["content"]  # seeded: the same crops
+
+
 def test_folder_of_only_bad_files_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "x.jpg").write_bytes(b"nope")
