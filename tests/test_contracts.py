@@ -84,7 +84,7 @@ def _candidates(annotation: Any, default: Any, resources: dict[str, str]) -> Ite
     elif origin is typing.Literal:
         yield from (a for a in args if a != default)
     elif annotation is int:
-        yield from (default + 1, default * 2, max(default - 1, 0))
+        yield from (default + 1, default * 2, max(default - 1, 0), default + 100)
     elif annotation is float:
         yield from (default * 2, default / 2, default + 0.05)
     elif annotation is str:
