@@ -210,17 +210,17 @@ class Launch:
 _AGENT_FAILURE = re.compile(r"elastic/multiprocessing/api\.py:\d+\] failed \(exitcode")
 
 
-def _tee(stream: Any, log_path: Path, tail: list[str], limit: int = 65536) -> None:
-    """Copy the job's stderr to ours as it comes (progress bars included), all of it to ``log_path``, and
-    keep its tail. From torchrun's first failure line on, the rest (its own traceback and report, the
-    surviving ranks' connection errors) goes to the log only: the stage says what happened in one line."""
+def _tee(stream: Any, log_path: Path) -> None:
+    """Copy the job's stderr to ours as it comes (progress bars included), and all of it to ``log_path``
+    (where the stage reads torchrun's failure report). From torchrun's first failure line on, the rest
+    (its own traceback and report, the surviving ranks' connection errors) goes to the log only: the
+    stage says what happened in one line."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    kept, carry, echo = "", "", True  # carry: the previous chunk's end, for a marker split across chunks
+    carry, echo = "", True  # carry: the previous chunk's end, for a marker split across chunks
     with log_path.open("w", encoding="utf-8") as saved:
         while chunk := stream.read1(8192):
             text = decoder.decode(chunk)
             saved.write(text)
-            kept = (kept + text)[-limit:]
             if not echo:
                 continue
             window, shown = carry + text, text
@@ -231,7 +231,6 @@ def _tee(stream: Any, log_path: Path, tail: list[str], limit: int = 65536) -> No
             sys.stderr.write(shown)
             sys.stderr.flush()
             carry = window[-200:]
-    tail.append(kept)
 
 
 def launch(
@@ -266,8 +265,8 @@ def launch(
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT), os.environ.get("PYTHONPATH")]))}
     env.setdefault("PYTHONUNBUFFERED", "1")
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=env, cwd=_ROOT)
-    tail: list[str] = []
-    reader = threading.Thread(target=_tee, args=(proc.stderr, job.parent / "torchrun.log", tail), daemon=True)
+    log_path = job.parent / "torchrun.log"
+    reader = threading.Thread(target=_tee, args=(proc.stderr, log_path), daemon=True)
     reader.start()
     try:
         code = proc.wait()
@@ -283,7 +282,7 @@ def launch(
     if code == 0:
         return
     size = launch.nproc_per_node * launch.nnodes
-    failed = failures(tail[0] if tail else "")
+    failed = failures(log_path.read_text(encoding="utf-8", errors="replace") if log_path.is_file() else "")
     # torchrun stops the surviving ranks with SIGTERM, and a survivor blocked in a collective with a
     # dead peer raises a connection error: neither is the cause. A rank killed by another signal is.
     killed = [r for r, c in failed.items() if c < 0 and c != -signal.SIGTERM]
@@ -294,5 +293,5 @@ def launch(
     rank = killed[0] if killed else min(failed, default=None)
     who = f"rank {rank} of {size}" if rank is not None else f"the torchrun job ({size} processes)"
     how = _how(failed[rank]) if rank is not None else f"exited with code {code}"
-    log.warning("%s: torchrun's own report is in %s", what, job.parent / "torchrun.log")
+    log.warning("%s: torchrun's own report is in %s", what, log_path)
     raise RankFailed(f"{who} {how}")
