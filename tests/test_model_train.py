@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from flows.config import build_config
 from model import pretrained
 from model.colorizer import Colorizer, ColorizerSpec, ResNetEncoder, adapt_stem, build
 from model.colorizer import load_folder as load_model
+from storage.shards import shard_paths
 from tasks import download, prepare, train
 
 
@@ -171,3 +173,40 @@ def test_truncated_checkpoint_is_detected_and_training_restarts(prepared: dict, 
     with caplog.at_level(logging.WARNING):
         manifest = train.run(plan).manifest
     assert "unreadable" in caplog.text and manifest["steps"] == 3
+
+
+def test_cosine_schedule_anneals_from_lr_to_zero() -> None:
+    s = build_config("tiny", ["train.schedule=cosine", "train.lr=0.01"]).train
+    assert [round(train.lr_at(s, k, 4), 6) for k in range(5)] == [0.01, 0.008536, 0.005, 0.001464, 0.0]
+    assert train.lr_at(build_config("tiny").train, 3, 4) == build_config("tiny").train.lr
+
+
+def test_keep_best_keeps_the_lowest_validation_epoch_and_resumes_exactly(
+    prepared: dict, tmp_path: Path, monkeypatch
+) -> None:
+    """Early stopping on the validation split, under the cosine schedule: the kept weights are the
+    epoch end with the lowest validation MSE (recomputed here from the saved model), and an interrupted
+    run keeps the same weights as an uninterrupted one."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    sets = ["train.max_steps=null", "train.epochs=3", "train.schedule=cosine", "train.keep=best", "train.lr=0.02"]
+    cfg = build_config("tiny", sets)
+    straight = train.run(train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "a")).manifest
+    history = json.loads((Path(straight["folder"]) / "history.json").read_text())
+    vals = [v for _, v in history["val"]]
+    assert len(vals) == 3 and straight["val_loss"] == min(vals)
+    assert straight["kept_step"] == history["val"][vals.index(min(vals))][0]
+    net = load_model(Path(straight["folder"]))
+    assert train.validate(net, shard_paths(prepared, "val"), 4, False)[0] == pytest.approx(min(vals), rel=1e-4)
+
+    plan_b = train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "b")
+
+    def stop_late(step: int) -> None:
+        if step == straight["steps"] - 1:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train.run(plan_b, on_step=stop_late)
+    resumed = train.run(plan_b).manifest
+    a, b = net.state_dict(), load_model(Path(resumed["folder"])).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["kept_step"] == straight["kept_step"]
