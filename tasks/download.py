@@ -200,16 +200,21 @@ def _folder(d: Settings, ctx: Context) -> dict[str, Any]:
         split = splits[rel] = split_of[i]
         small = min(rgb.shape[:2]) < d.lowres_threshold
         key = hashlib.sha1(rel.encode()).hexdigest()[:16]
-        if small or not d.folder_crops_per_photo:
-            image = _resize(center_square(rgb), d.lowres_size) if small else rgb
-            writers.write("lowres" if small else "highres", split, key, image, {"source": rel})
+        shrink = small or (d.folder_lowres and split != "test")
+        if not d.folder_crops_per_photo or small:
+            image = _resize(center_square(rgb), d.lowres_size) if shrink else rgb
+            writers.write("lowres" if shrink else "highres", split, key, image, {"source": rel})
             continue
         # Several crops per photo (all in the photo's split): more signal per photo for a small corpus.
         # Seeded by the run's seed and the photo's path, so adding a photo leaves the others' crops alone.
         rng = np.random.default_rng([ctx.seed, int(key[:12], 16)])
         scaled = _shorter_side(rgb, d.folder_photo_side) if d.folder_photo_side else rgb
         for j, crop in enumerate(highres_crops(scaled, rng, d.folder_crops_per_photo, d.highres_size)):
-            writers.write("highres", split, f"{key}-{j:03d}", crop, {"source": rel, "crop": j})
+            meta = {"source": rel, "crop": j}
+            if shrink:  # the same crops as without folder_lowres, shrunk (area filter)
+                writers.write("lowres", split, f"{key}-{j:03d}", _resize(crop, d.lowres_size), meta)
+            else:
+                writers.write("highres", split, f"{key}-{j:03d}", crop, meta)
     if n < 3:
         log.warning("only %d usable photos: all of them go to train, none to val/test", n)
     return {"splits": splits, "skipped": skipped, "skipped_count": len(skipped), "usable": n}
@@ -349,6 +354,11 @@ class Settings(Section):
     )
     folder_photo_side: int | None = Field(
         None, ge=32, le=16384, description="folder: scale each photo's shorter side to this before cutting crops"
+    )
+    folder_lowres: bool = Field(
+        False,
+        description="folder: shrink train and val images to lowres_size (the CIFAR setting: upscaled, then "
+        "trained on); test images stay full size, so every upscaling method is scored on the same photos",
     )
     limit: int | None = Field(None, ge=1, description="cifar10/div2k: at most this many images per split")
     max_pixels: int = Field(80_000_000, ge=1)

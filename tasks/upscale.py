@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from pydantic import Field
 from tqdm import tqdm
 
 from model.realesrgan import SCALE, WeightsInfo, check_weights, resolve_weights
-from model.upscaler import Backend, choose_backend, make_upscaler
+from model.upscaler import Backend, BicubicUpscaler, Upscaler, choose_backend, make_upscaler
 from storage.code_identity import code_version
 from storage.settings import Section
 from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
@@ -31,8 +31,12 @@ STAGE = "upscale"
 
 
 class Settings(Section):
-    """The upscale section: which Real-ESRGAN weights, which engine, how big a batch."""
+    """The upscale section: which method (Real-ESRGAN, or bicubic to measure it against), which weights,
+    which engine, how big a batch."""
 
+    method: Literal["realesrgan", "bicubic"] = Field(
+        "realesrgan", description="x4 upscaling of low-res images: Real-ESRGAN, or bicubic (the baseline)"
+    )
     weights: str | None = Field(None, description="explicit RealESRGAN_x4plus .pth (else cache/download/ncnn)")
     backend: Backend = Field(
         "auto", description="auto: torch on a GPU, else ncnn (Winograd convolutions) when installed"
@@ -50,7 +54,7 @@ def has_lowres(download: dict[str, Any]) -> bool:
 
 def preflight(s: Settings) -> None:
     """A user-given weights file must exist and be RealESRGAN_x4plus: refused before any work."""
-    if s.weights:
+    if s.weights and s.method == "realesrgan":
         check_weights(resolve_weights(s.weights))
 
 
@@ -58,8 +62,10 @@ def plan(s: Settings, download: dict[str, Any], workdir: Path) -> dict[str, Any]
     """Facts resolved now, so the key covers them: the weights' sha256 (dropping the official file into
     the cache changes the output) and the engine actually used (torch and ncnn agree within 1/255, not
     bit for bit). A weights file that is not RealESRGAN_x4plus is refused here, before any work."""
-    info = resolve_weights(s.weights)
-    facts = {"backend": choose_backend(s.backend), "weights": info.as_dict()}
+    if s.method == "bicubic":
+        facts: dict[str, Any] = {"backend": "bicubic", "weights": None}
+    else:
+        facts = {"backend": choose_backend(s.backend), "weights": resolve_weights(s.weights).as_dict()}
     return make_plan(workdir, STAGE, {"download": download}, s.for_stage(), code_version(__name__), facts)
 
 
@@ -81,9 +87,11 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
     def work(out: Path) -> dict[str, Any]:
         if c.threads:
             torch.set_num_threads(c.threads)
-        info = WeightsInfo(**plan["facts"]["weights"])
-        backend = plan["facts"]["backend"]
-        upscaler = make_upscaler(info, backend, threads=c.threads, bf16=c.bf16, channels_last=c.channels_last)
+        backend, weights = plan["facts"]["backend"], plan["facts"]["weights"]
+        upscaler: Upscaler = BicubicUpscaler()
+        if weights is not None:
+            info = WeightsInfo(**weights)
+            upscaler = make_upscaler(info, backend, threads=c.threads, bf16=c.bf16, channels_last=c.channels_last)
         counts = {}
         jobs = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
         total = sum(download["sets"]["lowres"].values())
@@ -113,9 +121,10 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
             done += n
         bar.close()
         ips = round(processed / seconds, 3) if seconds else None
-        log.info("upscaled %d images (%s img/s, %s) with %s weights", done, ips, backend, info.source)
+        log.info("upscaled %d images (%s img/s, %s) with %s", done, ips, backend, c.method)
         return {
-            "weights": info.as_dict(),
+            "method": c.method,
+            "weights": weights,
             "backend": backend,
             "sets": {"upscaled": counts},
             "images_per_second": ips,

@@ -120,6 +120,24 @@ def test_folder_cuts_several_crops_per_photo_all_in_the_photos_split(tmp_path: P
     again = _run(tmp_path / "w2", "folder", *opts, path=photos).manifest
     assert again["content"] == m["content"]  # seeded: the same crops
 
+    # The second claim's setting: the same crops, train and val shrunk to 32x32 (to be upscaled), test
+    # left full size, so Real-ESRGAN and bicubic are scored on the very photos the fusion study uses.
+    low = _run(tmp_path / "w3", "folder", *opts, "download.folder_lowres=true", path=photos).manifest
+
+    def crops(manifest: dict, kind: str, split: str) -> dict[str, np.ndarray]:
+        return {s["__key__"]: decode_png(s["png"]) for s in iter_samples(shard_paths(manifest, f"{kind}-{split}"))}
+
+    assert not any(low["sets"]["highres"].get(split) for split in ("train", "val"))
+    for split in ("train", "val"):
+        small, full = crops(low, "lowres", split), crops(m, "highres", split)
+        assert small.keys() >= full.keys() and full
+        for key, crop in full.items():
+            expected = np.asarray(Image.fromarray(crop).resize((32, 32), Image.Resampling.BOX))
+            assert np.array_equal(small[key], expected)
+    test_full, test_low = crops(m, "highres", "test"), crops(low, "highres", "test")
+    assert test_full and test_full.keys() == test_low.keys()
+    assert all(np.array_equal(test_full[k], test_low[k]) for k in test_full)
+
 
 def test_folder_of_only_bad_files_is_a_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "p").mkdir()
