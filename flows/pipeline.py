@@ -20,6 +20,7 @@ from prefect import flow, task
 from prefect.context import get_run_context
 
 from flows.config import STAGE_MODULES, STAGES, PipelineConfig, build_config
+from storage import shard_runner
 from storage.errors import TransientError, UserFacingError, disk_full
 from storage.stage import digest, finished, plan_folder, record
 from storage.tracking import Tracker, flatten, sanitize
@@ -180,6 +181,7 @@ def preflight(cfg: PipelineConfig) -> None:
         check = getattr(module, "preflight", None)
         if check is not None:
             check(getattr(cfg, module.STAGE))
+    shard_runner.check(cfg.runner)
 
 
 def configure_run(
@@ -226,7 +228,7 @@ def pipeline(
 
     up = None
     if upscale_stage.has_lowres(dl):  # high-res-only sources skip Real-ESRGAN: the DAG decides
-        up = run("upscale", upscale_stage.plan(cfg.upscale, dl, wd))
+        up = run("upscale", upscale_stage.plan(cfg.upscale, dl, wd), runner=cfg.runner.model_dump())
         out["stages"]["upscale"] = up["folder"]
     if stop == STAGES.index("upscale"):
         return done()

@@ -8,9 +8,12 @@ it is x4, then resize.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +26,7 @@ from model.realesrgan import SCALE, WeightsInfo, check_weights, resolve_weights
 from model.upscaler import Backend, BicubicUpscaler, Upscaler, choose_backend, make_upscaler
 from storage.code_identity import code_version
 from storage.settings import Section
+from storage.shard_runner import map_shards
 from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
 from storage.stage import StageResult, make_plan, run_stage
 
@@ -80,51 +84,85 @@ def _batches(shard: Path, size: int) -> Iterator[list[dict[str, Any]]]:
         yield batch
 
 
-def run(plan: dict[str, Any], force: bool = False) -> StageResult:
+@dataclass(frozen=True)
+class ShardJob:
+    """One input shard to upscale into the stage's (partial) folder: what a shard task receives."""
+
+    plan: dict[str, Any]
+    out: str
+    split: str
+    shard: str
+
+    @property
+    def index(self) -> int:
+        return int(Path(self.shard).stem.rsplit("-", 1)[1])
+
+    @property
+    def name(self) -> str:
+        return f"upscale {self.split} shard {self.index}"
+
+
+@functools.cache
+def _upscaler(method: str, weights: str | None, backend: str, threads: int | None, bf16: bool, cl: bool) -> Upscaler:
+    """One upscaler per process (and per Dask worker), loaded once for all the shards it runs."""
+    if method == "bicubic":
+        return BicubicUpscaler()
+    info = WeightsInfo(**json.loads(weights or "null"))
+    return make_upscaler(info, backend, threads=threads, bf16=bf16, channels_last=cl)
+
+
+def upscale_shard(job: ShardJob) -> dict[str, Any]:
+    """Upscale one shard into ``upscaled-<split>-<index>.tar`` (renamed into place when complete), or
+    count it if a previous attempt finished it. The same function runs in this process or in a Dask
+    worker, so the output does not depend on where it ran."""
+    c = Settings.model_validate(job.plan["config"])
+    facts = job.plan["facts"]
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    target = Path(job.out) / f"upscaled-{job.split}-{job.index:06d}.tar"
+    if target.exists():
+        return {"split": job.split, "n": sum(1 for _ in iter_samples([target])), "seconds": 0.0, "processed": 0}
+    weights = json.dumps(facts["weights"], sort_keys=True) if facts["weights"] else None
+    upscaler = _upscaler(c.method, weights, facts["backend"], c.threads, c.bf16, c.channels_last)
+    n, seconds = 0, 0.0
+    with (
+        ShardWriter(Path(job.out), f"upscaled-{job.split}", maxcount=10**9, start_index=job.index) as writer,
+        tqdm(unit="img", desc=job.name, dynamic_ncols=True, leave=False) as bar,
+    ):
+        for batch in _batches(Path(job.shard), c.batch_size):
+            images = torch.from_numpy(np.stack([decode_png(s["png"]) for s in batch])).permute(0, 3, 1, 2)
+            t0 = time.perf_counter()
+            big = upscaler(images)
+            seconds += time.perf_counter() - t0
+            for s, img in zip(batch, big.permute(0, 2, 3, 1).numpy(), strict=True):
+                writer.write({"__key__": s["__key__"], "png": encode_png(img), "json": s["json"]})
+            n += len(batch)
+            bar.update(len(batch))
+    return {"split": job.split, "n": n, "seconds": seconds, "processed": n}
+
+
+def run(plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None = None) -> StageResult:
+    """Upscale every low-res shard, one shard job each: in this process, or as one Prefect task per
+    shard on a Dask cluster (``runner``, see storage.shard_runner). A shard finished before a crash is
+    kept; the stage folder and manifest are assembled here either way."""
     c = Settings.model_validate(plan["config"])
     download = plan["inputs"]["download"]
+    _upscaler.cache_clear()  # this process's engine is rebuilt per run: the weights file may have changed
 
     def work(out: Path) -> dict[str, Any]:
-        if c.threads:
-            torch.set_num_threads(c.threads)
-        backend, weights = plan["facts"]["backend"], plan["facts"]["weights"]
-        upscaler: Upscaler = BicubicUpscaler()
-        if weights is not None:
-            info = WeightsInfo(**weights)
-            upscaler = make_upscaler(info, backend, threads=c.threads, bf16=c.bf16, channels_last=c.channels_last)
-        counts = {}
-        jobs = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
-        total = sum(download["sets"]["lowres"].values())
-        done = 0
-        seconds, processed = 0.0, 0
-        bar = tqdm(total=total, unit="img", desc="upscale x4", dynamic_ncols=True)
-        for split, shard in jobs:
-            index = int(shard.stem.rsplit("-", 1)[1])
-            target = out / f"upscaled-{split}-{index:06d}.tar"
-            n = sum(1 for _ in iter_samples([target])) if target.exists() else None
-            if n is None:  # not finished before: (re)do the whole shard
-                n = 0
-                with ShardWriter(out, f"upscaled-{split}", maxcount=10**9, start_index=index) as writer:
-                    for batch in _batches(shard, c.batch_size):
-                        images = torch.from_numpy(np.stack([decode_png(s["png"]) for s in batch])).permute(0, 3, 1, 2)
-                        t0 = time.perf_counter()
-                        big = upscaler(images)
-                        seconds += time.perf_counter() - t0
-                        processed += len(batch)
-                        for s, img in zip(batch, big.permute(0, 2, 3, 1).numpy(), strict=True):
-                            writer.write({"__key__": s["__key__"], "png": encode_png(img), "json": s["json"]})
-                        n += len(batch)
-                        bar.update(len(batch))
-            else:
-                bar.update(n)
-            counts[split] = counts.get(split, 0) + n
-            done += n
-        bar.close()
+        shards = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
+        jobs = [ShardJob(plan, str(out), split, str(s)) for split, s in shards]
+        results = map_shards(runner, upscale_shard, jobs, [j.name for j in jobs])
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r["split"]] = counts.get(r["split"], 0) + r["n"]
+        seconds, processed = sum(r["seconds"] for r in results), sum(r["processed"] for r in results)
         ips = round(processed / seconds, 3) if seconds else None
-        log.info("upscaled %d images (%s img/s, %s) with %s", done, ips, backend, c.method)
+        backend = plan["facts"]["backend"]
+        log.info("upscaled %d images (%s img/s, %s) with %s", sum(counts.values()), ips, backend, c.method)
         return {
             "method": c.method,
-            "weights": weights,
+            "weights": plan["facts"]["weights"],
             "backend": backend,
             "sets": {"upscaled": counts},
             "images_per_second": ips,

@@ -1,0 +1,92 @@
+"""Where a stage's per-shard jobs run: here, one after another (``local``, the default), or as one Prefect
+task per shard on a Dask cluster (``dask``, through prefect-dask's ``PrefectDaskClient``).
+
+Why per shard on Dask and not per stage: the expensive stages (Real-ESRGAN on 60,000 CIFAR images is
+about 5.5 hours on one CPU machine) are embarrassingly parallel over shards. Each shard job writes its
+output shard into the stage's partial folder (renamed into place when complete, so a finished shard
+survives any crash), and the stage process assembles the manifest as it always does: the stage folder
+does not depend on the runner, only the wall time does. Every shard is a Prefect task run of the flow, so
+the UI shows each one; Dask reschedules a shard whose worker died, and a rerun of the stage redoes only
+the shards that never finished.
+
+The workers need the flow's Prefect API (``PREFECT_API_URL``): without it every worker process would
+start its own temporary server on its own database, and the shard runs would be lost to the UI (and
+startup would cost seconds per worker). The pipeline refuses ``runner.kind=dask`` without one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar
+
+from pydantic import Field
+
+from storage.errors import ConfigError
+from storage.settings import Section
+
+T = TypeVar("T")
+R = TypeVar("R")
+API_ENV = "PREFECT_API_URL"
+
+
+class Settings(Section):
+    """The runner section: where per-shard jobs (upscale) run. Not part of any stage's key: the outputs
+    are the same wherever they are computed."""
+
+    kind: Literal["local", "dask"] = Field("local", description="local: in this process; dask: a Dask cluster")
+    address: str | None = Field(
+        None, description="dask: the scheduler (tcp://host:8786); unset starts a LocalCluster for each stage"
+    )
+    workers: int = Field(2, ge=1, le=1024, description="dask without an address: LocalCluster worker processes")
+
+
+def check(settings: Settings) -> None:
+    """Refuse a Dask run the workers could not report to (see the module docstring)."""
+    if settings.kind == "dask" and not os.environ.get(API_ENV):
+        raise ConfigError(
+            f"runner.kind=dask needs a Prefect server its workers can reach: start one "
+            f"(prefect server start --host 127.0.0.1) and export {API_ENV}=http://127.0.0.1:4200/api "
+            "here and on every worker machine"
+        )
+
+
+def map_shards(runner: dict[str, Any] | None, fn: Callable[[T], R], jobs: Sequence[T], names: Sequence[str]) -> list[R]:
+    """``[fn(job) for job in jobs]``, in this process or as Prefect tasks on Dask (named ``names``).
+    ``fn`` must be a module-level function and the jobs picklable: they travel to the workers."""
+    settings = Settings.model_validate(runner or {})
+    if settings.kind == "local" or not jobs:
+        return [fn(job) for job in jobs]
+    check(settings)
+    return _on_dask(settings, fn, jobs, names)
+
+
+def _on_dask(settings: Settings, fn: Callable[[T], R], jobs: Sequence[T], names: Sequence[str]) -> list[R]:
+    from distributed import LocalCluster
+    from prefect import task
+    from prefect_dask import PrefectDaskClient
+
+    shard_task = task(_call, name="shard", retries=0)
+    cluster = None
+    address = settings.address
+    if address is None:
+        # Processes, not threads: the shard jobs hold the GIL in places (PNG coding) and set torch's
+        # thread count. One thread each: the engines use the cores themselves.
+        cluster = LocalCluster(
+            n_workers=settings.workers, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        )
+        address = cluster.scheduler_address
+    try:
+        with PrefectDaskClient(address) as client:
+            futures = [
+                client.submit(shard_task.with_options(task_run_name=name), fn, job, pure=False)
+                for job, name in zip(jobs, names, strict=True)
+            ]
+            return client.gather(futures)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _call(fn: Callable[[T], R], job: T) -> R:
+    return fn(job)
