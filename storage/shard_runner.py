@@ -20,10 +20,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, TypeVar
 
-from pydantic import Field
-
 from storage.errors import ConfigError
-from storage.settings import Section
+from storage.settings import Section, flow_setting
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -34,11 +32,11 @@ class Settings(Section):
     """The runner section: where per-shard jobs (upscale) run. Not part of any stage's key: the outputs
     are the same wherever they are computed."""
 
-    kind: Literal["local", "dask"] = Field("local", description="local: in this process; dask: a Dask cluster")
-    address: str | None = Field(
+    kind: Literal["local", "dask"] = flow_setting("local", description="local: in this process; dask: a Dask cluster")
+    address: str | None = flow_setting(
         None, description="dask: the scheduler (tcp://host:8786); unset starts a LocalCluster for each stage"
     )
-    workers: int = Field(2, ge=1, le=1024, description="dask without an address: LocalCluster worker processes")
+    workers: int = flow_setting(2, ge=1, le=1024, description="dask without an address: LocalCluster worker processes")
 
 
 def check(settings: Settings) -> None:
