@@ -233,7 +233,7 @@ def pipeline(
     if stop == STAGES.index("upscale"):
         return done()
 
-    prep = run("prepare", prepare_stage.plan(cfg.prepare, cfg.seed, dl, up, wd))
+    prep = run("prepare", prepare_stage.plan(cfg.prepare, cfg.seed, dl, up, wd), runner=cfg.runner.model_dump())
     out["stages"]["prepare"] = prep["folder"]
     if stop == STAGES.index("prepare"):
         return done()

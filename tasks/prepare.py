@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,14 +24,17 @@ from pydantic import Field, field_validator
 
 from model import samples
 from model.metrics import colorfulness
+from storage.atomic import write_json
 from storage.code_identity import code_version
 from storage.errors import ConfigError
 from storage.settings import Section
+from storage.shard_runner import map_shards
 from storage.shards import SPLITS, ShardWriter, decode_png, iter_samples, shard_paths
-from storage.stage import StageResult, make_plan, run_stage
+from storage.stage import SCRATCH, StageResult, make_plan, run_stage
 
 STAGE = "prepare"
 CHUNK = 64
+PARTS = "parts"  # under scratch: one converted part per input shard, joined into the stage's shards at the end
 
 
 class Settings(Section):
@@ -87,47 +91,86 @@ def _flush(chunk: list[tuple[dict[str, Any], np.ndarray]], writer: ShardWriter, 
     chunk.clear()
 
 
-def run(plan: dict[str, Any], force: bool = False) -> StageResult:
+@dataclass(frozen=True)
+class PartJob:
+    """One input shard to convert into part ``part`` of its split (a shard job, see storage.shard_runner)."""
+
+    plan: dict[str, Any]
+    out: str
+    split: str
+    kind: str
+    shard: str
+    part: int
+
+    @property
+    def name(self) -> str:
+        return f"prepare {self.split} {self.kind} shard {Path(self.shard).stem.rsplit('-', 1)[1]}"
+
+
+def prepare_part(job: PartJob) -> dict[str, float]:
+    """Convert one input shard into ``scratch/parts/part-<split>-<part>.tar`` and return its statistics
+    (kept beside it, so a part finished before a crash is not redone). The same function runs here or
+    on a Dask worker; the parts are joined in a fixed order afterwards, so the stage's shards are the same
+    bytes wherever, and in whatever order, the parts were made."""
+    folder = Path(job.out) / SCRATCH / PARTS
+    stats_file = folder / f"part-{job.split}-{job.part:06d}.json"
+    if stats_file.exists():
+        return json.loads(stats_file.read_text())
+    size, seed = Settings.model_validate(job.plan["config"]).image_size, job.plan["facts"]["seed"]
+    stats = {"n": 0, "a": 0.0, "b": 0.0, "colorfulness": 0.0}
+    chunk: list[tuple[dict[str, Any], np.ndarray]] = []
+    with ShardWriter(folder, f"part-{job.split}", maxcount=10**9, maxsize=2**62, start_index=job.part) as writer:
+        for s in iter_samples([Path(job.shard)]):
+            key = s["__key__"]
+            rng = None
+            if job.split == "train":
+                digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
+                rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            meta = {**json.loads(s["json"]), "set": job.kind}
+            chunk.append(({"__key__": key, "json": meta}, fit(decode_png(s["png"]), size, rng)))
+            stats["n"] += 1
+            if len(chunk) == CHUNK:
+                _flush(chunk, writer, stats)
+        if chunk:
+            _flush(chunk, writer, stats)
+    write_json(stats_file, stats)
+    return stats
+
+
+def run(plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None = None) -> StageResult:
+    """Convert every input shard (in this process, or one Prefect task per shard on Dask: ``runner``),
+    then join each split's parts, in input order, into shards of ``shard_maxcount`` samples."""
     settings = Settings.model_validate(plan["config"])
-    size, seed = settings.image_size, plan["facts"]["seed"]
     download, upscaled = plan["inputs"]["download"], plan["inputs"]["upscaled"]
 
     def work(out: Path) -> dict[str, Any]:
+        sources = [(split, kind, shard) for split in SPLITS for kind, shard in _sources(split, download, upscaled)]
+        jobs = [PartJob(plan, str(out), split, kind, str(shard), i) for i, (split, kind, shard) in enumerate(sources)]
+        parts = map_shards(runner, prepare_part, jobs, [j.name for j in jobs])
         counts, stats_out = {}, {}
         for split in SPLITS:
-            stats = {"a": 0.0, "b": 0.0, "colorfulness": 0.0}
-            n = 0
-            chunk: list[tuple[dict[str, Any], np.ndarray]] = []
+            mine = [(job, stats) for job, stats in zip(jobs, parts, strict=True) if job.split == split]
             with ShardWriter(out, split, maxcount=settings.shard_maxcount) as writer:
-                for kind, shard in _sources(split, download, upscaled):
-                    for s in iter_samples([shard]):
-                        key = s["__key__"]
-                        rng = None
-                        if split == "train":
-                            digest = hashlib.sha256(f"{seed}/{key}".encode()).digest()
-                            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
-                        meta = {**json.loads(s["json"]), "set": kind}
-                        chunk.append(({"__key__": key, "json": meta}, fit(decode_png(s["png"]), size, rng)))
-                        n += 1
-                        if len(chunk) == CHUNK:
-                            _flush(chunk, writer, stats)
-                    if chunk:
-                        _flush(chunk, writer, stats)
-            counts[split] = n
+                for job, _ in mine:
+                    part = out / SCRATCH / PARTS / f"part-{split}-{job.part:06d}.tar"
+                    for s in iter_samples([part]) if part.exists() else ():  # an empty input makes no part
+                        writer.write(
+                            {"__key__": s["__key__"], samples.FIELD: s[samples.FIELD], "json": json.loads(s["json"])}
+                        )
+            n = counts[split] = sum(int(stats["n"]) for _, stats in mine)
             if n:
                 stats_out[split] = {
-                    "mean_a": round(stats["a"] / n, 4),
-                    "mean_b": round(stats["b"] / n, 4),
-                    "colorfulness": round(stats["colorfulness"] / n, 4),
+                    name: round(sum(stats[k] for _, stats in mine) / n, 4)
+                    for name, k in (("mean_a", "a"), ("mean_b", "b"), ("colorfulness", "colorfulness"))
                 }
         if not counts["train"]:
             raise ConfigError("the train split is empty: the dataset has too few images for the requested splits")
         return {
-            "image_size": size,
+            "image_size": settings.image_size,
             "counts": counts,
             "stats": stats_out,
             "format": samples.DESCRIPTION,
-            "bytes_per_sample": samples.bytes_per_sample(size),
+            "bytes_per_sample": samples.bytes_per_sample(settings.image_size),
         }
 
     return run_stage(plan, work, force=force)

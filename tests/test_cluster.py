@@ -21,7 +21,7 @@ from storage.atomic import is_temp
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TINY = ["--preset", "tiny", "--until", "upscale", "--set", "download.shard_maxcount=4"]
+TINY = ["--preset", "tiny", "--until", "prepare", "--set", "download.shard_maxcount=4"]
 
 
 def _free_port() -> int:
@@ -73,9 +73,9 @@ def _colorize(tmp: Path, workdir: Path, api: str | None, *args: str, **kw) -> su
     return subprocess.Popen(cmd, env=_env(tmp, api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def _stage(workdir: Path) -> dict:
-    key = json.loads((workdir / "upscale" / "last.json").read_text())["key"]
-    return json.loads((workdir / "upscale" / key / "manifest.json").read_text())
+def _stage(workdir: Path, stage: str) -> dict:
+    key = json.loads((workdir / stage / "last.json").read_text())["key"]
+    return json.loads((workdir / stage / key / "manifest.json").read_text())
 
 
 def _task_runs(api: str, prefix: str) -> list[dict]:
@@ -92,9 +92,9 @@ def test_dask_runner_without_a_prefect_server_is_refused_in_one_line(tmp_path: P
 
 
 def test_dask_shards_survive_a_killed_worker_and_match_the_local_run(prefect_server: str, tmp_path: Path) -> None:
-    """One Prefect task per shard on two Dask worker processes; one worker is SIGKILLed while it writes a
-    shard: the nanny restarts it, the scheduler reruns that shard, and the stage folder is byte for byte
-    the local runner's."""
+    """One Prefect task per shard (upscale and prepare) on two Dask worker processes; one worker is
+    SIGKILLed while it writes an upscaled shard: the nanny restarts it, the scheduler reruns that shard,
+    and both stage folders are byte for byte the local runner's."""
     workdir = tmp_path / "dask"
     proc = _colorize(tmp_path, workdir, prefect_server, "--set", "runner.kind=dask")
     victim = None
@@ -112,13 +112,18 @@ def test_dask_shards_survive_a_killed_worker_and_match_the_local_run(prefect_ser
     local = _colorize(tmp_path, tmp_path / "local", prefect_server)
     out, _ = local.communicate(timeout=600)
     assert local.returncode == 0, out[-3000:]
-    a, b = _stage(tmp_path / "local"), _stage(workdir)
-    assert a["key"] == b["key"] and a["files"] == b["files"] and a["content"] == b["content"]
-    shards = [f for f in a["files"] if f.startswith("upscaled-")]
-    assert len(shards) >= 4
-    runs = _task_runs(prefect_server, "upscale % shard %")
-    completed = {r["name"] for r in runs if r["state_type"] == "COMPLETED"}
-    assert len(completed) == len(shards), sorted((r["name"], r["state_type"]) for r in runs)
+    for stage in ("upscale", "prepare"):
+        a, b = _stage(tmp_path / "local", stage), _stage(workdir, stage)
+        assert a["key"] == b["key"] and a["files"] == b["files"] and a["content"] == b["content"], stage
+    inputs = [f for f in _stage(workdir, "download")["files"] if f.endswith(".tar")]
+    lowres = [f for f in inputs if f.startswith("lowres-")]
+    assert len(lowres) >= 4
+    runs = _task_runs(prefect_server, "% shard %")
+    completed = sorted(r["name"] for r in runs if r["state_type"] == "COMPLETED")
+    upscaled = [n for n in completed if n.startswith("upscale ")]
+    prepared = [n for n in completed if n.startswith("prepare ")]
+    assert len(upscaled) == len(set(upscaled)) == len(lowres), completed
+    assert len(set(prepared)) == len(inputs), completed  # one part per input shard (upscaled and high-res)
 
 
 def _worker_pid(partial: Path) -> int | None:
