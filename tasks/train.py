@@ -153,7 +153,7 @@ def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float = 0.0) -
 def lr_at(s: Settings, step: int, total: int) -> float:
     """The learning rate for the step after ``step``: a pure function of the step, so a resumed run needs
     nothing saved beyond the optimizer. Cosine annealing ends near 0, where the weights stop moving:
-    without it, the last epoch's noise (validation MSE swinging 30% from one epoch to the next on the
+    without it, the last epoch's noise (validation MSE moving by up to 41% from one epoch to the next on the
     photo corpus) decides which model is kept."""
     if s.schedule == "constant":
         return s.lr
