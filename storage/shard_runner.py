@@ -29,8 +29,8 @@ API_ENV = "PREFECT_API_URL"
 
 
 class Settings(Section):
-    """The runner section: where per-shard jobs (upscale) run. Not part of any stage's key: the outputs
-    are the same wherever they are computed."""
+    """The runner section: where per-shard jobs (upscale, prepare) run. Not part of any stage's key: the
+    outputs are the same wherever they are computed."""
 
     kind: Literal["local", "dask"] = flow_setting("local", description="local: in this process; dask: a Dask cluster")
     address: str | None = flow_setting(

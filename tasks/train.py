@@ -1,9 +1,11 @@
 """Training stage: one fusion variant on the prepared train split, resumable, logged to MLflow.
 
 The loop reads like torchvision's classification reference: :func:`train_one_epoch`, :func:`validate`,
-and checkpointing in a few lines. Adam, MSE on ab (optionally +L1), optional bf16 autocast, gradient
-clipping, channels_last. Every ``checkpoint_every`` steps the model, optimizer, step, data position and
-RNG state are written atomically to ``scratch/checkpoint.pt``; a killed run resumes from there and, with
+and checkpointing in a few lines. Adam (constant or cosine-annealed rate), MSE on ab (optionally +L1 or
++colourfulness), optional bf16 autocast, gradient clipping, channels_last; the last weights are kept, or
+the epoch end's with the lowest validation MSE. Every ``checkpoint_every`` steps the model, optimizer,
+step, data position and RNG state are written atomically to ``scratch/checkpoint.pt``; a killed run
+resumes from there and, with
 the same seed, ends with the same weights as an uninterrupted run (the data order is a pure function of
 seed and epoch, see storage.shards.ShardDataset). A non-finite loss stops training with an error:
 nothing is cached, so a diverged model can never be evaluated or registered.
