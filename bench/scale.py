@@ -75,10 +75,10 @@ def shard_compute(tmp: Path, images: int) -> tuple[float, str]:
     plan = upscale.plan(
         cfg, {"stage": "download", "sets": {"lowres": {"train": images}}, "key": "k", "content": "c"}, tmp
     )
-    job = upscale.ShardJob(plan, str(tmp / "out"), "train", str(tmp / "lowres-train-000000.tar"))
+    job = upscale.UpscaleJob(plan, str(tmp / "out"), "train", str(tmp / "lowres-train-000000.tar"))
     (tmp / "out").mkdir()
     (tmp / "warm").mkdir()
-    upscale.upscale_shard(upscale.ShardJob(plan, str(tmp / "warm"), "train", job.shard))  # engine load, first call
+    upscale.upscale_shard(upscale.UpscaleJob(plan, str(tmp / "warm"), "train", job.shard))  # engine load, first call
     t0 = time.perf_counter()
     upscale.upscale_shard(job)
     return (time.perf_counter() - t0) / images, plan["facts"]["backend"]

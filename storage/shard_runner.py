@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from storage.errors import ConfigError
@@ -37,6 +39,21 @@ class Settings(Section):
         None, description="dask: the scheduler (tcp://host:8786); unset starts a LocalCluster for each stage"
     )
     workers: int = flow_setting(2, ge=1, le=1024, description="dask without an address: LocalCluster worker processes")
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One input shard of a stage: what a shard job receives, here or on a worker (picklable)."""
+
+    plan: dict[str, Any]
+    out: str  # the stage's partial folder
+    split: str
+    shard: str
+
+    @property
+    def index(self) -> int:
+        """The input shard's number (``<prefix>-<split>-NNNNNN.tar``)."""
+        return int(Path(self.shard).stem.rsplit("-", 1)[1])
 
 
 def check(settings: Settings) -> None:

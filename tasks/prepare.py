@@ -28,7 +28,7 @@ from storage.atomic import write_json
 from storage.code_identity import code_version
 from storage.errors import ConfigError
 from storage.settings import Section
-from storage.shard_runner import map_shards
+from storage.shard_runner import ShardJob, map_shards
 from storage.shards import SPLITS, ShardWriter, decode_png, iter_samples, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan, run_stage
 
@@ -92,19 +92,15 @@ def _flush(chunk: list[tuple[dict[str, Any], np.ndarray]], writer: ShardWriter, 
 
 
 @dataclass(frozen=True)
-class PartJob:
-    """One input shard to convert into part ``part`` of its split (a shard job, see storage.shard_runner)."""
+class PartJob(ShardJob):
+    """One input shard (``kind``: upscaled, lowres or highres) to convert into part ``part`` of its split."""
 
-    plan: dict[str, Any]
-    out: str
-    split: str
     kind: str
-    shard: str
     part: int
 
     @property
     def name(self) -> str:
-        return f"prepare {self.split} {self.kind} shard {Path(self.shard).stem.rsplit('-', 1)[1]}"
+        return f"prepare {self.split} {self.kind} shard {self.index:06d}"
 
 
 def prepare_part(job: PartJob) -> dict[str, float]:
@@ -145,7 +141,7 @@ def run(plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None
 
     def work(out: Path) -> dict[str, Any]:
         sources = [(split, kind, shard) for split in SPLITS for kind, shard in _sources(split, download, upscaled)]
-        jobs = [PartJob(plan, str(out), split, kind, str(shard), i) for i, (split, kind, shard) in enumerate(sources)]
+        jobs = [PartJob(plan, str(out), split, str(shard), kind, i) for i, (split, kind, shard) in enumerate(sources)]
         parts = map_shards(runner, prepare_part, jobs, [j.name for j in jobs])
         counts, stats_out = {}, {}
         for split in SPLITS:

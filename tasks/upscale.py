@@ -26,7 +26,7 @@ from model.realesrgan import SCALE, WeightsInfo, check_weights, resolve_weights
 from model.upscaler import Backend, BicubicUpscaler, Upscaler, choose_backend, make_upscaler
 from storage.code_identity import code_version
 from storage.settings import Section
-from storage.shard_runner import map_shards
+from storage.shard_runner import ShardJob, map_shards
 from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
 from storage.stage import StageResult, make_plan, run_stage
 
@@ -85,17 +85,8 @@ def _batches(shard: Path, size: int) -> Iterator[list[dict[str, Any]]]:
 
 
 @dataclass(frozen=True)
-class ShardJob:
-    """One input shard to upscale into the stage's (partial) folder: what a shard task receives."""
-
-    plan: dict[str, Any]
-    out: str
-    split: str
-    shard: str
-
-    @property
-    def index(self) -> int:
-        return int(Path(self.shard).stem.rsplit("-", 1)[1])
+class UpscaleJob(ShardJob):
+    """One input shard to upscale into the stage's (partial) folder."""
 
     @property
     def name(self) -> str:
@@ -111,7 +102,7 @@ def _upscaler(method: str, weights: str | None, backend: str, threads: int | Non
     return make_upscaler(info, backend, threads=threads, bf16=bf16, channels_last=cl)
 
 
-def upscale_shard(job: ShardJob) -> dict[str, Any]:
+def upscale_shard(job: UpscaleJob) -> dict[str, Any]:
     """Upscale one shard into ``upscaled-<split>-<index>.tar`` (renamed into place when complete), or
     count it if a previous attempt finished it. The same function runs in this process or in a Dask
     worker, so the output does not depend on where it ran."""
@@ -151,7 +142,7 @@ def run(plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None
 
     def work(out: Path) -> dict[str, Any]:
         shards = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
-        jobs = [ShardJob(plan, str(out), split, str(s)) for split, s in shards]
+        jobs = [UpscaleJob(plan, str(out), split, str(s)) for split, s in shards]
         results = map_shards(runner, upscale_shard, jobs, [j.name for j in jobs])
         counts: dict[str, int] = {}
         for r in results:
