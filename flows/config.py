@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from storage import shard_runner
+from storage import shard_runner, stage_store
 from storage.errors import ConfigError
 from storage.settings import Section
 from tasks import download as download_stage
@@ -43,6 +43,7 @@ with warnings.catch_warnings():
         evaluate: evaluate_stage.Settings = Field(default_factory=evaluate_stage.Settings)
         register: register_stage.Settings = Field(default_factory=register_stage.Settings)
         runner: shard_runner.Settings = Field(default_factory=shard_runner.Settings)
+        store: stage_store.Settings = Field(default_factory=stage_store.Settings)
 
 
 # Presets are overrides on top of the defaults (which are the `demo` preset's values).

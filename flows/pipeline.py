@@ -23,6 +23,7 @@ from flows.config import STAGE_MODULES, STAGES, PipelineConfig, build_config
 from storage import shard_runner
 from storage.errors import TransientError, UserFacingError, disk_full
 from storage.stage import digest, finished, plan_folder, record
+from storage.stage_store import StageStore
 from storage.tracking import Tracker, flatten, sanitize
 from tasks import download as download_stage
 from tasks import evaluate as evaluate_stage
@@ -75,7 +76,8 @@ def describe(exc: BaseException | None, crashed: bool) -> StageFailed:
 
 @dataclass
 class StageCall:
-    """How one stage ended in this flow run: ran, cached (Prefect or stage folder) or failed."""
+    """How one stage ended in this flow run: ran, cached (Prefect or stage folder), pulled (from the
+    stage store) or failed."""
 
     stage: str
     state: str
@@ -86,8 +88,9 @@ class StageCall:
 class Runner:
     """Submits stage tasks, records how each ended, and honours --force and --only."""
 
-    def __init__(self, workdir: Path, force: set[str], only: str | None) -> None:
-        self.workdir, self.force, self.only = workdir, force, only
+    def __init__(self, workdir: Path, force: set[str], only: str | None, store: StageStore | None = None) -> None:
+        self.workdir, self.force, self.only, self.store = workdir, force, only, store
+        self.pulled: set[str] = set()  # keys of the stages fetched from the store in this run
         self.calls: list[StageCall] = []
         self.failures: list[StageFailed] = []
 
@@ -97,6 +100,10 @@ class Runner:
         stage = plan["stage"]
         forced = stage in self.force
         folder_ok = finished(plan) is not None
+        if not folder_ok and not forced and self.store is not None:  # finished elsewhere: fetched, verified
+            folder_ok = self.store.pull(plan) is not None
+            if folder_ok:
+                self.pulled.add(plan["key"])
         if folder_ok and intact_check is not None and not intact_check():
             log.warning("%s: its stage folder is intact but its external result is gone; redoing it", name)
             forced = True
@@ -125,9 +132,12 @@ class Runner:
             return None
         manifest = state.result()
         cached = state.name == "Cached" or manifest.get("reused", False)
-        self.calls.append(StageCall(name, "cached" if cached else "ran", plan["key"]))
+        state_name = "pulled" if plan["key"] in self.pulled else "cached" if cached else "ran"
+        self.calls.append(StageCall(name, state_name, plan["key"]))
         if state.name == "Cached":  # the task body did not run, so the stage could not record itself
             record(self.workdir, plan["stage"], "cached", key=plan["key"], seconds=0)
+        if self.store is not None:
+            self.store.publish(manifest["folder"])
         return manifest
 
     def __call__(
@@ -182,6 +192,8 @@ def preflight(cfg: PipelineConfig) -> None:
         if check is not None:
             check(getattr(cfg, module.STAGE))
     shard_runner.check(cfg.runner)
+    if (store := StageStore.of(cfg.store)) is not None:
+        store.check()
 
 
 def configure_run(
@@ -213,7 +225,7 @@ def pipeline(
     cfg, _ = configure_run(dataset, preset, real, path)
     preflight(cfg)
     wd = Path(workdir).resolve()
-    run = Runner(wd, set(force or []), only)
+    run = Runner(wd, set(force or []), only, StageStore.of(cfg.store))
     stop = STAGES.index(only or until)
     out: dict[str, Any] = {"workdir": str(wd), "stages": {}, "calls": []}
 
@@ -227,13 +239,14 @@ def pipeline(
         return done()
 
     up = None
+    shard_options = {"runner": cfg.runner.model_dump(), "store": cfg.store.url}  # where shard jobs run and meet
     if upscale_stage.has_lowres(dl):  # high-res-only sources skip Real-ESRGAN: the DAG decides
-        up = run("upscale", upscale_stage.plan(cfg.upscale, dl, wd), runner=cfg.runner.model_dump())
+        up = run("upscale", upscale_stage.plan(cfg.upscale, dl, wd), **shard_options)
         out["stages"]["upscale"] = up["folder"]
     if stop == STAGES.index("upscale"):
         return done()
 
-    prep = run("prepare", prepare_stage.plan(cfg.prepare, cfg.seed, dl, up, wd), runner=cfg.runner.model_dump())
+    prep = run("prepare", prepare_stage.plan(cfg.prepare, cfg.seed, dl, up, wd), **shard_options)
     out["stages"]["prepare"] = prep["folder"]
     if stop == STAGES.index("prepare"):
         return done()

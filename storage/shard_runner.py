@@ -66,6 +66,21 @@ def check(settings: Settings) -> None:
         )
 
 
+def exchange(runner: dict[str, Any] | None, store: str | None, stage: str, key: str) -> str | None:
+    """Where the shard jobs of a stage put their outputs: None for the stage's partial folder (the local
+    runner, or Dask without a stage store, whose workers then share the work dir's file system), else
+    ``<store>/<stage>/<key>.partial``, so workers on other machines need only the store."""
+    if Settings.model_validate(runner or {}).kind == "local" or not store:
+        return None
+    return f"{store.rstrip('/')}/{stage}/{key}.partial"
+
+
+def published(store: str, manifest: dict[str, Any], path: Path | str) -> str:
+    """The stage store's copy of a finished stage's file (the flow publishes each stage before the next
+    one starts): what a worker without the work dir reads."""
+    return f"{store.rstrip('/')}/{manifest['stage']}/{manifest['key']}/{Path(path).name}"
+
+
 def map_shards(runner: dict[str, Any] | None, fn: Callable[[T], R], jobs: Sequence[T], names: Sequence[str]) -> list[R]:
     """``[fn(job) for job in jobs]``, in this process or as Prefect tasks on Dask (named ``names``).
     ``fn`` must be a module-level function and the jobs picklable: they travel to the workers."""

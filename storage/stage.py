@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.atomic import fsync_dir, is_temp, write_json
+from storage.atomic import fsync_dir, is_temp, temp_name, write_json
 from storage.errors import UserFacingError
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,11 @@ def _self_digest(manifest: Mapping[str, Any]) -> str:
     return digest({k: v for k, v in manifest.items() if k != "manifest_sha256"})
 
 
+def self_checks(manifest: Any) -> bool:
+    """The manifest is a dict whose recorded checksum matches its content (not edited, not corrupted)."""
+    return isinstance(manifest, dict) and manifest.get("manifest_sha256") == _self_digest(manifest)
+
+
 def verify(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
     """Return (manifest, None) for an intact finished stage, else (None, why it cannot be trusted)."""
     path = folder / MANIFEST
@@ -95,7 +100,7 @@ def verify(folder: Path) -> tuple[dict[str, Any] | None, str | None]:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         return None, f"unreadable {path}: {exc}"
-    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _self_digest(manifest):
+    if not self_checks(manifest):
         return None, f"{path} was edited or corrupted (self-checksum mismatch)"
     for rel, meta in manifest["files"].items():
         p = folder / rel
@@ -279,6 +284,48 @@ def run_stage(
         record(plan["workdir"], stage, "ran", key=key, seconds=seconds)
         manifest["folder"] = str(final)
         return StageResult(manifest, cached=False)
+
+
+def safe_relative(rel: str) -> bool:
+    """A manifest's file name that stays inside its folder: a manifest from elsewhere (a stage store) is
+    input, and ``../../x`` in it must not write outside the work dir."""
+    parts = Path(rel).parts
+    return bool(parts) and not Path(rel).is_absolute() and ".." not in parts and parts[0] != SCRATCH
+
+
+def install(
+    plan: Mapping[str, Any], manifest: Mapping[str, Any], fetch: Callable[[str, Path], None]
+) -> tuple[dict[str, Any] | None, str | None]:
+    """Put a stage finished elsewhere in place of the planned folder: ``fetch(name, dest)`` writes each
+    file the manifest lists, into a temp folder that is verified like any stage (sizes, sha256, the
+    manifest's self-checksum) before it is renamed into place, under the stage's lock. Returns (the
+    manifest, None), or (None, why it was refused); a folder already finished here is kept."""
+    if (manifest.get("stage"), manifest.get("key")) != (plan["stage"], plan["key"]):
+        return None, f"it is {manifest.get('stage')}/{manifest.get('key')}, not {plan['stage']}/{plan['key']}"
+    bad = [rel for rel in manifest.get("files", {}) if not safe_relative(rel)]
+    if bad:
+        return None, f"its manifest names a file outside the stage folder: {bad[0]!r}"
+    final = plan_folder(plan)
+    with _locked(final.parent / f"{plan['key']}.lock", f"{plan['stage']}/{plan['key']}"):
+        if (done := finished(plan)) is not None:
+            return done, None
+        tmp = temp_name(final)
+        try:
+            for rel in manifest["files"]:
+                dest = tmp / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fetch(rel, dest)
+            write_json(tmp / MANIFEST, {k: v for k, v in manifest.items() if k != "folder"})
+            checked, problem = verify(tmp)
+            if checked is None:
+                return None, problem.replace(str(tmp), f"{plan['stage']}/{plan['key']}") if problem else problem
+            _discard(final)
+            tmp.rename(final)
+            fsync_dir(final.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    record(plan["workdir"], plan["stage"], "pulled", key=plan["key"], seconds=0.0)
+    return finished(plan), None
 
 
 def load_manifest(folder: Path | str) -> dict[str, Any]:

@@ -24,11 +24,12 @@ from pydantic import Field, field_validator
 
 from model import samples
 from model.metrics import colorfulness
+from storage import locations
 from storage.atomic import write_json
 from storage.code_identity import code_version
 from storage.errors import ConfigError
 from storage.settings import Section
-from storage.shard_runner import ShardJob, map_shards
+from storage.shard_runner import ShardJob, exchange, map_shards, published
 from storage.shards import SPLITS, ShardWriter, decode_png, iter_samples, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan, run_stage
 
@@ -72,12 +73,15 @@ def fit(rgb: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarr
     return np.ascontiguousarray(rgb[y : y + size, x : x + size])
 
 
-def _sources(split: str, download: dict[str, Any], upscaled: dict[str, Any] | None) -> Iterator[tuple[str, Path]]:
+def _sources(
+    split: str, download: dict[str, Any], upscaled: dict[str, Any] | None
+) -> Iterator[tuple[str, dict[str, Any], Path]]:
+    """The split's input shards: (which set, the manifest of the stage holding it, its path)."""
     if upscaled is not None:
-        yield from (("upscaled", p) for p in shard_paths(upscaled, f"upscaled-{split}"))
+        yield from (("upscaled", upscaled, p) for p in shard_paths(upscaled, f"upscaled-{split}"))
     else:  # no upscale stage in this run: low-res images are resized directly
-        yield from (("lowres", p) for p in shard_paths(download, f"lowres-{split}"))
-    yield from (("highres", p) for p in shard_paths(download, f"highres-{split}"))
+        yield from (("lowres", download, p) for p in shard_paths(download, f"lowres-{split}"))
+    yield from (("highres", download, p) for p in shard_paths(download, f"highres-{split}"))
 
 
 def _flush(chunk: list[tuple[dict[str, Any], np.ndarray]], writer: ShardWriter, stats: dict[str, float]) -> None:
@@ -108,15 +112,18 @@ def prepare_part(job: PartJob) -> dict[str, float]:
     (kept beside it, so a part finished before a crash is not redone). The same function runs here or
     on a Dask worker; the parts are joined in a fixed order afterwards, so the stage's shards are the same
     bytes wherever, and in whatever order, the parts were made."""
-    folder = Path(job.out) / SCRATCH / PARTS
-    stats_file = folder / f"part-{job.split}-{job.part:06d}.json"
-    if stats_file.exists():
-        return json.loads(stats_file.read_text())
+    folder = locations.join(job.out, SCRATCH, PARTS)
+    stats_name = f"part-{job.split}-{job.part:06d}.json"
+    if locations.exists(locations.join(folder, stats_name)):
+        return json.loads(locations.read_bytes(locations.join(folder, stats_name)))
     size, seed = Settings.model_validate(job.plan["config"]).image_size, job.plan["facts"]["seed"]
     stats = {"n": 0, "a": 0.0, "b": 0.0, "colorfulness": 0.0}
     chunk: list[tuple[dict[str, Any], np.ndarray]] = []
-    with ShardWriter(folder, f"part-{job.split}", maxcount=10**9, maxsize=2**62, start_index=job.part) as writer:
-        for s in iter_samples([Path(job.shard)]):
+    with (
+        locations.writing_into(folder) as local,
+        ShardWriter(local, f"part-{job.split}", maxcount=10**9, maxsize=2**62, start_index=job.part) as writer,
+    ):
+        for s in iter_samples([job.shard]):
             key = s["__key__"]
             rng = None
             if job.split == "train":
@@ -129,20 +136,31 @@ def prepare_part(job: PartJob) -> dict[str, float]:
                 _flush(chunk, writer, stats)
         if chunk:
             _flush(chunk, writer, stats)
-    write_json(stats_file, stats)
+    with locations.writing_into(folder) as local:  # after the part: the statistics say it is finished
+        write_json(local / stats_name, stats)
     return stats
 
 
-def run(plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None = None) -> StageResult:
-    """Convert every input shard (in this process, or one Prefect task per shard on Dask: ``runner``),
-    then join each split's parts, in input order, into shards of ``shard_maxcount`` samples."""
+def run(
+    plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None = None, store: str | None = None
+) -> StageResult:
+    """Convert every input shard (in this process, or one Prefect task per shard on Dask: ``runner``,
+    through the stage ``store`` when there is one), then join each split's parts, in input order, into
+    shards of ``shard_maxcount`` samples."""
     settings = Settings.model_validate(plan["config"])
     download, upscaled = plan["inputs"]["download"], plan["inputs"]["upscaled"]
 
+    remote = exchange(runner, store, STAGE, plan["key"])
+
     def work(out: Path) -> dict[str, Any]:
-        sources = [(split, kind, shard) for split in SPLITS for kind, shard in _sources(split, download, upscaled)]
-        jobs = [PartJob(plan, str(out), split, str(shard), kind, i) for i, (split, kind, shard) in enumerate(sources)]
+        sources = [(split, kind, m, p) for split in SPLITS for kind, m, p in _sources(split, download, upscaled)]
+        jobs = [
+            PartJob(plan, remote or str(out), split, published(store, m, p) if remote else str(p), kind, i)
+            for i, (split, kind, m, p) in enumerate(sources)
+        ]
         parts = map_shards(runner, prepare_part, jobs, [j.name for j in jobs])
+        if remote:
+            locations.download_folder(remote, out)
         counts, stats_out = {}, {}
         for split in SPLITS:
             mine = [(job, stats) for job, stats in zip(jobs, parts, strict=True) if job.split == split]
@@ -169,4 +187,9 @@ def run(plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None
             "bytes_per_sample": samples.bytes_per_sample(settings.image_size),
         }
 
-    return run_stage(plan, work, force=force)
+    if force and remote:
+        locations.remove_folder(remote)
+    result = run_stage(plan, work, force=force)
+    if remote:
+        locations.remove_folder(remote)
+    return result

@@ -24,11 +24,12 @@ from tqdm import tqdm
 
 from model.realesrgan import SCALE, WeightsInfo, check_weights, resolve_weights
 from model.upscaler import Backend, BicubicUpscaler, Upscaler, choose_backend, make_upscaler
+from storage import locations
 from storage.code_identity import code_version
 from storage.settings import Section
-from storage.shard_runner import ShardJob, map_shards
+from storage.shard_runner import ShardJob, exchange, map_shards, published
 from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
-from storage.stage import StageResult, make_plan, run_stage
+from storage.stage import StageError, StageResult, make_plan, run_stage, sha256_file
 
 log = logging.getLogger(__name__)
 STAGE = "upscale"
@@ -73,7 +74,7 @@ def plan(s: Settings, download: dict[str, Any], workdir: Path) -> dict[str, Any]
     return make_plan(workdir, STAGE, {"download": download}, s.for_stage(), code_version(__name__), facts)
 
 
-def _batches(shard: Path, size: int) -> Iterator[list[dict[str, Any]]]:
+def _batches(shard: str, size: int) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for sample in iter_samples([shard]):
         batch.append(sample)
@@ -98,8 +99,22 @@ def _upscaler(method: str, weights: str | None, backend: str, threads: int | Non
     """One upscaler per process (and per Dask worker), loaded once for all the shards it runs."""
     if method == "bicubic":
         return BicubicUpscaler()
-    info = WeightsInfo(**json.loads(weights or "null"))
+    info = _weights_here(WeightsInfo(**json.loads(weights or "null")))
     return make_upscaler(info, backend, threads=threads, bf16=bf16, channels_last=cl)
+
+
+def _weights_here(planned: WeightsInfo) -> WeightsInfo:
+    """The planned weights on this machine: a Dask worker elsewhere has its own cache, so the file is
+    found by content (the planned sha256), not by the planning machine's path."""
+    if Path(planned.path).is_file() and sha256_file(Path(planned.path)) == planned.sha256:
+        return planned
+    here = resolve_weights()  # this machine's cache, the download, or the ncnn conversion
+    if here.sha256 != planned.sha256:
+        raise StageError(
+            f"this machine's Real-ESRGAN weights ({here.path}, sha256 {here.sha256[:12]}...) are not the run's "
+            f"(sha256 {planned.sha256[:12]}...): copy the run's {Path(planned.path).name} to {here.path}"
+        )
+    return here
 
 
 def upscale_shard(job: UpscaleJob) -> dict[str, Any]:
@@ -110,17 +125,18 @@ def upscale_shard(job: UpscaleJob) -> dict[str, Any]:
     facts = job.plan["facts"]
     if c.threads:
         torch.set_num_threads(c.threads)
-    target = Path(job.out) / f"upscaled-{job.split}-{job.index:06d}.tar"
-    if target.exists():
+    target = locations.join(job.out, f"upscaled-{job.split}-{job.index:06d}.tar")
+    if locations.exists(target):
         return {"split": job.split, "n": sum(1 for _ in iter_samples([target])), "seconds": 0.0, "processed": 0}
     weights = json.dumps(facts["weights"], sort_keys=True) if facts["weights"] else None
     upscaler = _upscaler(c.method, weights, facts["backend"], c.threads, c.bf16, c.channels_last)
     n, seconds = 0, 0.0
     with (
-        ShardWriter(Path(job.out), f"upscaled-{job.split}", maxcount=10**9, start_index=job.index) as writer,
+        locations.writing_into(job.out) as out,
+        ShardWriter(out, f"upscaled-{job.split}", maxcount=10**9, start_index=job.index) as writer,
         tqdm(unit="img", desc=job.name, dynamic_ncols=True, leave=False) as bar,
     ):
-        for batch in _batches(Path(job.shard), c.batch_size):
+        for batch in _batches(job.shard, c.batch_size):
             images = torch.from_numpy(np.stack([decode_png(s["png"]) for s in batch])).permute(0, 3, 1, 2)
             t0 = time.perf_counter()
             big = upscaler(images)
@@ -132,18 +148,28 @@ def upscale_shard(job: UpscaleJob) -> dict[str, Any]:
     return {"split": job.split, "n": n, "seconds": seconds, "processed": n}
 
 
-def run(plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None = None) -> StageResult:
+def run(
+    plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None = None, store: str | None = None
+) -> StageResult:
     """Upscale every low-res shard, one shard job each: in this process, or as one Prefect task per
-    shard on a Dask cluster (``runner``, see storage.shard_runner). A shard finished before a crash is
-    kept; the stage folder and manifest are assembled here either way."""
+    shard on a Dask cluster (``runner``, see storage.shard_runner), whose workers read and write through
+    the stage ``store`` when there is one. A shard finished before a crash is kept; the stage folder and
+    manifest are assembled here either way."""
     c = Settings.model_validate(plan["config"])
     download = plan["inputs"]["download"]
     _upscaler.cache_clear()  # this process's engine is rebuilt per run: the weights file may have changed
 
+    remote = exchange(runner, store, STAGE, plan["key"])
+
     def work(out: Path) -> dict[str, Any]:
         shards = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
-        jobs = [UpscaleJob(plan, str(out), split, str(s)) for split, s in shards]
+        jobs = [
+            UpscaleJob(plan, remote or str(out), split, published(store, download, s) if remote else str(s))
+            for split, s in shards
+        ]
         results = map_shards(runner, upscale_shard, jobs, [j.name for j in jobs])
+        if remote:
+            locations.download_folder(remote, out)
         counts: dict[str, int] = {}
         for r in results:
             counts[r["split"]] = counts.get(r["split"], 0) + r["n"]
@@ -160,4 +186,9 @@ def run(plan: dict[str, Any], force: bool = False, runner: dict[str, Any] | None
             "scale": SCALE,
         }
 
-    return run_stage(plan, work, force=force)
+    if force and remote:
+        locations.remove_folder(remote)
+    result = run_stage(plan, work, force=force)
+    if remote:
+        locations.remove_folder(remote)
+    return result

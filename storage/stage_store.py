@@ -1,0 +1,174 @@
+"""A stage store: finished stage folders shared through object storage (``s3://bucket/prefix``, or any
+fsspec URL), so that another machine, a fresh work dir or a lost disk gets them back instead of
+recomputing them.
+
+The work dir stays where stages are computed (engines and WebDataset readers want local files); the
+store is where finished stages live for everyone. After a stage finishes (or is found finished), the
+flow **publishes** it: every file under ``<url>/<stage>/<key>/``, then ``manifest.json`` last. Before a
+stage would run, the flow **pulls** it if the store has it: each object is downloaded and the folder is
+verified (sizes, sha256, the manifest's self-checksum) before it is renamed into the work dir.
+
+S3 has no rename, so the guarantee "a reader sees a finished stage or none" is kept by the order of
+writes and by verification: a stage counts as finished in the store only when its manifest object
+exists, its self-checksum holds and every object it lists is there at its size; its contents are
+checked byte for byte (sha256) by whoever pulls it. A killed upload leaves objects but no manifest (not
+finished); a replaced stage has its old manifest deleted before any object is overwritten; a tampered
+object fails the pull's check and the stage is recomputed and published again. Objects are written
+under the final prefix and not under a temporary one copied into place: each PUT is atomic on its own,
+the manifest is the commit record, and a copy would write every byte twice.
+
+Credentials come from the usual AWS environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
+``AWS_PROFILE``, ``~/.aws``; ``AWS_ENDPOINT_URL_S3`` for a non-AWS server) through s3fs/botocore; they
+are never part of the URL, a setting or a message. The store has no lock of its own: runs that share a
+store should share one orchestrator (concurrent ones are safe, since nothing unverified is used, but may
+compute a stage twice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from storage.errors import ConfigError, TransientError
+from storage.settings import Section, flow_setting
+from storage.stage import MANIFEST, install, self_checks, verify
+
+log = logging.getLogger(__name__)
+_SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+
+
+class Settings(Section):
+    """The store section: where finished stages are shared. Not in any stage's key: a stage's output
+    does not depend on where it is kept."""
+
+    url: str | None = flow_setting(
+        None, description="s3://bucket/prefix (or any fsspec URL): publish finished stages there, pull them from it"
+    )
+
+
+def _quiet(message: str) -> str:
+    """A server's error message without any credential in it (some servers echo the key id)."""
+    for name in _SECRETS:
+        if value := os.environ.get(name):
+            message = message.replace(value, "***")
+    return message
+
+
+class StageStore:
+    """Finished stage folders under one URL prefix (see the module docstring)."""
+
+    def __init__(self, url: str) -> None:
+        import fsspec
+
+        self.url = url.rstrip("/")
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as exc:
+            raise ConfigError(f"store.url={url}: {exc}") from None
+        self.root = self.root.rstrip("/")
+
+    @classmethod
+    def of(cls, settings: Settings | Mapping[str, Any] | None) -> StageStore | None:
+        s = settings if isinstance(settings, Settings) else Settings.model_validate(settings or {})
+        return cls(s.url) if s.url else None
+
+    def _path(self, stage: str, key: str, rel: str = "") -> str:
+        return "/".join(p for p in (self.root, stage, key, rel) if p)
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """One store operation, its failures as one-line errors: the user's setup (credentials, bucket)
+        exits 2; an unreachable or failing server is transient (rerun)."""
+        try:
+            return fn(*args, **kw)
+        except PermissionError as exc:
+            raise ConfigError(
+                f"store {self.url} refused the credentials ({_quiet(str(exc))}): set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for it"
+            ) from None
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise TransientError(f"store {self.url}: {what} failed: {_quiet(str(exc))}") from None
+        except Exception as exc:  # noqa: BLE001 - botocore's own errors (no endpoint, no credentials)
+            raise ConfigError(f"store {self.url}: {what} failed: {_quiet(str(exc)) or type(exc).__name__}") from None
+
+    def check(self) -> None:
+        """Before any work: the store is reachable, the credentials are accepted, the bucket exists."""
+        bucket = self.root.split("/", 1)[0]
+        try:
+            self._call("listing the bucket", self.fs.ls, bucket)
+        except FileNotFoundError:
+            raise ConfigError(f"store {self.url}: the bucket {bucket!r} does not exist; create it first") from None
+        self.fs.invalidate_cache()
+
+    def manifest(self, stage: str, key: str) -> tuple[dict[str, Any] | None, str | None]:
+        """(manifest, None) when the store holds a finished stage: its manifest object exists and checks
+        itself, and every object it lists is there at its recorded size; else (None, why not)."""
+        self.fs.invalidate_cache()
+        try:
+            raw = self._call("reading a manifest", self.fs.cat_file, self._path(stage, key, MANIFEST))
+        except FileNotFoundError:
+            return None, f"no {stage}/{key} in {self.url}"
+        try:
+            manifest = json.loads(raw)
+        except ValueError as exc:
+            return None, f"unreadable manifest of {stage}/{key} in {self.url}: {exc}"
+        if not self_checks(manifest):
+            return None, f"the manifest of {stage}/{key} in {self.url} was edited or corrupted"
+        try:
+            listed = self._call("listing a stage", self.fs.find, self._path(stage, key), detail=True)
+        except FileNotFoundError:
+            listed = {}
+        prefix = self._path(stage, key) + "/"
+        sizes = {name.removeprefix(prefix): info.get("size") for name, info in listed.items()}
+        for rel, meta in manifest.get("files", {}).items():
+            if sizes.get(rel) != meta["size"]:
+                return None, f"{stage}/{key} in {self.url}: {rel} is missing or has the wrong size"
+        return manifest, None
+
+    def publish(self, folder: Path | str, progress: Callable[[str], None] | None = None) -> bool:
+        """Upload a finished local stage unless the store already holds that very manifest; True if it
+        uploaded. The manifest goes last; an older one is deleted before any object is overwritten."""
+        local, problem = verify(Path(folder))
+        if local is None:
+            raise TransientError(f"cannot publish {folder}: {problem}")
+        stage, key = local["stage"], local["key"]
+        remote, _ = self.manifest(stage, key)
+        if remote is not None and remote["manifest_sha256"] == local["manifest_sha256"]:
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            self._call("deleting a stale manifest", self.fs.rm_file, self._path(stage, key, MANIFEST))
+        for rel in local["files"]:
+            self._call("uploading", self.fs.put_file, str(Path(folder) / rel), self._path(stage, key, rel))
+            if progress is not None:
+                progress(rel)
+        self._call("uploading", self.fs.put_file, str(Path(folder) / MANIFEST), self._path(stage, key, MANIFEST))
+        log.info("published %s/%s to %s (%d files)", stage, key, self.url, len(local["files"]))
+        return True
+
+    def pull(self, plan: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The planned stage from the store into the work dir, verified; None (with the reason logged)
+        if the store does not hold it finished and intact."""
+        stage, key = plan["stage"], plan["key"]
+        remote, why = self.manifest(stage, key)
+        if remote is None:
+            log.debug("%s", why)
+            return None
+
+        def fetch(rel: str, dest: Path) -> None:
+            self._call("downloading", self.fs.get_file, self._path(stage, key, rel), str(dest))
+
+        manifest, problem = install(plan, remote, fetch)
+        if manifest is None:
+            # Un-finish it for every reader; the recomputed stage is published over it.
+            log.warning("%s/%s in %s failed verification (%s); recomputing it", stage, key, self.url, problem)
+            with contextlib.suppress(FileNotFoundError):
+                self._call("deleting a bad manifest", self.fs.rm_file, self._path(stage, key, MANIFEST))
+            return None
+        log.info("pulled %s/%s from %s", stage, key, self.url)
+        return manifest

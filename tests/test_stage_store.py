@@ -1,0 +1,157 @@
+"""The stage store on a real S3 server (``rclone serve s3`` on 127.0.0.1): finished stages published and
+pulled back into a fresh work dir instead of recomputed; a killed upload, a tampered object and a
+hostile manifest never count as a finished stage; bad credentials are one line, before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.pipeline import pipeline
+from storage.stage import MANIFEST, digest, make_plan, run_stage
+from storage.stage_store import StageStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    return s3_server.env()
+
+
+def _finished_stage(workdir: Path, files: dict[str, bytes]) -> dict:
+    plan = make_plan(workdir, "demo", {}, {"n": len(files)}, "code-v1")
+
+    def work(out: Path) -> dict:
+        for rel, data in files.items():
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            (out / rel).write_bytes(data)
+        return {}
+
+    run_stage(plan, work)
+    return plan
+
+
+def _objects(s3_server, prefix: str) -> dict[str, Path]:
+    base = s3_server.root / s3_server.bucket / prefix
+    return {p.relative_to(base).as_posix(): p for p in base.rglob("*") if p.is_file()}
+
+
+def test_a_fresh_work_dir_pulls_the_published_stages_instead_of_recomputing(
+    s3_server, s3_env, prefect_harness, tmp_path: Path
+) -> None:
+    url = f"s3://{s3_server.bucket}/pulled"
+    args = {"dataset": "sample", "preset": "tiny", "until": "prepare", "overrides": [f"store.url={url}"]}
+    first = pipeline(workdir=str(tmp_path / "a"), **args)
+    assert {c["stage"]: c["state"] for c in first["calls"]} == {"download": "ran", "upscale": "ran", "prepare": "ran"}
+    objects = _objects(s3_server, "pulled")
+    for stage in ("download", "upscale", "prepare"):
+        manifest = json.loads((Path(first["stages"][stage]) / MANIFEST).read_text())
+        assert (
+            objects[f"{stage}/{manifest['key']}/{MANIFEST}"].read_bytes()
+            == (Path(first["stages"][stage]) / MANIFEST).read_bytes()
+        )
+        assert all(f"{stage}/{manifest['key']}/{rel}" in objects for rel in manifest["files"])
+
+    second = pipeline(workdir=str(tmp_path / "b"), **args)
+    assert {c["stage"]: c["state"] for c in second["calls"]} == {
+        "download": "pulled",
+        "upscale": "pulled",
+        "prepare": "pulled",
+    }
+    for stage in ("download", "upscale", "prepare"):
+        a, b = Path(first["stages"][stage]), Path(second["stages"][stage])
+        assert a.name == b.name and a != b
+        assert sorted(p.relative_to(a) for p in a.rglob("*")) == sorted(p.relative_to(b) for p in b.rglob("*"))
+        assert all(p.read_bytes() == (b / p.relative_to(a)).read_bytes() for p in a.rglob("*") if p.is_file())
+
+
+def test_a_killed_upload_leaves_no_finished_stage(s3_server, s3_env, tmp_path: Path) -> None:
+    """The uploader is SIGKILLed after its first object: objects without a manifest are not a stage."""
+    plan = _finished_stage(tmp_path, {f"shard-{i}.bin": os.urandom(1000 + i) for i in range(5)})
+    url = f"s3://{s3_server.bucket}/killed"
+    script = (
+        "import sys, time\n"
+        "from storage.stage_store import StageStore\n"
+        "def stall(rel):\n"
+        "    print('uploaded', rel, flush=True)\n"
+        "    time.sleep(600)\n"
+        f"StageStore({url!r}).publish({str(tmp_path / 'demo' / plan['key'])!r}, progress=stall)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().startswith("uploaded"), "the upload never started"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    objects = _objects(s3_server, "killed")
+    assert len(objects) == 1 and MANIFEST not in {Path(k).name for k in objects}
+    store = StageStore(url)
+    assert store.manifest("demo", plan["key"])[0] is None
+    assert store.pull({**plan, "workdir": str(tmp_path / "elsewhere")}) is None
+    assert not (tmp_path / "elsewhere" / "demo" / plan["key"]).exists()
+
+    assert store.publish(tmp_path / "demo" / plan["key"])  # a rerun completes it
+    assert store.manifest("demo", plan["key"])[0] is not None
+    assert not store.publish(tmp_path / "demo" / plan["key"])  # and then has nothing left to do
+
+
+def test_a_tampered_object_fails_verification_and_is_not_served_again(s3_server, s3_env, tmp_path: Path) -> None:
+    plan = _finished_stage(tmp_path, {"a.bin": b"A" * 4096, "sub/b.bin": b"B" * 100})
+    store = StageStore(f"s3://{s3_server.bucket}/tampered")
+    store.publish(tmp_path / "demo" / plan["key"])
+    victim = _objects(s3_server, "tampered")[f"demo/{plan['key']}/a.bin"]
+    victim.write_bytes(b"X" + victim.read_bytes()[1:])  # same size: only the content check can tell
+    elsewhere = {**plan, "workdir": str(tmp_path / "elsewhere")}
+    assert store.manifest("demo", plan["key"])[0] is not None  # sizes hold
+    assert store.pull(elsewhere) is None
+    assert not (tmp_path / "elsewhere" / "demo" / plan["key"]).exists()  # nothing unverified in the work dir
+    assert not list((tmp_path / "elsewhere" / "demo").glob(".*"))  # nor left behind half-made
+    assert store.manifest("demo", plan["key"])[0] is None  # un-finished in the store, for every reader
+    assert store.publish(tmp_path / "demo" / plan["key"])  # republished whole from a good copy
+    assert store.pull(elsewhere) is not None
+    assert (tmp_path / "elsewhere" / "demo" / plan["key"] / "a.bin").read_bytes() == b"A" * 4096
+
+
+def test_a_manifest_naming_files_outside_its_folder_is_refused(s3_server, s3_env, tmp_path: Path) -> None:
+    plan = _finished_stage(tmp_path, {"a.bin": b"data"})
+    store = StageStore(f"s3://{s3_server.bucket}/hostile")
+    store.publish(tmp_path / "demo" / plan["key"])
+    base = s3_server.root / s3_server.bucket / "hostile" / "demo" / plan["key"]
+    manifest = json.loads((base / MANIFEST).read_text())
+    manifest["files"] = {"../../escaped.bin": manifest["files"]["a.bin"]}
+    manifest["manifest_sha256"] = digest({k: v for k, v in manifest.items() if k != "manifest_sha256"})
+    (base / MANIFEST).write_text(json.dumps(manifest))
+    (base.parent.parent / "escaped.bin").write_bytes(b"data")  # so that the object exists at its size
+    assert store.pull({**plan, "workdir": str(tmp_path / "elsewhere")}) is None
+    assert not list(tmp_path.rglob("escaped.bin"))
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "message"),
+    [
+        ("s3://colorize/x", "wrong-secret-0123456789", "refused the credentials"),
+        ("s3://no-such-bucket/x", None, "the bucket 'no-such-bucket' does not exist"),
+    ],
+)
+def test_a_store_it_cannot_use_is_refused_in_one_line_before_any_work(
+    s3_server, tmp_path: Path, url: str, secret: str | None, message: str
+) -> None:
+    env = {**os.environ, **s3_server.env(secret), "PREFECT_HOME": str(tmp_path / "prefect")}
+    cmd = [str(Path(sys.executable).parent / "colorize"), "run", "--preset", "tiny", "--workdir", str(tmp_path / "w")]
+    start = time.monotonic()
+    proc = subprocess.run([*cmd, "--set", f"store.url={url}"], env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert message in out and "Traceback" not in out and len(proc.stderr.strip().splitlines()) == 1, out
+    assert s3_server.secret not in out and "wrong-secret" not in out
+    assert not (tmp_path / "w" / "download").exists(), time.monotonic() - start  # refused before any work
