@@ -34,8 +34,19 @@ from tasks import upscale as upscale_stage
 
 log = logging.getLogger(__name__)
 _RUN = {m.STAGE: m.run for m in STAGE_MODULES}
-NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30]}
 _RESUME = "finished stages are kept: rerun the same command to resume"
+_TRANSIENT = (TransientError, urllib.error.URLError, ConnectionError, TimeoutError)
+
+
+def retry_helps(_task: Any, _run: Any, state: Any) -> bool:
+    """Prefect's retry condition for the download stage: only a network failure is worth the 35 s of
+    retries; the user's own mistake (an unsafe archive, a folder of grey photos, a bad setting) or a
+    full disk would fail the same way, and the user would wait for the same one-line error."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    return exc is None or (isinstance(exc, _TRANSIENT) and not disk_full(exc))
+
+
+NETWORK_RETRIES = {"retries": 2, "retry_delay_seconds": [5, 30], "retry_condition_fn": retry_helps}
 
 
 def stage_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
@@ -67,8 +78,7 @@ def describe(exc: BaseException | None, crashed: bool) -> StageFailed:
         return StageFailed(str(exc), exc.exit_code, exc.rerun_helps)
     if exc is not None and disk_full(exc):
         return StageFailed(disk_full(exc), 1, True)
-    transient = (TransientError, urllib.error.URLError, ConnectionError, TimeoutError, KeyboardInterrupt)
-    if crashed or exc is None or isinstance(exc, transient):
+    if crashed or exc is None or isinstance(exc, (*_TRANSIENT, KeyboardInterrupt)):
         why = str(exc) if exc is not None and str(exc) else "interrupted"
         return StageFailed(f"{why} ({_RESUME})", 1, True)
     return StageFailed(f"{type(exc).__name__}: {exc} (fix the cause; {_RESUME})", 1, True)
@@ -107,6 +117,7 @@ class Runner:
         if folder_ok and intact_check is not None and not intact_check():
             log.warning("%s: its stage folder is intact but its external result is gone; redoing it", name)
             forced = True
+            self.pulled.discard(plan["key"])
         intact = folder_ok and not forced
         if not intact and not forced and plan_folder(plan).exists():
             log.warning("%s: stored output at %s failed verification; recomputing", name, plan_folder(plan))
@@ -134,8 +145,8 @@ class Runner:
         cached = state.name == "Cached" or manifest.get("reused", False)
         state_name = "pulled" if plan["key"] in self.pulled else "cached" if cached else "ran"
         self.calls.append(StageCall(name, state_name, plan["key"]))
-        if state.name == "Cached":  # the task body did not run, so the stage could not record itself
-            record(self.workdir, plan["stage"], "cached", key=plan["key"], seconds=0)
+        if state.name == "Cached" or state_name == "pulled":  # what the stage itself could not know
+            record(self.workdir, plan["stage"], state_name, key=plan["key"], seconds=0)
         if self.store is not None:
             self.store.publish(manifest["folder"])
         return manifest

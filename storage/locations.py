@@ -10,12 +10,17 @@ whole or not at all. So a job that sees its output already there can skip it, wh
 from __future__ import annotations
 
 import contextlib
+import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from storage.atomic import atomic_path, is_temp
+from storage.errors import DataError, TransientError
+from storage.stage import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 def is_url(location: str | Path) -> bool:
@@ -48,6 +53,23 @@ def read_bytes(location: str | Path) -> bytes:
 
 
 @contextlib.contextmanager
+def local_copy(location: str | Path, sha256: str | None = None) -> Iterator[Path]:
+    """A local file with the content of ``location``: the file itself, or for a URL a temp copy whose
+    sha256 must be ``sha256`` (what the manifest of the stage it belongs to recorded): a worker checks
+    every byte it reads from the store, as a pull does, before computing anything from it."""
+    if not is_url(location):
+        yield Path(location)
+        return
+    fs, path = _fs(str(location))
+    with tempfile.TemporaryDirectory(prefix="colorize-input-") as tmp:
+        local = Path(tmp) / Path(path).name
+        fs.get_file(path, str(local))
+        if sha256 is not None and sha256_file(local) != sha256:
+            raise DataError(f"{location} does not match the sha256 its stage's manifest records (changed in the store)")
+        yield local
+
+
+@contextlib.contextmanager
 def writing_into(folder: str | Path) -> Iterator[Path]:
     """A local folder to write finished files into (each atomically, as everywhere in this project). For
     a URL it is a temp folder whose files are uploaded, one object each in name order, when the block
@@ -64,26 +86,30 @@ def writing_into(folder: str | Path) -> Iterator[Path]:
                 fs.put_file(str(f), join(root, f.relative_to(tmp).as_posix()))
 
 
-def download_folder(url: str, dest: Path) -> int:
-    """Every object under ``url`` into ``dest`` (same relative names; each file written atomically);
-    how many. For the stage process, which assembles what the workers uploaded."""
+def download(url: str, names: Iterable[str], dest: Path) -> None:
+    """The named objects under ``url`` into ``dest`` (each file written atomically), for the stage
+    process that assembles what the workers uploaded. By name, not by listing: a missing one is an
+    error here, not a shard silently left out of the stage."""
     fs, root = _fs(url)
-    fs.invalidate_cache()
+    for rel in names:
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ValueError(f"refusing to download {rel!r}: its name leaves {dest}")
+        try:
+            with atomic_path(dest / rel) as tmp:
+                fs.get_file(join(root, rel), str(tmp))
+        except FileNotFoundError:
+            raise TransientError(f"{join(url, rel)} is missing: a shard job's output was lost; rerun") from None
+
+
+def remove_folder(url: str, best_effort: bool = True) -> None:
+    """Delete every object under ``url``: a stage's exchange prefix once the stage is finished (best
+    effort: a store that refuses deletes leaves litter, not a failed run), or before it is redone."""
+    fs, root = _fs(url)
     try:
-        names = fs.find(root)
-    except FileNotFoundError:
-        return 0
-    for name in names:
-        rel = name[len(root.rstrip("/")) + 1 :]
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:  # an S3 key may hold "../"
-            raise ValueError(f"refusing to download {name!r}: its name leaves {dest}")
-        with atomic_path(dest / rel) as tmp:
-            fs.get_file(name, str(tmp))
-    return len(names)
-
-
-def remove_folder(url: str) -> None:
-    """Delete every object under ``url`` (a finished stage's exchange prefix); missing is fine."""
-    fs, root = _fs(url)
-    with contextlib.suppress(FileNotFoundError):
         fs.rm(root, recursive=True)
+    except FileNotFoundError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - any store's own error: the finished stage itself is fine
+        if not best_effort:
+            raise
+        log.warning("could not remove %s (%s); delete it by hand", url, exc)

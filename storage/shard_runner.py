@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -46,9 +46,10 @@ class ShardJob:
     """One input shard of a stage: what a shard job receives, here or on a worker (picklable)."""
 
     plan: dict[str, Any]
-    out: str  # the stage's partial folder
+    out: str  # the stage's partial folder, or its exchange prefix in the stage store
     split: str
-    shard: str
+    shard: str  # a path in the work dir, or the URL of the stage store's copy
+    sha256: str | None = field(default=None, kw_only=True)  # a URL's content, checked before use
 
     @property
     def index(self) -> int:
@@ -75,10 +76,15 @@ def exchange(runner: dict[str, Any] | None, store: str | None, stage: str, key: 
     return f"{store.rstrip('/')}/{stage}/{key}.partial"
 
 
-def published(store: str, manifest: dict[str, Any], path: Path | str) -> str:
-    """The stage store's copy of a finished stage's file (the flow publishes each stage before the next
-    one starts): what a worker without the work dir reads."""
-    return f"{store.rstrip('/')}/{manifest['stage']}/{manifest['key']}/{Path(path).name}"
+def source(manifest: dict[str, Any], path: Path | str, store: str | None) -> dict[str, Any]:
+    """A shard job's input (``shard`` and ``sha256`` of a ShardJob): the work dir's file, or with a
+    ``store`` the store's copy of it (the flow publishes each stage before the next one starts), with
+    the sha256 its manifest records, which the worker checks before reading it."""
+    if store is None:
+        return {"shard": str(path)}
+    name = Path(path).name
+    url = f"{store.rstrip('/')}/{manifest['stage']}/{manifest['key']}/{name}"
+    return {"shard": url, "sha256": manifest["files"][name]["sha256"]}
 
 
 def map_shards(runner: dict[str, Any] | None, fn: Callable[[T], R], jobs: Sequence[T], names: Sequence[str]) -> list[R]:

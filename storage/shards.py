@@ -19,20 +19,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
-from webdataset.gopen import gopen_schemes
 
 from storage.atomic import fsync_dir, temp_name
-
-
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> Any:
-    """WebDataset's opener for object-store URLs (it has none for ``s3://``): shards are streamed."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.open(path, mode, block_size=max(bufsize, 8 << 20))
-
-
-gopen_schemes.setdefault("s3", _gopen_fsspec)
 
 SPLITS = ("train", "val", "test")  # every stage's shards are per split: <set>-<split>-NNNNNN.tar
 SHARD_MAXCOUNT = 1000

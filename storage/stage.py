@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from storage.atomic import fsync_dir, is_temp, temp_name, write_json
+from storage.atomic import TMP_MARK, fsync_dir, is_temp, temp_name, write_json
 from storage.errors import UserFacingError
 
 log = logging.getLogger(__name__)
@@ -309,6 +309,8 @@ def install(
     with _locked(final.parent / f"{plan['key']}.lock", f"{plan['stage']}/{plan['key']}"):
         if (done := finished(plan)) is not None:
             return done, None
+        for stale in final.parent.glob(f".{final.name}{TMP_MARK}*"):  # a pull killed before its rename
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = temp_name(final)
         try:
             for rel in manifest["files"]:
@@ -322,6 +324,7 @@ def install(
             _discard(final)
             tmp.rename(final)
             fsync_dir(final.parent)
+            _discard(final.with_name(f"{final.name}.partial"))  # a local attempt's leftovers, now moot
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     record(plan["workdir"], plan["stage"], "pulled", key=plan["key"], seconds=0.0)

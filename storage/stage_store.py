@@ -1,6 +1,6 @@
-"""A stage store: finished stage folders shared through object storage (``s3://bucket/prefix``, or any
-fsspec URL), so that another machine, a fresh work dir or a lost disk gets them back instead of
-recomputing them.
+"""A stage store: finished stage folders shared through object storage (``s3://bucket/prefix``, or
+another fsspec URL every machine reaches), so that another machine, a fresh work dir or a lost disk
+gets them back instead of recomputing them.
 
 The work dir stays where stages are computed (engines and WebDataset readers want local files); the
 store is where finished stages live for everyone. After a stage finishes (or is found finished), the
@@ -13,9 +13,10 @@ writes and by verification: a stage counts as finished in the store only when it
 exists, its self-checksum holds and every object it lists is there at its size; its contents are
 checked byte for byte (sha256) by whoever pulls it. A killed upload leaves objects but no manifest (not
 finished); a replaced stage has its old manifest deleted before any object is overwritten; a tampered
-object fails the pull's check and the stage is recomputed and published again. Objects are written
-under the final prefix and not under a temporary one copied into place: each PUT is atomic on its own,
-the manifest is the commit record, and a copy would write every byte twice.
+object fails the pull's check, its manifest is deleted and the stage is recomputed and published
+again. Objects are written under the final prefix and not under a temporary one copied into place:
+each PUT is atomic on its own, the manifest is the commit record, and a copy would write every byte
+twice.
 
 Credentials come from the usual AWS environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ``~/.aws``; ``AWS_ENDPOINT_URL_S3`` for a non-AWS server) through s3fs/botocore; they
@@ -30,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,7 @@ class Settings(Section):
     does not depend on where it is kept."""
 
     url: str | None = flow_setting(
-        None, description="s3://bucket/prefix (or any fsspec URL): publish finished stages there, pull them from it"
+        None, description="s3://bucket/prefix (or an fsspec URL all machines reach): publish stages there, pull from it"
     )
 
 
@@ -66,6 +68,8 @@ class StageStore:
         import fsspec
 
         self.url = url.rstrip("/")
+        if "@" in self.url.split("://", 1)[-1].split("/", 1)[0]:
+            raise ConfigError("store.url must not hold credentials: set them in the environment (AWS_...)")
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url)
         except (ImportError, ValueError) as exc:
@@ -82,7 +86,8 @@ class StageStore:
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """One store operation, its failures as one-line errors: the user's setup (credentials, bucket)
-        exits 2; an unreachable or failing server is transient (rerun)."""
+        exits 2; an unreachable or failing server is transient (rerun); a missing object is the caller's
+        to handle; anything else is a bug and keeps its traceback."""
         try:
             return fn(*args, **kw)
         except PermissionError as exc:
@@ -94,17 +99,29 @@ class StageStore:
             raise
         except OSError as exc:
             raise TransientError(f"store {self.url}: {what} failed: {_quiet(str(exc))}") from None
-        except Exception as exc:  # noqa: BLE001 - botocore's own errors (no endpoint, no credentials)
-            raise ConfigError(f"store {self.url}: {what} failed: {_quiet(str(exc)) or type(exc).__name__}") from None
+        except Exception as exc:
+            kind = _botocore_kind(exc)
+            if kind == "credentials":
+                raise ConfigError(
+                    f"store {self.url}: no usable S3 credentials ({_quiet(str(exc))}): set AWS_ACCESS_KEY_ID "
+                    "and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
+                ) from None
+            if kind == "connection":
+                raise TransientError(f"store {self.url}: {what} failed: {_quiet(str(exc))}") from None
+            raise
 
     def check(self) -> None:
-        """Before any work: the store is reachable, the credentials are accepted, the bucket exists."""
-        bucket = self.root.split("/", 1)[0]
+        """Before any work: the store is reachable, the credentials are accepted for reading and
+        writing under the prefix, the bucket exists (a run that fails to publish hours later is worse)."""
+        probe = f"{self.root}/.colorize-write-check-{uuid.uuid4().hex[:12]}"
         try:
-            self._call("listing the bucket", self.fs.ls, bucket)
+            self._call("writing a test object", self.fs.pipe_file, probe, b"ok")
+            self._call("deleting a test object", self.fs.rm_file, probe)
         except FileNotFoundError:
+            bucket = self.root.split("/", 1)[0]
             raise ConfigError(f"store {self.url}: the bucket {bucket!r} does not exist; create it first") from None
-        self.fs.invalidate_cache()
+        finally:
+            self.fs.invalidate_cache()
 
     def manifest(self, stage: str, key: str) -> tuple[dict[str, Any] | None, str | None]:
         """(manifest, None) when the store holds a finished stage: its manifest object exists and checks
@@ -118,7 +135,7 @@ class StageStore:
             manifest = json.loads(raw)
         except ValueError as exc:
             return None, f"unreadable manifest of {stage}/{key} in {self.url}: {exc}"
-        if not self_checks(manifest):
+        if not self_checks(manifest) or not _well_formed(manifest.get("files")):
             return None, f"the manifest of {stage}/{key} in {self.url} was edited or corrupted"
         try:
             listed = self._call("listing a stage", self.fs.find, self._path(stage, key), detail=True)
@@ -126,20 +143,21 @@ class StageStore:
             listed = {}
         prefix = self._path(stage, key) + "/"
         sizes = {name.removeprefix(prefix): info.get("size") for name, info in listed.items()}
-        for rel, meta in manifest.get("files", {}).items():
+        for rel, meta in manifest["files"].items():
             if sizes.get(rel) != meta["size"]:
                 return None, f"{stage}/{key} in {self.url}: {rel} is missing or has the wrong size"
         return manifest, None
 
     def publish(self, folder: Path | str, progress: Callable[[str], None] | None = None) -> bool:
-        """Upload a finished local stage unless the store already holds that very manifest; True if it
-        uploaded. The manifest goes last; an older one is deleted before any object is overwritten."""
+        """Upload a finished local stage unless the store already holds the same files (the content
+        digest: a copy of the key made anywhere); True if it uploaded. The manifest goes last; an older
+        one is deleted before any object is overwritten."""
         local, problem = verify(Path(folder))
         if local is None:
             raise TransientError(f"cannot publish {folder}: {problem}")
         stage, key = local["stage"], local["key"]
         remote, _ = self.manifest(stage, key)
-        if remote is not None and remote["manifest_sha256"] == local["manifest_sha256"]:
+        if remote is not None and remote["content"] == local["content"]:  # the same files, made anywhere
             return False
         with contextlib.suppress(FileNotFoundError):
             self._call("deleting a stale manifest", self.fs.rm_file, self._path(stage, key, MANIFEST))
@@ -163,12 +181,48 @@ class StageStore:
         def fetch(rel: str, dest: Path) -> None:
             self._call("downloading", self.fs.get_file, self._path(stage, key, rel), str(dest))
 
-        manifest, problem = install(plan, remote, fetch)
+        try:
+            manifest, problem = install(plan, remote, fetch)
+        except FileNotFoundError as exc:  # an object deleted since the manifest was read
+            manifest, problem = None, f"an object vanished: {exc}"
+        except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:  # names like "a" and "a/b"
+            manifest, problem = None, f"its file names clash: {exc}"
         if manifest is None:
-            # Un-finish it for every reader; the recomputed stage is published over it.
             log.warning("%s/%s in %s failed verification (%s); recomputing it", stage, key, self.url, problem)
-            with contextlib.suppress(FileNotFoundError):
-                self._call("deleting a bad manifest", self.fs.rm_file, self._path(stage, key, MANIFEST))
+            self._unfinish(stage, key, remote["manifest_sha256"])
             return None
         log.info("pulled %s/%s from %s", stage, key, self.url)
         return manifest
+
+    def _unfinish(self, stage: str, key: str, failed: str) -> None:
+        """Delete the manifest that failed verification, so no reader trusts it again; the recomputed
+        stage is published over it. Not if it changed meanwhile: a republished stage may be good."""
+        current, _ = self.manifest(stage, key)
+        if current is not None and current["manifest_sha256"] == failed:
+            with contextlib.suppress(FileNotFoundError):
+                self._call("deleting a bad manifest", self.fs.rm_file, self._path(stage, key, MANIFEST))
+
+
+def _well_formed(files: Any) -> bool:
+    """A manifest's file table is ``{name: {"size": int, "sha256": str}}``: anything else from a store is
+    not a stage (and must not raise deep inside a pull)."""
+    return isinstance(files, dict) and all(
+        isinstance(rel, str)
+        and isinstance(meta, dict)
+        and isinstance(meta.get("size"), int)
+        and isinstance(meta.get("sha256"), str)
+        for rel, meta in files.items()
+    )
+
+
+def _botocore_kind(exc: BaseException) -> str | None:
+    """'credentials' or 'connection' for botocore's own errors (s3fs passes them through), else None."""
+    try:
+        from botocore import exceptions as bx
+    except ImportError:
+        return None
+    if isinstance(exc, bx.NoCredentialsError | bx.PartialCredentialsError):
+        return "credentials"
+    if isinstance(exc, bx.ConnectionError | bx.HTTPClientError):
+        return "connection"
+    return None

@@ -29,7 +29,7 @@ from storage.atomic import write_json
 from storage.code_identity import code_version
 from storage.errors import ConfigError
 from storage.settings import Section
-from storage.shard_runner import ShardJob, exchange, map_shards, published
+from storage.shard_runner import ShardJob, exchange, map_shards, source
 from storage.shards import SPLITS, ShardWriter, decode_png, iter_samples, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan, run_stage
 
@@ -120,10 +120,11 @@ def prepare_part(job: PartJob) -> dict[str, float]:
     stats = {"n": 0, "a": 0.0, "b": 0.0, "colorfulness": 0.0}
     chunk: list[tuple[dict[str, Any], np.ndarray]] = []
     with (
+        locations.local_copy(job.shard, job.sha256) as shard,
         locations.writing_into(folder) as local,
         ShardWriter(local, f"part-{job.split}", maxcount=10**9, maxsize=2**62, start_index=job.part) as writer,
     ):
-        for s in iter_samples([job.shard]):
+        for s in iter_samples([shard]):
             key = s["__key__"]
             rng = None
             if job.split == "train":
@@ -153,21 +154,25 @@ def run(
     remote = exchange(runner, store, STAGE, plan["key"])
 
     def work(out: Path) -> dict[str, Any]:
+        if force and remote:
+            locations.remove_folder(remote, best_effort=False)  # under the stage lock, like the partial folder
         sources = [(split, kind, m, p) for split in SPLITS for kind, m, p in _sources(split, download, upscaled)]
         jobs = [
-            PartJob(plan, remote or str(out), split, published(store, m, p) if remote else str(p), kind, i)
+            PartJob(plan, remote or str(out), split, kind=kind, part=i, **source(m, p, store if remote else None))
             for i, (split, kind, m, p) in enumerate(sources)
         ]
         parts = map_shards(runner, prepare_part, jobs, [j.name for j in jobs])
-        if remote:
-            locations.download_folder(remote, out)
+        if remote:  # what the workers uploaded: every part's statistics, and the part where it has samples
+            names = [f"part-{j.split}-{j.part:06d}" for j in jobs]
+            made = [f"{n}.json" for n in names] + [f"{n}.tar" for n, st in zip(names, parts, strict=True) if st["n"]]
+            locations.download(locations.join(remote, SCRATCH, PARTS), made, out / SCRATCH / PARTS)
         counts, stats_out = {}, {}
         for split in SPLITS:
             mine = [(job, stats) for job, stats in zip(jobs, parts, strict=True) if job.split == split]
             with ShardWriter(out, split, maxcount=settings.shard_maxcount) as writer:
-                for job, _ in mine:
+                for job, stats in mine:
                     part = out / SCRATCH / PARTS / f"part-{split}-{job.part:06d}.tar"
-                    for s in iter_samples([part]) if part.exists() else ():  # an empty input makes no part
+                    for s in iter_samples([part]) if stats["n"] else ():  # an empty input makes no part
                         writer.write(
                             {"__key__": s["__key__"], samples.FIELD: s[samples.FIELD], "json": json.loads(s["json"])}
                         )
@@ -187,8 +192,6 @@ def run(
             "bytes_per_sample": samples.bytes_per_sample(settings.image_size),
         }
 
-    if force and remote:
-        locations.remove_folder(remote)
     result = run_stage(plan, work, force=force)
     if remote:
         locations.remove_folder(remote)

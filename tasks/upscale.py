@@ -27,7 +27,7 @@ from model.upscaler import Backend, BicubicUpscaler, Upscaler, choose_backend, m
 from storage import locations
 from storage.code_identity import code_version
 from storage.settings import Section
-from storage.shard_runner import ShardJob, exchange, map_shards, published
+from storage.shard_runner import ShardJob, exchange, map_shards, source
 from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
 from storage.stage import StageError, StageResult, make_plan, run_stage, sha256_file
 
@@ -74,7 +74,7 @@ def plan(s: Settings, download: dict[str, Any], workdir: Path) -> dict[str, Any]
     return make_plan(workdir, STAGE, {"download": download}, s.for_stage(), code_version(__name__), facts)
 
 
-def _batches(shard: str, size: int) -> Iterator[list[dict[str, Any]]]:
+def _batches(shard: Path, size: int) -> Iterator[list[dict[str, Any]]]:
     batch: list[dict[str, Any]] = []
     for sample in iter_samples([shard]):
         batch.append(sample)
@@ -125,18 +125,22 @@ def upscale_shard(job: UpscaleJob) -> dict[str, Any]:
     facts = job.plan["facts"]
     if c.threads:
         torch.set_num_threads(c.threads)
-    target = locations.join(job.out, f"upscaled-{job.split}-{job.index:06d}.tar")
+    name = f"upscaled-{job.split}-{job.index:06d}.tar"
+    target = locations.join(job.out, name)
     if locations.exists(target):
-        return {"split": job.split, "n": sum(1 for _ in iter_samples([target])), "seconds": 0.0, "processed": 0}
+        with locations.local_copy(target) as done:
+            n = sum(1 for _ in iter_samples([done]))
+        return {"split": job.split, "file": name, "n": n, "seconds": 0.0, "processed": 0}
     weights = json.dumps(facts["weights"], sort_keys=True) if facts["weights"] else None
     upscaler = _upscaler(c.method, weights, facts["backend"], c.threads, c.bf16, c.channels_last)
     n, seconds = 0, 0.0
     with (
+        locations.local_copy(job.shard, job.sha256) as shard,
         locations.writing_into(job.out) as out,
         ShardWriter(out, f"upscaled-{job.split}", maxcount=10**9, start_index=job.index) as writer,
         tqdm(unit="img", desc=job.name, dynamic_ncols=True, leave=False) as bar,
     ):
-        for batch in _batches(job.shard, c.batch_size):
+        for batch in _batches(shard, c.batch_size):
             images = torch.from_numpy(np.stack([decode_png(s["png"]) for s in batch])).permute(0, 3, 1, 2)
             t0 = time.perf_counter()
             big = upscaler(images)
@@ -145,7 +149,7 @@ def upscale_shard(job: UpscaleJob) -> dict[str, Any]:
                 writer.write({"__key__": s["__key__"], "png": encode_png(img), "json": s["json"]})
             n += len(batch)
             bar.update(len(batch))
-    return {"split": job.split, "n": n, "seconds": seconds, "processed": n}
+    return {"split": job.split, "file": name if n else None, "n": n, "seconds": seconds, "processed": n}
 
 
 def run(
@@ -162,14 +166,16 @@ def run(
     remote = exchange(runner, store, STAGE, plan["key"])
 
     def work(out: Path) -> dict[str, Any]:
+        if force and remote:
+            locations.remove_folder(remote, best_effort=False)  # under the stage lock, like the partial folder
         shards = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
         jobs = [
-            UpscaleJob(plan, remote or str(out), split, published(store, download, s) if remote else str(s))
+            UpscaleJob(plan, remote or str(out), split, **source(download, s, store if remote else None))
             for split, s in shards
         ]
         results = map_shards(runner, upscale_shard, jobs, [j.name for j in jobs])
         if remote:
-            locations.download_folder(remote, out)
+            locations.download(remote, [r["file"] for r in results if r["file"]], out)
         counts: dict[str, int] = {}
         for r in results:
             counts[r["split"]] = counts.get(r["split"], 0) + r["n"]
@@ -186,8 +192,6 @@ def run(
             "scale": SCALE,
         }
 
-    if force and remote:
-        locations.remove_folder(remote)
     result = run_stage(plan, work, force=force)
     if remote:
         locations.remove_folder(remote)

@@ -16,7 +16,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,10 +107,11 @@ def test_dask_runner_without_a_prefect_server_is_refused_in_one_line(tmp_path: P
 
 
 @pytest.fixture
-def dask_cluster(prefect_server: str, s3_server, tmp_path: Path) -> Iterator[tuple[str, list[subprocess.Popen]]]:
+def dask_cluster(prefect_server: str, s3_server, tmp_path: Path) -> Iterator[str]:
     """``dask scheduler`` and two ``dask worker`` processes (one process, one thread each), as on worker
-    machines: their own working folder, no path to the work dir, the Prefect API and the S3 credentials
-    in their environment. Their logs: ``tmp_path/dask-*.log``."""
+    machines: their own working folder and weights cache (each finds the run's Real-ESRGAN weights by
+    content), given no path to the work dir, the Prefect API and the S3 credentials in their
+    environment. Their logs: ``tmp_path/dask-*.log``."""
     address = f"tcp://127.0.0.1:{_free_port()}"
     env = {**_env(tmp_path, prefect_server), **s3_server.env()}
     procs = []
@@ -122,8 +122,9 @@ def dask_cluster(prefect_server: str, s3_server, tmp_path: Path) -> Iterator[tup
             home = tmp_path / f"worker-{i}"
             home.mkdir()
             cmd = [str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard"]
-            procs.append(_logged([*cmd, "--host", "127.0.0.1"], env, tmp_path / f"dask-worker-{i}.log", home))
-        yield address, procs[1:]
+            own = {**env, "TORCH_HOME": str(home / "torch")}
+            procs.append(_logged([*cmd, "--host", "127.0.0.1"], own, tmp_path / f"dask-worker-{i}.log", home))
+        yield address
     finally:
         for proc in reversed(procs):
             proc.terminate()
@@ -145,9 +146,10 @@ def test_the_pipeline_on_a_loopback_cluster_survives_a_killed_worker_and_matches
     """The tiny pipeline to a champion on a Prefect server, a Dask scheduler with two workers, an S3
     bucket as the stage store and an MLflow server, all on 127.0.0.1. Upscale and prepare run one Prefect
     task per shard on the workers, which read their input shards from the bucket and write their outputs
-    to it; one worker is SIGKILLed mid-upscale (its nanny restarts it, the scheduler reruns its shard).
+    to it; a worker running a shard is SIGKILLed mid-upscale (its nanny restarts it, the scheduler reruns
+    its shard).
     The upscale and prepare folders are byte for byte the local runner's; every stage is in the bucket."""
-    address, workers = dask_cluster
+    address = dask_cluster
     uri, _ = mlflow_server
     store = f"s3://{s3_server.bucket}/cluster"
     workdir = tmp_path / "dask"
@@ -155,7 +157,7 @@ def test_the_pipeline_on_a_loopback_cluster_survives_a_killed_worker_and_matches
     env = {**s3_server.env(), "COLORIZE_MLFLOW_URI": uri}
     run = _colorize(tmp_path, workdir, prefect_server, *_sets(settings), env=env)
     exchange = s3_server.root / s3_server.bucket / "cluster" / "upscale"
-    victim = _busy_worker(run[0], exchange, workers)
+    victim = _busy_worker(run[0], exchange, address)
     if victim is None:
         pytest.fail("the upscale stage never ran on a worker:\n" + _wait(run, 10)[1][-3000:])
     os.kill(victim, signal.SIGKILL)
@@ -203,10 +205,11 @@ def _sets(settings: list[str]) -> list[str]:
     return [arg for item in settings for arg in ("--set", item)]
 
 
-def _busy_worker(proc: subprocess.Popen, exchange: Path, nannies: list[subprocess.Popen]) -> int | None:
-    """A Dask worker process (the child a ``dask worker`` nanny spawned), once the upscale stage is under
-    way: its first output shard is in the bucket, so the other shards are queued or running on the
-    workers; the worker killed is busy with one or about to be given one."""
+def _busy_worker(proc: subprocess.Popen, exchange: Path, address: str) -> int | None:
+    """The pid of a Dask worker running a shard, once the upscale stage is under way (its first output
+    shard is in the bucket, so the others are queued or running): asked of the scheduler."""
+    from distributed import Client
+
     deadline = time.time() + 300
     while proc.poll() is None and time.time() < deadline:
         if any(exchange.glob("*.partial/upscaled-*.tar")):
@@ -214,8 +217,10 @@ def _busy_worker(proc: subprocess.Popen, exchange: Path, nannies: list[subproces
         time.sleep(0.05)
     else:
         return None
-    for nanny in nannies:
-        for child in psutil.Process(nanny.pid).children(recursive=True):
-            if "spawn_main" in " ".join(child.cmdline()):
-                return child.pid
+    with Client(address, timeout=30) as client:
+        for _ in range(200):
+            busy = [w for w, tasks in client.processing().items() if tasks]
+            if busy:
+                return client.scheduler_info()["workers"][busy[0]]["pid"]
+            time.sleep(0.05)
     return None

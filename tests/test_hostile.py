@@ -167,6 +167,28 @@ def test_a_hostile_archive_reads_as_the_users_problem(prefect_harness, tmp_path:
     assert "Task run" not in err and "rerun" not in err and len(err.splitlines()) == 1
 
 
+def test_only_a_network_failure_is_retried() -> None:
+    """The download stage's Prefect retries (35 s of waiting) are for the network; a user's mistake or a
+    full disk fails at once, with its one line."""
+    import urllib.error
+
+    from prefect.states import Failed
+
+    from flows.pipeline import retry_helps
+    from storage.archives import UnsafeArchiveError
+    from storage.errors import ConfigError, DataError
+    from storage.fetch import DownloadError
+
+    def retried(exc: BaseException) -> bool:
+        return retry_helps(None, None, Failed(data=exc))
+
+    assert retried(DownloadError("connection reset")) and retried(urllib.error.URLError("timed out"))
+    assert retried(ConnectionResetError()) and retried(TimeoutError())
+    assert not retried(UnsafeArchiveError("escapes the target folder")) and not retried(DataError("no colour"))
+    assert not retried(ConfigError("bad setting")) and not retried(ValueError("a bug"))
+    assert not retried(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+
 # ---------------------------------------------------------------- disk full, and a broken status file
 def test_a_full_disk_is_one_line_and_the_status_says_failed(prefect_harness, tmp_path: Path, monkeypatch, capsys):
     from storage import shards

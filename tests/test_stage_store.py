@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import pipeline
-from storage.stage import MANIFEST, digest, make_plan, run_stage
-from storage.stage_store import StageStore
+from storage.errors import ConfigError, DataError
+from storage.stage import MANIFEST, digest, install, make_plan, run_stage
+from storage.stage_store import StageStore, _quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,18 +123,65 @@ def test_a_tampered_object_fails_verification_and_is_not_served_again(s3_server,
     assert (tmp_path / "elsewhere" / "demo" / plan["key"] / "a.bin").read_bytes() == b"A" * 4096
 
 
-def test_a_manifest_naming_files_outside_its_folder_is_refused(s3_server, s3_env, tmp_path: Path) -> None:
-    plan = _finished_stage(tmp_path, {"a.bin": b"data"})
-    store = StageStore(f"s3://{s3_server.bucket}/hostile")
-    store.publish(tmp_path / "demo" / plan["key"])
-    base = s3_server.root / s3_server.bucket / "hostile" / "demo" / plan["key"]
-    manifest = json.loads((base / MANIFEST).read_text())
-    manifest["files"] = {"../../escaped.bin": manifest["files"]["a.bin"]}
-    manifest["manifest_sha256"] = digest({k: v for k, v in manifest.items() if k != "manifest_sha256"})
-    (base / MANIFEST).write_text(json.dumps(manifest))
-    (base.parent.parent / "escaped.bin").write_bytes(b"data")  # so that the object exists at its size
-    assert store.pull({**plan, "workdir": str(tmp_path / "elsewhere")}) is None
-    assert not list(tmp_path.rglob("escaped.bin"))
+def test_a_manifest_naming_files_outside_its_folder_is_refused(tmp_path: Path) -> None:
+    """A manifest from a store is input: ``../`` in a file name must not write outside the stage folder,
+    even when the manifest checks itself (anyone can recompute the checksum)."""
+    plan = _finished_stage(tmp_path / "src", {"a.bin": b"data"})
+    manifest = json.loads((tmp_path / "src" / "demo" / plan["key"] / MANIFEST).read_text())
+    fetched = []
+    for name in ("../../escaped.bin", "/etc/escaped.bin", "scratch/state.pt"):
+        hostile = {**manifest, "files": {name: manifest["files"]["a.bin"]}}
+        hostile["manifest_sha256"] = digest({k: v for k, v in hostile.items() if k != "manifest_sha256"})
+        got, why = install({**plan, "workdir": str(tmp_path / "w")}, hostile, lambda rel, dest: fetched.append(rel))
+        assert got is None and "outside the stage folder" in why, name
+    assert not fetched and not list(tmp_path.rglob("escaped.bin"))
+
+
+def test_a_worker_reads_and_writes_only_through_the_store_and_checks_what_it_reads(
+    s3_server, s3_env, tmp_path: Path, monkeypatch
+) -> None:
+    """The shard job a Dask worker runs with a stage store: its input is the store's copy of the shard
+    (checked against the manifest's sha256), its output one object in the stage's exchange prefix, equal
+    to the local job's output; a changed input object is refused before anything is computed."""
+    from flows.config import build_config
+    from storage.shard_runner import source
+    from tasks import download
+    from tasks import upscale as up
+
+    cfg = build_config("tiny", ["upscale.method=bicubic", "download.shard_maxcount=4"])
+    dl = download.run(download.plan(cfg.download, cfg.seed, tmp_path / "head")).manifest
+    store = f"s3://{s3_server.bucket}/worker"
+    StageStore(store).publish(dl["folder"])
+    plan = up.plan(cfg.upscale, dl, tmp_path / "head")
+    shard = Path(dl["folder"]) / "lowres-train-000000.tar"
+    exchange = f"{store}/upscale/{plan['key']}.partial"
+
+    monkeypatch.chdir(tmp_path)
+    remote = up.upscale_shard(up.UpscaleJob(plan, exchange, "train", **source(dl, shard, store)))
+    local = up.upscale_shard(up.UpscaleJob(plan, str(tmp_path / "local"), "train", **source(dl, shard, None)))
+    assert remote == {**local, "seconds": remote["seconds"]} and remote["n"] == 4
+    objects = _objects(s3_server, f"worker/upscale/{plan['key']}.partial")
+    assert list(objects) == [remote["file"]]
+    assert objects[remote["file"]].read_bytes() == (tmp_path / "local" / local["file"]).read_bytes()
+    assert up.upscale_shard(up.UpscaleJob(plan, exchange, "train", **source(dl, shard, store)))["processed"] == 0
+
+    victim = _objects(s3_server, f"worker/download/{dl['key']}")[shard.name]
+    data = bytearray(victim.read_bytes())
+    data[-2000] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="does not match the sha256"):
+        up.upscale_shard(up.UpscaleJob(plan, f"{store}/other.partial", "train", **source(dl, shard, store)))
+    assert not _objects(s3_server, "worker/other.partial")
+
+
+def test_credentials_are_never_echoed(monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEY123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t/EXAMPLE+key")
+    said = _quiet("InvalidAccessKeyId: AKIAEXAMPLEKEY123 (signed with s3cr3t/EXAMPLE+key)")
+    assert "AKIAEXAMPLEKEY123" not in said and "s3cr3t" not in said and said.count("***") == 2
+    with pytest.raises(ConfigError, match="must not hold credentials") as err:
+        StageStore("s3://user:s3cr3t@bucket/prefix")
+    assert "s3cr3t" not in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -153,5 +201,5 @@ def test_a_store_it_cannot_use_is_refused_in_one_line_before_any_work(
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2, out
     assert message in out and "Traceback" not in out and len(proc.stderr.strip().splitlines()) == 1, out
-    assert s3_server.secret not in out and "wrong-secret" not in out
+    assert s3_server.secret not in out and "wrong-secret" not in out and s3_server.key not in out
     assert not (tmp_path / "w" / "download").exists(), time.monotonic() - start  # refused before any work
