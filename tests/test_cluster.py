@@ -109,9 +109,8 @@ def test_dask_runner_without_a_prefect_server_is_refused_in_one_line(tmp_path: P
 @pytest.fixture
 def dask_cluster(prefect_server: str, s3_server, tmp_path: Path) -> Iterator[str]:
     """``dask scheduler`` and two ``dask worker`` processes (one process, one thread each), as on worker
-    machines: their own working folder and weights cache (each finds the run's Real-ESRGAN weights by
-    content), given no path to the work dir, the Prefect API and the S3 credentials in their
-    environment. Their logs: ``tmp_path/dask-*.log``."""
+    machines: their own working folder and weights cache, given no path to the work dir, the Prefect
+    API and the S3 credentials in their environment. Their logs: ``tmp_path/dask-*.log``."""
     address = f"tcp://127.0.0.1:{_free_port()}"
     env = {**_env(tmp_path, prefect_server), **s3_server.env()}
     procs = []
@@ -221,6 +220,6 @@ def _busy_worker(proc: subprocess.Popen, exchange: Path, address: str) -> int | 
         for _ in range(200):
             busy = [w for w, tasks in client.processing().items() if tasks]
             if busy:
-                return client.scheduler_info()["workers"][busy[0]]["pid"]
+                return client.run(os.getpid, workers=busy[:1])[busy[0]]
             time.sleep(0.05)
     return None
