@@ -17,13 +17,15 @@ startup would cost seconds per worker). The pipeline refuses ``runner.kind=dask`
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from storage import locations
 from storage.errors import ConfigError
 from storage.settings import Section, flow_setting
+from storage.stage import StageResult, run_stage
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -74,6 +76,24 @@ def exchange(runner: dict[str, Any] | None, store: str | None, stage: str, key: 
     if Settings.model_validate(runner or {}).kind == "local" or not store:
         return None
     return f"{store.rstrip('/')}/{stage}/{key}.partial"
+
+
+def run_exchanged(
+    plan: dict[str, Any], work: Callable[[Path], Mapping[str, Any]], force: bool, remote: str | None
+) -> StageResult:
+    """``run_stage`` for a stage whose shard jobs meet in the exchange prefix ``remote`` (see
+    :func:`exchange`): with ``force`` the prefix is cleared under the stage lock, like the partial
+    folder; once the stage is finished it is removed (best effort)."""
+
+    def exchanged(out: Path) -> Mapping[str, Any]:
+        if force and remote:
+            locations.remove_folder(remote, best_effort=False)
+        return work(out)
+
+    result = run_stage(plan, exchanged, force=force)
+    if remote:
+        locations.remove_folder(remote)
+    return result
 
 
 def source(manifest: dict[str, Any], path: Path | str, store: str | None) -> dict[str, Any]:

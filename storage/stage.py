@@ -327,8 +327,7 @@ def install(
             _discard(final.with_name(f"{final.name}.partial"))  # a local attempt's leftovers, now moot
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    record(plan["workdir"], plan["stage"], "pulled", key=plan["key"], seconds=0.0)
-    return finished(plan), None
+    return {**checked, "folder": str(final)}, None
 
 
 def load_manifest(folder: Path | str) -> dict[str, Any]:

@@ -29,9 +29,9 @@ from storage.atomic import write_json
 from storage.code_identity import code_version
 from storage.errors import ConfigError
 from storage.settings import Section
-from storage.shard_runner import ShardJob, exchange, map_shards, source
+from storage.shard_runner import ShardJob, exchange, map_shards, run_exchanged, source
 from storage.shards import SPLITS, ShardWriter, decode_png, iter_samples, shard_paths
-from storage.stage import SCRATCH, StageResult, make_plan, run_stage
+from storage.stage import SCRATCH, StageResult, make_plan
 
 STAGE = "prepare"
 CHUNK = 64
@@ -154,8 +154,6 @@ def run(
     remote = exchange(runner, store, STAGE, plan["key"])
 
     def work(out: Path) -> dict[str, Any]:
-        if force and remote:
-            locations.remove_folder(remote, best_effort=False)  # under the stage lock, like the partial folder
         sources = [(split, kind, m, p) for split in SPLITS for kind, m, p in _sources(split, download, upscaled)]
         jobs = [
             PartJob(plan, remote or str(out), split, kind=kind, part=i, **source(m, p, store if remote else None))
@@ -192,7 +190,4 @@ def run(
             "bytes_per_sample": samples.bytes_per_sample(settings.image_size),
         }
 
-    result = run_stage(plan, work, force=force)
-    if remote:
-        locations.remove_folder(remote)
-    return result
+    return run_exchanged(plan, work, force, remote)

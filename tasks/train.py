@@ -5,10 +5,10 @@ and checkpointing in a few lines. Adam (constant or cosine-annealed rate), MSE o
 +colourfulness), optional bf16 autocast, gradient clipping, channels_last; the last weights are kept, or
 the epoch end's with the lowest validation MSE. Every ``checkpoint_every`` steps the model, optimizer,
 step, data position and RNG state are written atomically to ``scratch/checkpoint.pt``; a killed run
-resumes from there and, with
-the same seed, ends with the same weights as an uninterrupted run (the data order is a pure function of
-seed and epoch, see storage.shards.ShardDataset). A non-finite loss stops training with an error:
-nothing is cached, so a diverged model can never be evaluated or registered.
+resumes from there and, with the same seed, ends with the same weights as an uninterrupted run (the
+data order is a pure function of seed and epoch, see storage.shards.ShardDataset). A non-finite loss
+stops training with an error: nothing is cached, so a diverged model can never be evaluated or
+registered.
 """
 
 from __future__ import annotations

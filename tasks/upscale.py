@@ -27,9 +27,9 @@ from model.upscaler import Backend, BicubicUpscaler, Upscaler, choose_backend, m
 from storage import locations
 from storage.code_identity import code_version
 from storage.settings import Section
-from storage.shard_runner import ShardJob, exchange, map_shards, source
+from storage.shard_runner import ShardJob, exchange, map_shards, run_exchanged, source
 from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
-from storage.stage import StageError, StageResult, make_plan, run_stage, sha256_file
+from storage.stage import StageError, StageResult, make_plan, sha256_file
 
 log = logging.getLogger(__name__)
 STAGE = "upscale"
@@ -166,8 +166,6 @@ def run(
     remote = exchange(runner, store, STAGE, plan["key"])
 
     def work(out: Path) -> dict[str, Any]:
-        if force and remote:
-            locations.remove_folder(remote, best_effort=False)  # under the stage lock, like the partial folder
         shards = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
         jobs = [
             UpscaleJob(plan, remote or str(out), split, **source(download, s, store if remote else None))
@@ -192,7 +190,4 @@ def run(
             "scale": SCALE,
         }
 
-    result = run_stage(plan, work, force=force)
-    if remote:
-        locations.remove_folder(remote)
-    return result
+    return run_exchanged(plan, work, force, remote)
