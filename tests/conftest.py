@@ -132,8 +132,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
-    """Until ``url`` answers (any HTTP status counts: the server is up), or fail if ``proc`` died."""
+def wait_for(url: str, proc: subprocess.Popen, what: str, timeout: float = 120, log: Path | None = None) -> None:
+    """Until ``url`` answers (any HTTP status counts: the server is up), or fail if ``proc`` died (with
+    the end of its ``log``, if it writes one)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -142,7 +143,9 @@ def wait_for(url: str, proc: subprocess.Popen, what: str, timeout: float = 120) 
         except urllib.error.HTTPError:
             return
         except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, f"{what} did not start"
+            if proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_text(errors="replace")[-2000:] if log is not None and log.exists() else ""
+                raise AssertionError(f"{what} did not start\n{tail}") from None
             time.sleep(0.3)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TINY = ["--preset", "tiny", "--set", "download.shard_maxcount=4"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(tmp: Path, api: str | None) -> dict[str, str]:
@@ -41,7 +35,7 @@ def _env(tmp: Path, api: str | None) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("prefect-server")
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     log = open(tmp / "server.log", "wb")  # noqa: SIM115 - closed below, after the server stops
     server = subprocess.Popen(
@@ -51,15 +45,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stderr=subprocess.STDOUT,
     )
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{api}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError((tmp / "server.log").read_text()[-2000:]) from None
-                time.sleep(0.5)
+        wait_for(f"{api}/health", server, "prefect server", log=tmp / "server.log")
         yield api
     finally:
         server.terminate()
@@ -111,7 +97,7 @@ def dask_cluster(prefect_server: str, s3_server, tmp_path: Path) -> Iterator[str
     """``dask scheduler`` and two ``dask worker`` processes (one process, one thread each), as on worker
     machines: their own working folder and weights cache, given no path to the work dir, the Prefect
     API and the S3 credentials in their environment. Their logs: ``tmp_path/dask-*.log``."""
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     env = {**_env(tmp_path, prefect_server), **s3_server.env()}
     procs = []
     try:
