@@ -18,7 +18,7 @@ from typing import Any
 
 from storage.atomic import atomic_path, is_temp
 from storage.errors import DataError, TransientError
-from storage.stage import sha256_file
+from storage.stage import safe_relative, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def download(url: str, names: Iterable[str], dest: Path) -> None:
     error here, not a shard silently left out of the stage."""
     fs, root = _fs(url)
     for rel in names:
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+        if not safe_relative(rel):
             raise ValueError(f"refusing to download {rel!r}: its name leaves {dest}")
         try:
             with atomic_path(dest / rel) as tmp:

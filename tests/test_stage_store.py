@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.pipeline import pipeline
-from storage.errors import ConfigError, DataError
+from storage.errors import ConfigError, DataError, TransientError
 from storage.stage import MANIFEST, digest, install, make_plan, run_stage
 from storage.stage_store import StageStore, _quiet
 
@@ -135,6 +135,20 @@ def test_a_manifest_naming_files_outside_its_folder_is_refused(tmp_path: Path) -
         got, why = install({**plan, "workdir": str(tmp_path / "w")}, hostile, lambda rel, dest: fetched.append(rel))
         assert got is None and "outside the stage folder" in why, name
     assert not fetched and not list(tmp_path.rglob("escaped.bin"))
+
+
+def test_the_stage_process_fetches_worker_outputs_only_by_names_inside_its_folder(tmp_path: Path) -> None:
+    from storage import locations
+
+    (tmp_path / "exchange").mkdir()
+    (tmp_path / "exchange" / "part.tar").write_bytes(b"part")
+    for name in ("../escaped.tar", "/etc/escaped.tar"):
+        with pytest.raises(ValueError, match="leaves"):
+            locations.download(f"file://{tmp_path / 'exchange'}", [name], tmp_path / "out")
+    locations.download(f"file://{tmp_path / 'exchange'}", ["part.tar"], tmp_path / "out")
+    assert (tmp_path / "out" / "part.tar").read_bytes() == b"part"
+    with pytest.raises(TransientError, match="is missing"):  # a lost output fails the stage, never thins it
+        locations.download(f"file://{tmp_path / 'exchange'}", ["lost.tar"], tmp_path / "out")
 
 
 def test_a_worker_reads_and_writes_only_through_the_store_and_checks_what_it_reads(
