@@ -114,8 +114,8 @@ def prepare_part(job: PartJob) -> dict[str, float]:
     bytes wherever, and in whatever order, the parts were made."""
     folder = locations.join(job.out, SCRATCH, PARTS)
     stats_name = f"part-{job.split}-{job.part:06d}.json"
-    if locations.exists(locations.join(folder, stats_name)):
-        return json.loads(locations.read_bytes(locations.join(folder, stats_name)))
+    if locations.exists(done := locations.join(folder, stats_name)):
+        return json.loads(locations.read_bytes(done))
     size, seed = Settings.model_validate(job.plan["config"]).image_size, job.plan["facts"]["seed"]
     stats = {"n": 0, "a": 0.0, "b": 0.0, "colorfulness": 0.0}
     chunk: list[tuple[dict[str, Any], np.ndarray]] = []
