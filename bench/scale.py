@@ -42,10 +42,14 @@ def noop(job: int) -> int:
     return job
 
 
-def _server(tmp: Path) -> subprocess.Popen:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _server(tmp: Path) -> subprocess.Popen:
+    port = _free_port()
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(tmp / "prefect-home")}
     env.pop("PREFECT_API_URL")
@@ -96,9 +100,7 @@ def exchange_seconds(tmp: Path, images: int) -> float | None:
     rclone = shutil.which("rclone", path=str(Path(sys.executable).parent))
     if rclone is None:
         return None
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     (tmp / "s3" / "bench").mkdir(parents=True)
     key, secret = "bench-key", "bench-secret-0123456789"
     cmd = [rclone, "serve", "s3", "--auth-key", f"{key},{secret}", "--addr", f"127.0.0.1:{port}", str(tmp / "s3")]

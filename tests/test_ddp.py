@@ -8,7 +8,6 @@ import logging
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 
 from flows.config import build_config
 from model.colorizer import load_folder
@@ -255,9 +255,7 @@ def test_two_nodes_meet_at_the_rendezvous_the_stage_prints(
 ) -> None:
     """Two torchrun "nodes" of one process each on 127.0.0.1: the stage launches the first and prints
     the command for the others; running that command completes the job."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     monkeypatch.setenv(distributed.RDZV_ENV, f"127.0.0.1:{port}")
     cfg = build_config("tiny", [*_TRAIN, "train.nodes=2", "train.devices=1", "train.threads=1"])
     plan = train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import free_port
 from PIL import Image
 from skimage import data
 
@@ -309,14 +310,6 @@ def test_a_copied_or_moved_work_dir_writes_only_into_itself(rerun: dict, workdir
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
     import time
     import urllib.error
@@ -334,7 +327,7 @@ def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
 
 
 def _serve(argv: list[str], url_path: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.cli", *argv, "--port", str(port)],
