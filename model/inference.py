@@ -18,11 +18,15 @@ from model.lab import AB_SCALE, L_SCALE, lab_to_rgb, rgb8_to_lab
 TILE_ROWS = 256
 
 
+def lightness_input(rgb: np.ndarray) -> torch.Tensor:
+    """The network's input for a photo at its own size: L / 100, (1, 1, H, W)."""
+    lab = rgb8_to_lab(torch.from_numpy(np.array(rgb)).permute(2, 0, 1)[None])  # np.array: writable, as torch wants
+    return lab[:, :1] / L_SCALE
+
+
 def net_input(rgb: np.ndarray, size: int) -> torch.Tensor:
     resample = Image.Resampling.BOX if min(rgb.shape[:2]) >= size else Image.Resampling.BICUBIC
-    small = np.array(Image.fromarray(rgb).resize((size, size), resample))  # np.array: writable, as torch wants
-    lab = rgb8_to_lab(torch.from_numpy(small).permute(2, 0, 1)[None])
-    return lab[:, :1] / L_SCALE
+    return lightness_input(np.asarray(Image.fromarray(rgb).resize((size, size), resample)))
 
 
 @torch.inference_mode()

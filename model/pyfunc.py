@@ -12,7 +12,6 @@ payload as JSON (``{"inputs": [[[[r, g, b], ...]]]}``).
 
 from __future__ import annotations
 
-import importlib.metadata
 import warnings
 from typing import Any
 
@@ -20,17 +19,12 @@ import mlflow.pyfunc
 import numpy as np
 
 ENTRY = "import mlflow.models\nfrom model.pyfunc import ColorizerModel\n\nmlflow.models.set_model(ColorizerModel())\n"
-# What the model needs at serving time, pinned to the versions it was registered with.
-REQUIREMENTS = ("torch", "torchvision", "numpy", "pillow", "mlflow", "onnxruntime")
 ENGINES = ("auto", "torch", "onnx")
+NO_ONNX = "no_onnx_export"  # model_config key: why a version was registered without its ONNX export
 
 
 class EngineError(RuntimeError):
     """The engine asked for cannot run this model (no ONNX export, no onnxruntime)."""
-
-
-def pip_requirements() -> list[str]:
-    return [f"{name}=={importlib.metadata.version(name)}" for name in REQUIREMENTS]
 
 
 with warnings.catch_warnings():
@@ -45,6 +39,7 @@ with warnings.catch_warnings():
             self.net = load_trained(context.artifacts["spec"], context.artifacts["weights"])
             self.spec = self.net.spec
             self.onnx_path = context.artifacts.get("onnx")
+            self.no_onnx_reason = (getattr(context, "model_config", None) or {}).get(NO_ONNX)
             self._onnx = None
 
         def engine(self, name: str = "auto") -> Any:
@@ -56,8 +51,13 @@ with warnings.catch_warnings():
 
             has_onnx = self.onnx_path is not None and importlib.util.find_spec("onnxruntime") is not None
             if name == "onnx" and not has_onnx:
-                why = "this model has no ONNX export" if self.onnx_path is None else "onnxruntime is not installed"
-                raise EngineError(f"--engine onnx: {why}; use --engine torch")
+                if self.onnx_path is None:
+                    why = "this model version has no ONNX export" + (
+                        f" (registered without one: {self.no_onnx_reason})" if self.no_onnx_reason else ""
+                    )
+                else:
+                    why = "onnxruntime is not installed"
+                raise EngineError(f"--engine onnx: {why}; use --engine torch or auto")
             if name == "torch" or (name == "auto" and (not has_onnx or torch.cuda.is_available())):
                 return self.net
             if self._onnx is None:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flows", "tasks", "model", "storage")
 
 
-def _source_file(module: str, root: Path) -> Path | None:
+def source_file(module: str, root: Path) -> Path | None:
     base = root.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
@@ -78,7 +80,7 @@ def imported_modules(module: str, root: Path = ROOT) -> list[str]:
         name = todo.pop()
         if name in seen or name.split(".")[0] not in PACKAGES:
             continue
-        path = _source_file(name, root)
+        path = source_file(name, root)
         if path is None:  # ``from pkg import function``: not a module
             continue
         seen.add(name)
@@ -93,5 +95,17 @@ def code_version(module: str, root: Path = ROOT) -> str:
     h = hashlib.sha256()
     for name in imported_modules(module, root):
         h.update(name.encode() + b"\0")
-        h.update(_source_file(name, root).read_bytes())
+        h.update(source_file(name, root).read_bytes())
     return h.hexdigest()[:16]
+
+
+def external_imports(modules: Iterable[str], root: Path = ROOT) -> set[str]:
+    """Top-level names of the third-party modules that ``modules`` import, transitively through the
+    project's own modules (imports inside functions included: they run too)."""
+    found: set[str] = set()
+    for module in {m for start in modules for m in imported_modules(start, root)}:
+        for name in _imports(source_file(module, root), module):
+            top = name.split(".")[0]
+            if top and top not in PACKAGES and top not in sys.stdlib_module_names and top != "__future__":
+                found.add(top)
+    return found

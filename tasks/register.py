@@ -1,5 +1,6 @@
 """Register stage: pick the best variant by a configurable metric, log it as an MLflow pyfunc model with
-its ONNX export (checked against eager PyTorch first), register it as ``colorizer`` and point the
+its ONNX export when that export reproduces eager PyTorch (model/onnx_engine.py; without one otherwise,
+tagged ``onnx_export=none`` with the reason), register it as ``colorizer`` and point the
 ``champion`` alias at it, with the evaluation table attached.
 
 Selection is by the test-table metric (default RGB MSE, lower is better) with a second metric breaking
@@ -27,6 +28,7 @@ from model.colorizer import MODEL_FILE, SPEC_FILE, load_folder
 from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE
 from storage.atomic import write_bytes
 from storage.code_identity import code_version
+from storage.errors import disk_full
 from storage.settings import Section
 from storage.stage import StageResult, make_plan, run_stage
 from storage.tracking import Tracker, flatten, retry_locked, tracking_uri
@@ -94,6 +96,24 @@ def _recreate_run(tracker: Tracker, trained: dict[str, Any], row: dict[str, Any]
     return run_id
 
 
+def _try_onnx(folder: Path, scratch: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The champion's ONNX export and its check report, or ``(None, report with the reason)``: ONNX is an
+    optional engine, so neither a failed parity check nor an exporter that raises (an operator it cannot
+    handle) stops the registration; the torch engine serves that version. A full disk still does."""
+    from model.onnx_engine import ONNX_FILE, ExportMismatch, export
+
+    path = scratch / ONNX_FILE  # stored with the registered version, not in the stage folder
+    try:
+        return path, {"attached": True, **export(load_folder(folder), path)}
+    except Exception as exc:  # noqa: BLE001 - any exporter failure leaves the torch engine, said once
+        if disk_full(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        reason = first if isinstance(exc, ExportMismatch) else f"the exporter failed: {type(exc).__name__}: {first}"
+        log.warning("registering without an ONNX export (torch engine only): %s", reason)
+        return None, {"attached": False, "reason": reason, **getattr(exc, "report", {})}
+
+
 def run(plan: dict[str, Any], force: bool = False) -> StageResult:
     workdir = Path(plan["workdir"])
     r = Settings.model_validate(plan["config"])
@@ -104,8 +124,7 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        from model import pyfunc  # imports mlflow: only when registering, not when composing settings
-        from model.onnx_engine import ONNX_FILE, export
+        from model import bundle, pyfunc  # imports mlflow: only when registering, not when composing settings
 
         table, variant_table = evaluated["table"], evaluated["variant_table"]
         best = choose(variant_table, r.metric, r.tie_breaker)
@@ -131,11 +150,13 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
         example = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
         images = Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))])  # any batch, any photo size
         signature = ModelSignature(inputs=images, outputs=images)
-        root = Path(pyfunc.__file__).resolve().parent.parent
         entry = out / "scratch" / "colorizer_model.py"
         write_bytes(entry, pyfunc.ENTRY.encode())
-        onnx_path = out / "scratch" / ONNX_FILE  # stored with the registered version, not in the stage folder
-        onnx_report = export(load_folder(folder), onnx_path)
+        code_paths = bundle.stage_code(out / "scratch" / "code")  # only what the model imports
+        onnx_path, onnx_report = _try_onnx(folder, out / "scratch")
+        artifacts = {"weights": str(folder / MODEL_FILE), "spec": str(folder / SPEC_FILE)}
+        if onnx_path is not None:
+            artifacts["onnx"] = str(onnx_path)
         tracker = Tracker(workdir)
         run_id = winner["mlflow_run_id"]
         if not tracker.run_exists(run_id):  # mlflow.db was lost or replaced: the cached training run is gone
@@ -145,15 +166,12 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
                 mlflow.pyfunc.log_model,
                 name="colorizer",
                 python_model=str(entry),  # models from code: nothing pickled
-                artifacts={
-                    "weights": str(folder / MODEL_FILE),
-                    "spec": str(folder / SPEC_FILE),
-                    "onnx": str(onnx_path),
-                },
-                code_paths=[str(root / "model"), str(root / "storage")],
+                artifacts=artifacts,
+                code_paths=[str(p) for p in code_paths],
                 signature=signature,
                 input_example=example,
-                pip_requirements=pyfunc.pip_requirements(),
+                pip_requirements=bundle.pip_requirements(),
+                model_config={pyfunc.NO_ONNX: onnx_report["reason"]} if onnx_path is None else None,
             )
         version = retry_locked(mlflow.register_model, info.model_uri, r.model_name)
         client = tracker.client
@@ -181,6 +199,8 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
             "beats_baseline_95ci": significant,
             "train_key": winner["key"],
             "evaluate_key": evaluated["key"],
+            "onnx_export": "attached" if onnx_path is not None else "none",
+            **({} if onnx_path is not None else {"onnx_reason": onnx_report["reason"]}),
         }.items():
             retry_locked(client.set_model_version_tag, r.model_name, version.version, k, str(v))
         write_bytes(out / "registered.txt", f"models:/{r.model_name}@{r.alias} -> version {version.version}\n".encode())
@@ -198,7 +218,7 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
             "beats_baseline_95ci": significant,
             "vs_baseline": interval,
             "model_uri": info.model_uri,
-            "onnx": {**onnx_report, "max_diff": max(v for k, v in onnx_report.items() if k.startswith("max_diff_"))},
+            "onnx": onnx_report,
         }
 
     return run_stage(plan, work, force=force)
