@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flows", "tasks", "model", "storage")
 
 
-def source_file(module: str, root: Path) -> Path | None:
+def source_file(module: str, root: Path = ROOT) -> Path | None:
     base = root.joinpath(*module.split("."))
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():

@@ -147,18 +147,38 @@ def test_only_runs_one_stage_and_needs_finished_inputs(rerun: dict, workdir: Pat
         pipeline(dataset="sample", preset="tiny", workdir=str(tmp_path / "empty"), only="train")
 
 
-def test_registered_model_loads_in_a_fresh_process_and_colorizes(rerun: dict, workdir: Path) -> None:
-    code = (
-        "import mlflow, numpy as np, sys\n"
-        f"mlflow.set_tracking_uri('sqlite:///{workdir}/mlflow.db')\n"
-        "m = mlflow.pyfunc.load_model('models:/colorizer@champion')\n"
-        "x = np.random.default_rng(0).integers(0, 256, (3, 40, 72, 3), dtype=np.uint8)\n"
-        "y = m.predict(x)\n"
-        "print(y.shape, y.dtype)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+def test_registered_model_loads_with_only_what_its_requirements_provide(rerun: dict, workdir: Path) -> None:
+    """In a fresh process whose imports are limited to the distributions its requirements.txt installs
+    (and their own requirements), the champion loads from its own code folder and colorizes."""
+    import mlflow
+
+    from storage.code_identity import PACKAGES, ROOT
+    from storage.dependencies import closure, provided_modules
+
+    uri = f"sqlite:///{workdir}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    reqs_file = mlflow.pyfunc.get_model_dependencies("models:/colorizer@champion")
+    reqs = [r.strip() for r in Path(reqs_file).read_text().splitlines() if r.strip() and not r.startswith(("#", "-"))]
+    assert {r.split("==")[0] for r in reqs} >= {"torch", "mlflow", "tqdm", "onnxruntime"}  # tqdm: via storage.fetch
+    assert not {r.split("==")[0] for r in reqs} & {"prefect", "webdataset", "s3fs", "gradio"}  # not the model's
+    request = {
+        "allowed": sorted(provided_modules(closure(reqs))),
+        "project": list(PACKAGES),
+        "source": str(ROOT),
+        "tracking_uri": uri,
+        "model_uri": "models:/colorizer@champion",
+    }
+    script = Path(__file__).with_name("limited_imports.py")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run(
+        [sys.executable, str(script)], input=json.dumps(request), capture_output=True, text=True, timeout=300,
+        cwd=workdir, env=env,
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == "(3, 40, 72, 3) uint8"
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [3, 40, 72, 3] and result["dtype"] == "uint8"
+    assert result["loaded_from"]["model.pyfunc"].endswith("/code/model/pyfunc.py")
+    assert not any(Path(f).is_relative_to(ROOT) for f in result["loaded_from"].values()), result["loaded_from"]
 
 
 # ---------------------------------------------------------------- colorize image
@@ -351,7 +371,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_the_champion_is_registered_with_an_onnx_export_that_matches_torch(rerun: dict, workdir: Path, tmp_path):
     reg = json.loads((Path(rerun["stages"]["register"]) / "manifest.json").read_text())
-    assert reg["onnx"]["max_diff"] <= 1e-4
+    assert reg["onnx"]["attached"] and reg["onnx"]["max_rgb_diff"] <= 1
     src = tmp_path / "cat.png"
     Image.fromarray(data.chelsea()[:120, :160]).save(src)
     outs = {}
@@ -360,6 +380,52 @@ def test_the_champion_is_registered_with_an_onnx_export_that_matches_torch(rerun
         assert main(["image", str(src), "--out", str(out), "--engine", engine, "--workdir", str(workdir)]) == 0
         outs[engine] = np.asarray(Image.open(out)).astype(int)
     assert np.abs(outs["torch"] - outs["onnx"]).max() <= 1  # within 1/255
+
+
+def _mismatching_engine(monkeypatch) -> None:
+    from model.onnx_engine import OnnxColorizer
+
+    real = OnnxColorizer.__call__
+    monkeypatch.setattr(OnnxColorizer, "__call__", lambda self, x: real(self, x) + 0.05)  # 5.5 Lab units
+
+
+def _raising_exporter(monkeypatch) -> None:
+    import torch
+
+    def export(*args, **kw):
+        raise RuntimeError("Exporting the operator 'aten::grid_sampler' to ONNX opset version 17 is not supported")
+
+    monkeypatch.setattr(torch.onnx, "export", export)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [(_mismatching_engine, "differs from eager"), (_raising_exporter, "the exporter failed: RuntimeError")],
+    ids=["check-fails", "exporter-raises"],
+)
+def test_a_failed_onnx_export_still_registers_the_champion_on_torch(
+    rerun: dict, workdir: Path, tmp_path: Path, monkeypatch, capsys, fault, reason
+) -> None:
+    from storage.tracking import Tracker
+
+    alias = f"no-onnx-{fault.__name__.strip('_').replace('_', '-')}"
+    fault(monkeypatch)
+    result = pipeline(dataset="sample", preset="tiny", workdir=str(workdir), overrides=[f"register.alias={alias}"])
+    monkeypatch.undo()
+    assert _states(result)["register"] == "ran"
+    onnx = json.loads((Path(result["stages"]["register"]) / "manifest.json").read_text())["onnx"]
+    assert onnx["attached"] is False and reason in onnx["reason"]
+    tags = Tracker(workdir).client.get_model_version_by_alias("colorizer", alias).tags
+    assert tags["onnx_export"] == "none" and reason in tags["onnx_reason"]
+    src = tmp_path / "cat.png"
+    Image.fromarray(data.chelsea()[:64, :64]).save(src)
+    model = ["--model", f"models:/colorizer@{alias}", "--workdir", str(workdir)]
+    capsys.readouterr()
+    assert main(["image", str(src), "--out", str(tmp_path / "o.png"), "--engine", "onnx", *model]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no ONNX export" in err[0] and reason in err[0], err
+    assert main(["image", str(src), "--out", str(tmp_path / "o.png"), "--engine", "auto", *model]) == 0
+    assert Image.open(tmp_path / "o.png").size == (64, 64)
 
 
 def test_rest_api_serves_the_champion_and_refuses_malformed_requests(rerun: dict, workdir: Path) -> None:
