@@ -161,8 +161,10 @@ def test_registered_model_loads_with_only_what_its_requirements_provide(rerun: d
     reqs = [r.strip() for r in Path(reqs_file).read_text().splitlines() if r.strip() and not r.startswith(("#", "-"))]
     assert {r.split("==")[0] for r in reqs} >= {"torch", "mlflow", "tqdm", "onnxruntime"}  # tqdm: via storage.fetch
     assert not {r.split("==")[0] for r in reqs} & {"prefect", "webdataset", "s3fs", "gradio"}  # not the model's
+    dists = closure(reqs)
     request = {
-        "allowed": sorted(provided_modules(closure(reqs))),
+        "distributions": sorted(dists),
+        "allowed": sorted(provided_modules(dists)),
         "project": list(PACKAGES),
         "source": str(ROOT),
         "tracking_uri": uri,
