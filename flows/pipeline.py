@@ -22,9 +22,10 @@ from prefect.context import get_run_context
 from flows.config import STAGE_MODULES, STAGES, PipelineConfig, build_config
 from storage import shard_runner
 from storage.errors import TransientError, UserFacingError, disk_full
+from storage.redact import redact, redact_text
 from storage.stage import digest, finished, plan_folder, record
 from storage.stage_store import StageStore
-from storage.tracking import Tracker, flatten, sanitize
+from storage.tracking import Tracker, flatten
 from tasks import download as download_stage
 from tasks import evaluate as evaluate_stage
 from tasks import prepare as prepare_stage
@@ -59,8 +60,31 @@ def stage_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
 @task(name="stage", cache_key_fn=stage_cache_key, persist_result=True)
 def stage_task(plan: dict[str, Any], force: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one stage from its plan; return its manifest, plus whether another run had already finished it."""
-    result = _RUN[plan["stage"]](plan, force=force, **(extra or {}))
+    try:
+        result = _RUN[plan["stage"]](plan, force=force, **(extra or {}))
+    except Exception as exc:
+        clean = _redacted(exc)
+        if clean is exc:
+            raise
+        raise clean from None  # the original's chain holds the secret too
     return {**result.manifest, "reused": result.cached}
+
+
+def _redacted(exc: Exception) -> Exception:
+    """``exc`` itself when its message holds no secret, else the same error with the secret as ``***``:
+    what crosses the task boundary becomes Prefect's state message, stored in its database."""
+    text = str(exc)
+    clean = redact_text(text)
+    if clean == text:
+        return exc
+    try:
+        copy = type(exc)(clean)
+    except Exception:  # noqa: BLE001 - an exception type with another signature
+        copy = RuntimeError(f"{type(exc).__name__}: {clean}")
+    for attr in ("exit_code", "rerun_helps"):
+        if hasattr(exc, attr):
+            setattr(copy, attr, getattr(exc, attr))
+    return copy
 
 
 class StageFailed(UserFacingError):
@@ -72,8 +96,14 @@ class StageFailed(UserFacingError):
 
 
 def describe(exc: BaseException | None, crashed: bool) -> StageFailed:
-    """A task's exception as the user should read it: their own mistake as raised (exit 2, no hint);
-    an interruption or a network failure with the resume hint; anything else with its type."""
+    """A task's exception as the user should read it, with any secret in it redacted."""
+    failure = _describe(exc, crashed)
+    return StageFailed(redact_text(str(failure)), failure.exit_code, failure.rerun_helps)
+
+
+def _describe(exc: BaseException | None, crashed: bool) -> StageFailed:
+    """Their own mistake as raised (exit 2, no hint); an interruption or a network failure with the
+    resume hint; anything else with its type."""
     if isinstance(exc, UserFacingError) and not isinstance(exc, TransientError):
         return StageFailed(str(exc), exc.exit_code, exc.rerun_helps)
     if exc is not None and disk_full(exc):
@@ -189,7 +219,7 @@ def redact_overrides(overrides: list[str]) -> list[str]:
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        clean = f"{key}{sep}{sanitize(key, value)}" if sep else item
+        clean = f"{key}{sep}{redact(key, value)}" if sep else item
         if clean != item:
             _REAL_OVERRIDES[clean] = item
         out.append(clean)

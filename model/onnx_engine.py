@@ -13,11 +13,12 @@ Every export is run on the same photos as eager PyTorch before it is kept, and c
 - **the predicted ab** (normalized, ``ab / 110``), at most :data:`AB_TOLERANCE` = 2e-3 apart, i.e.
   0.22 Lab units, a quarter of the smallest colour difference people notice (about 1 Lab unit). It
   catches an export that is off everywhere by a little, which the rounding of the first check could
-  hide. Measured on an AVX-512 (bf16/fp16) CPU with ``bench/onnx_parity.py``: over 3 fusions x 3 seeds
-  x 3 shapes of random-weight networks and the demo preset's three trained variants, onnxruntime and
-  eager differed by at most 1.1e-4 in normalized ab and 1 level in RGB (docs/onnx_parity.md has the
-  distribution). The old bar, 1e-4 in ab, sat inside that noise and failed on another CPU at 1.07e-4;
-  2e-3 is 18x the largest difference seen.
+  hide. Measured with ``scripts/onnx_parity.py`` on an AVX-512 (bf16) CPU, over 36 comparisons (3
+  fusions x 3 seeds of random-weight networks and the demo's three trained variants, at the 3 check
+  shapes): at most 5.2e-7 in ab on these photos and 1 level in RGB (3 of 36 had 1). The old check fed
+  uniform noise as L, which drives the network far from photos: 7.1e-5 here, 1.07e-4 on another CPU,
+  where its 1e-4 bar failed registration. 2e-3 is 28x that noise figure and ~4000x the photo figure
+  (docs/onnx_parity.md), so only a real fault crosses it.
 
 A failed check (:class:`ExportMismatch`, with the measured differences in ``report``) or an exporter
 that raises never fails registration: the register stage keeps the torch engine and says why.

@@ -5,7 +5,8 @@ Exports networks of the demo preset's shape (decoder width 64, input 64 px) with
 fusion and seed, plus every trained stage folder under ``--workdir`` (the demo's three variants after
 ``make demo``), and runs the export check's own comparison (the same photos and shapes) on each. Prints
 one row per network and shape (max |ab| difference, normalized; max RGB difference in 8-bit levels) and
-the distribution over all of them.
+the distribution over all of them; and, for comparison, the ab difference on uniform-noise L (the input
+the check used before it compared photos).
 
     .venv/bin/python scripts/onnx_parity.py [--seeds 0,1,2] [--workdir work]
 """
@@ -54,23 +55,34 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--workdir", help="also measure the trained stage folders under WORKDIR/train")
     args = ap.parse_args()
-    ab_all, rgb_all = [], []
-    print(f"cpu: {platform.processor() or platform.machine()}; torch {torch.__version__}")
-    print("| network | shape | max ab diff (normalized) | max RGB diff (levels) |\n|---|---|---|---|")
+    ab_all, rgb_all, noise_all = [], [], []
+    flags = (
+        Path("/proc/cpuinfo").read_text().split("flags", 1)[-1].split("\n", 1)[0]
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine()
+    print(f"cpu: {isa}{' (bf16)' if 'avx512_bf16' in flags else ''}; torch {torch.__version__}")
+    print("| network | shape | max ab diff (normalized) | max RGB diff (levels) | ab diff on noise L |")
+    print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for name, net in _networks([int(s) for s in args.seeds.split(",")], args.workdir):
             engine = _export(net.to(memory_format=torch.contiguous_format), Path(tmp) / "m.onnx")
             for i, (b, h, w) in enumerate(check_shapes(net.spec.image_size)):
                 ab, rgb = compare(engine, net, check_photos(b, h, w, seed=i))
+                noise = torch.rand(b, 1, h, w, generator=torch.Generator().manual_seed(i))
+                with torch.no_grad():
+                    noise_diff = float((engine(noise) - net(noise)).abs().max())
                 ab_all.append(ab)
                 rgb_all.append(rgb)
-                print(f"| {name} | {b}x{h}x{w} | {ab:.2e} | {rgb} |")
+                noise_all.append(noise_diff)
+                print(f"| {name} | {b}x{h}x{w} | {ab:.2e} | {rgb} | {noise_diff:.2e} |")
     q = np.quantile(ab_all, [0.0, 0.5, 0.9, 1.0])
     print(
         f"\n{len(ab_all)} comparisons. max ab diff: min {q[0]:.2e}, median {q[1]:.2e}, p90 {q[2]:.2e}, "
         f"max {q[3]:.2e} (tolerance {AB_TOLERANCE:g}: {AB_TOLERANCE / q[3]:.0f}x the largest seen). "
         f"max RGB diff: {dict(zip(*np.unique(rgb_all, return_counts=True), strict=True))} levels -> count "
-        f"(tolerance {RGB_TOLERANCE})."
+        f"(tolerance {RGB_TOLERANCE}). On noise L: max ab diff {max(noise_all):.2e}."
     )
 
 

@@ -4,21 +4,30 @@ under the final name.
 The partial bytes live in ``<dest>.part`` (resumed with a Range request); the file is renamed to
 ``dest`` only after its checksum matched. A checksum mismatch deletes the partial file (its bytes are
 wrong, resuming would keep them) and retries; after the last try a one-line DownloadError says what to do.
+
+Credentials never travel in the URL (the download stage refuses ``user:password@`` URLs, and every
+message shows URLs through :func:`storage.redact.redact_text`): a host that needs HTTP basic auth gets
+it from a netrc file (``$NETRC``, else ``~/.netrc``: ``machine HOST login USER password PASS``), as curl
+and pip read it. The header is not repeated to the target of a redirect, which may be another host.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
+import netrc
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
 
-from storage.errors import TransientError
+from storage.errors import ConfigError, TransientError
+from storage.redact import redact_text
 
 log = logging.getLogger(__name__)
 _CHUNK = 1 << 16
@@ -36,9 +45,28 @@ def file_digest(path: Path, algo: str) -> str:
     return h.hexdigest()
 
 
+def netrc_auth(url: str) -> str | None:
+    """The ``Authorization`` header value for ``url``'s host from the user's netrc file, if it has one."""
+    host = urllib.parse.urlsplit(url).hostname
+    path = Path(os.environ.get("NETRC") or Path.home() / ".netrc").expanduser()
+    if not host or not path.is_file():
+        return None
+    try:
+        found = netrc.netrc(str(path)).authenticators(host)
+    except (netrc.NetrcParseError, OSError) as exc:
+        raise ConfigError(f"cannot read the netrc file {path}: {exc}") from None
+    if not found:
+        return None
+    login, _, password = found
+    return "Basic " + base64.b64encode(f"{login}:{password or ''}".encode()).decode()
+
+
 def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
     have = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"User-Agent": "colorize-pipeline/0.1"})
+    auth = netrc_auth(url)
+    if auth:
+        req.add_unredirected_header("Authorization", auth)
     if have:
         req.add_header("Range", f"bytes={have}-")
     try:
@@ -60,7 +88,7 @@ def _fetch_once(url: str, part: Path, timeout: float, progress: bool) -> None:
                 initial=have,
                 unit="B",
                 unit_scale=True,
-                desc=Path(url).name or url,
+                desc=Path(urllib.parse.urlsplit(url).path).name or "download",
                 disable=not progress,
                 leave=False,
             ) as bar,
@@ -104,6 +132,7 @@ def download(
         dest.unlink()
 
     part = dest.with_name(dest.name + ".part")
+    shown = redact_text(url)
     last_error = "unknown error"
     for attempt in range(retries + 1):
         if attempt:
@@ -111,13 +140,13 @@ def download(
         try:
             _fetch_once(url, part, timeout, progress)
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
-            last_error = str(getattr(exc, "reason", exc)) or type(exc).__name__
-            log.warning("download of %s failed (try %d of %d): %s", url, attempt + 1, retries + 1, last_error)
+            last_error = redact_text(str(getattr(exc, "reason", exc)) or type(exc).__name__)
+            log.warning("download of %s failed (try %d of %d): %s", shown, attempt + 1, retries + 1, last_error)
             continue
         got = file_digest(part, algo)
         if expected is not None and got != expected.lower():
             last_error = f"{algo} mismatch (got {got[:12]}..., expected {expected[:12]}...)"
-            log.warning("download of %s: %s; deleting it", url, last_error)
+            log.warning("download of %s: %s; deleting it", shown, last_error)
             part.unlink(missing_ok=True)
             continue
         os.replace(part, dest)
@@ -125,6 +154,6 @@ def download(
             recorded.write_text(f"{got}  {dest.name}\n")
         return dest
     raise DownloadError(
-        f"could not download {url} after {retries + 1} tries ({last_error}); "
+        f"could not download {shown} after {retries + 1} tries ({last_error}); "
         f"check the connection or place the file at {dest}"
     )

@@ -30,6 +30,7 @@ from typing import Any
 
 from storage.atomic import TMP_MARK, fsync_dir, is_temp, temp_name, write_json
 from storage.errors import UserFacingError
+from storage.redact import redact_config, redact_obj
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,8 @@ def record(workdir: Path | str, stage: str, state: str, **detail: Any) -> None:
     effort: a full disk must not turn a stage's real error into a second one about bookkeeping."""
     with contextlib.suppress(OSError):
         write_json(
-            Path(workdir) / stage / LAST, {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "state": state, **detail}
+            Path(workdir) / stage / LAST,
+            {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "state": state, **redact_obj(detail)},
         )
 
 
@@ -267,7 +269,7 @@ def run_stage(
         manifest = {
             "stage": stage,
             "key": key,
-            "config": plan["config"],
+            "config": redact_config(plan["config"]),  # published by the stage store: no secret in it
             "facts": plan["facts"],
             "inputs": _refs(plan["inputs"]),
             "code_version": plan["code"],

@@ -10,11 +10,12 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
+
+from storage.redact import redact
 
 log = logging.getLogger(__name__)
 EXPERIMENT = "colorize"
@@ -156,7 +157,7 @@ class Tracker:
             return retry_locked(c.get_experiment_by_name, name).experiment_id
 
     def start_run(self, name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
-        all_tags = dict(tags or {})
+        all_tags = {k: redact(k, v) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = retry_locked(self.client.create_run, self.experiment_id(), run_name=name, tags=all_tags)
@@ -165,7 +166,7 @@ class Tracker:
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        batch = [Param(k, sanitize(k, v)[:6000]) for k, v in sorted(params.items())]
+        batch = [Param(k, redact(k, v)[:6000]) for k, v in sorted(params.items())]
         for i in range(0, len(batch), 100):
             retry_locked(self.client.log_batch, run_id, params=batch[i : i + 100])
 
@@ -182,7 +183,7 @@ class Tracker:
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
-            retry_locked(self.client.set_tag, run_id, k, sanitize(k, v))
+            retry_locked(self.client.set_tag, run_id, k, redact(k, v))
 
     def run_exists(self, run_id: str | None) -> bool:
         if not run_id:
@@ -212,25 +213,6 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         with contextlib.suppress(Exception):
             retry_locked(self.client.set_terminated, run_id, status)
-
-
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|credential)", re.IGNORECASE)
-# Everything between "://" and the last "@" before the host's path: user, password, even one holding "@".
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#\s]*@")
-# Query parameters that carry credentials: signatures, tokens, keys (X-Amz-Signature, access_key, ...).
-_SECRET_QUERY = re.compile(
-    r"([?&][^=&#\s]*(?:sig|token|secret|key|pass|credential|auth|session)[^=&#\s]*=)[^&#\s]*", re.IGNORECASE
-)
-
-
-def sanitize(key: str, value: Any) -> str:
-    """What may be stored (MLflow params, Prefect's flow parameters): secrets redacted, URL credentials and
-    secret query parameters replaced by ``***``, the home folder as ``~``."""
-    if _SECRET_KEY.search(key):
-        return "***"
-    text = _SECRET_QUERY.sub(r"\1***", _URL_CREDENTIALS.sub("***@", str(value)))
-    home = str(Path.home())
-    return text.replace(home, "~") if home not in ("/", "") else text
 
 
 def flatten(prefix: str, obj: Any) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from storage.code_identity import code_version
 from storage.errors import ConfigError, DataError
 from storage.fetch import download
 from storage.images import IMAGE_SUFFIXES, ImageError, find_images, load_photo
+from storage.redact import has_userinfo
 from storage.settings import Section
 from storage.shards import SPLITS, ShardWriter, encode_png
 from storage.stage import StageResult, digest, make_plan, run_stage
@@ -369,6 +370,16 @@ class Settings(Section):
     retries: int = Field(3, ge=0, le=100)
     timeout: float = Field(60.0, gt=0, le=3600, description="seconds without data before a download is abandoned")
     shard_maxcount: int = Field(1000, ge=1)
+
+    @field_validator("cifar10_url", "div2k_train_url", "div2k_valid_url")
+    @classmethod
+    def _no_credentials(cls, v: str) -> str:
+        if has_userinfo(v):
+            raise ValueError(
+                "credentials in a URL are never sent; put them in a netrc file ($NETRC or ~/.netrc: "
+                "`machine HOST login USER password PASS`), which downloads use for that host"
+            )
+        return v
 
     @field_validator("lowres_crop_fraction")
     @classmethod

@@ -33,6 +33,7 @@ class Route:
     truncations: int = 0
     stall: float = 0.0  # seconds to sleep after the headers
     ignore_range: bool = False
+    auth: str | None = None  # the Authorization header this route requires (401 without it)
     hits: list[str] = field(default_factory=list)
 
 
@@ -48,9 +49,12 @@ class LocalServer:
                 pass
 
             def do_GET(self) -> None:  # noqa: N802
-                route = server.routes.get(self.path)
+                route = server.routes.get(self.path.split("?", 1)[0])  # signed URLs carry a query
                 if route is None:
                     self.send_error(404)
+                    return
+                if route.auth is not None and self.headers.get("Authorization") != route.auth:
+                    self.send_error(401)
                     return
                 route.hits.append(self.headers.get("Range", ""))
                 body, start = route.body, 0

@@ -21,7 +21,7 @@ from skimage import data
 from flows.cli import main
 from flows.config import build_config
 from storage.images import find_images
-from storage.tracking import sanitize
+from storage.redact import redact, redact_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -224,12 +224,17 @@ def test_status_survives_a_malformed_last_json(tmp_path: Path, content: str, cap
         ("https://host/x.zip?X-Amz-Signature=SECRET3&token=SECRET4&ok=1", "SECRET3"),
         ("https://host/x.zip?X-Amz-Signature=SECRET3&token=SECRET4&ok=1", "SECRET4"),
         ("https://host/x.zip?access_key=SECRET5", "SECRET5"),
+        ("https://host/cb#access_token=SECRET6&state=ok", "SECRET6"),
+        ("https://host/x.zip;jsessionid=SECRET7", "SECRET7"),
+        ("could not download https://host/x?sig=SECRET8 after 2 tries", "SECRET8"),
+        ("https://host/x?X-Amz-Credential=AKIA%2FSECRET9&X-Amz-Date=1", "SECRET9"),
     ],
 )
 def test_credentials_in_urls_are_redacted(value: str, secret: str) -> None:
-    clean = sanitize("download.div2k_train_url", value)
-    assert secret not in clean and "host" in clean and "***" in clean
-    assert "ok=1" in sanitize("u", "https://host/x.zip?X-Amz-Signature=S&ok=1")
+    for clean in (redact("download.div2k_train_url", value), redact_text(value)):
+        assert secret not in clean and "host" in clean and "***" in clean
+    assert "ok=1" in redact("u", "https://host/x.zip?X-Amz-Signature=S&ok=1")
+    assert redact("store.api_token", "anything") == "***"
 
 
 def test_the_raw_overrides_never_reach_prefects_database(prefect_harness, tmp_path: Path) -> None:
@@ -237,7 +242,7 @@ def test_the_raw_overrides_never_reach_prefects_database(prefect_harness, tmp_pa
 
     from prefect.client.orchestration import get_client
 
-    secret_url = "https://ann:TOPSECRET@mirror.example/cifar.tar.gz?token=TOKSECRET"
+    secret_url = "https://mirror.example/cifar.tar.gz?token=TOKSECRET#access_token=FRAGSECRET"
     argv = ["run", "--preset", "tiny", "--until", "download", "--workdir", str(tmp_path)]
     assert main([*argv, "--set", f"download.cifar10_url={secret_url}"]) == 0
 
@@ -246,7 +251,88 @@ def test_the_raw_overrides_never_reach_prefects_database(prefect_harness, tmp_pa
             return [r.parameters for r in await client.read_flow_runs()]
 
     stored = json.dumps(asyncio.run(parameters()))
-    assert "mirror.example" in stored and "TOPSECRET" not in stored and "TOKSECRET" not in stored
+    assert "mirror.example" in stored and "TOKSECRET" not in stored and "FRAGSECRET" not in stored
+
+
+SECRETS = ("T0KENv4lue", "S1Gv4lue", "FR4Gv4lue")
+
+
+def test_a_signed_download_url_works_and_its_secrets_are_stored_and_shown_nowhere(tmp_path: Path, http_server):
+    """A whole `colorize run` in its own process (its Prefect server and database, its MLflow store, all in
+    the work dir): once downloading through a signed URL, once failing on one. Every file left in the
+    work dir, and everything printed, is searched for the secrets."""
+    import hashlib
+
+    from test_download import _cifar_archive
+
+    body = _cifar_archive()
+    url = http_server.add("/c.tar.gz", body)
+    query = f"?token={SECRETS[0]}&sig={SECRETS[1]}#access_token={SECRETS[2]}"
+    workdir = tmp_path / "w"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+
+    def run(target: str) -> subprocess.CompletedProcess:
+        argv = ["run", "--dataset", "cifar10", "--preset", "tiny", "--until", "download", "--workdir", str(workdir)]
+        sets = [f"download.cifar10_url={target}", f"download.cifar10_md5={hashlib.md5(body).hexdigest()}"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            *argv,
+            *(a for s in sets for a in ("--set", s)),
+            "--set",
+            "download.retries=0",
+        ]
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+    ok = run(url + query)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    failed = run(url.replace("/c.tar.gz", "/gone.tar.gz") + query)  # a 404: the error paths
+    assert failed.returncode == 1 and "could not download" in failed.stderr and "token=***" in failed.stderr
+    printed = ok.stdout + ok.stderr + failed.stdout + failed.stderr
+    assert not [s for s in SECRETS if s in printed]
+    from storage.tracking import Tracker, flatten
+
+    tracker = Tracker(workdir)  # what the pipeline logs to MLflow for a run with these settings
+    run_id = tracker.start_run("secrets", tags={"source": url + query})
+    tracker.log_params(run_id, flatten("download", {"cifar10_url": url + query}))
+    tracker.end_run(run_id)
+    assert (workdir / ".prefect").is_dir() and (workdir / "mlflow.db").is_file()  # both stores are searched
+    leaks = [
+        (str(f.relative_to(workdir)), s)
+        for f in workdir.rglob("*")
+        if f.is_file()
+        for s in SECRETS
+        if s.encode() in f.read_bytes()
+    ]
+    assert leaks == []
+    manifest = json.loads(next((workdir / "download").glob("*/manifest.json")).read_text())
+    assert "token=***" in manifest["config"]["cifar10_url"] and "[sha256:" in manifest["config"]["cifar10_url"]
+
+
+def test_a_url_with_credentials_is_refused_before_any_work_with_the_supported_way(tmp_path: Path, capsys) -> None:
+    url = "https://alice:PASSW0RD@127.0.0.1:9/c.tar.gz"
+    argv = ["run", "--dataset", "cifar10", "--until", "download", "--workdir", str(tmp_path / "w")]
+    assert main([*argv, "--set", f"download.cifar10_url={url}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "netrc" in err[0] and "PASSW0RD" not in err[0], err
+    assert not (tmp_path / "w" / "download").exists()
+
+
+def test_netrc_credentials_are_sent_as_basic_auth(tmp_path: Path, http_server, monkeypatch) -> None:
+    import base64
+
+    from storage.fetch import DownloadError, download
+
+    url = http_server.add("/private.bin", b"x" * 1000, auth="Basic " + base64.b64encode(b"alice:s3cret").decode())
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))
+    with pytest.raises(DownloadError, match="Unauthorized"):
+        download(url, tmp_path / "a.bin", retries=0, progress=False)
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login alice password s3cret\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert download(url, tmp_path / "b.bin", retries=0, progress=False).read_bytes() == b"x" * 1000
 
 
 def test_binding_beyond_loopback_warns_that_there_is_no_authentication() -> None:

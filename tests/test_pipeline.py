@@ -406,7 +406,7 @@ def _raising_exporter(monkeypatch) -> None:
     ids=["check-fails", "exporter-raises"],
 )
 def test_a_failed_onnx_export_still_registers_the_champion_on_torch(
-    rerun: dict, workdir: Path, tmp_path: Path, monkeypatch, capsys, fault, reason
+    rerun: dict, workdir: Path, tmp_path: Path, monkeypatch, capsys, caplog, fault, reason
 ) -> None:
     from storage.tracking import Tracker
 
@@ -415,6 +415,8 @@ def test_a_failed_onnx_export_still_registers_the_champion_on_torch(
     result = pipeline(dataset="sample", preset="tiny", workdir=str(workdir), overrides=[f"register.alias={alias}"])
     monkeypatch.undo()
     assert _states(result)["register"] == "ran"
+    warned = [r for r in caplog.records if r.name == "tasks.register" and "without an ONNX export" in r.getMessage()]
+    assert len(warned) == 1 and reason in warned[0].getMessage()
     onnx = json.loads((Path(result["stages"]["register"]) / "manifest.json").read_text())["onnx"]
     assert onnx["attached"] is False and reason in onnx["reason"]
     tags = Tracker(workdir).client.get_model_version_by_alias("colorizer", alias).tags
