@@ -143,13 +143,15 @@ class PhotoColorizer:
         return self._upscaler
 
 
-def gather(inputs: list[str]) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """(file, its path relative to the input it came from) for every image, and one error per bad input."""
+def gather(inputs: list[str], out: str | None = None) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(file, its path relative to the input it came from) for every image, and one error per bad input.
+    The output folder is never read as input, even inside an input folder: a rerun replaces its results
+    instead of colorizing them again."""
     files, errors = [], []
     for raw in inputs:
         p = Path(raw).expanduser()
         if p.is_dir():
-            found = find_images(p)
+            found = find_images(p, exclude=Path(out).expanduser() if out else None)
             files += [(f, f.relative_to(p)) for f in found]
             if not found:
                 errors.append(f"{p}: folder holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -193,7 +195,9 @@ def output_paths(files: list[tuple[Path, Path]], out: str | None, single: bool) 
     inputs = {src.resolve() for src, _ in files}
     for (src, _), dest in zip(files, dests, strict=True):
         if dest.resolve() in inputs:
-            raise UsageError(f"{dest}: writing it would overwrite the input {src}; choose another --out")
+            raise UsageError(
+                f"writing the result of {src} to {dest} would overwrite the input {dest}; choose another --out"
+            )
     return dests
 
 
@@ -209,7 +213,7 @@ def save(img: np.ndarray, alpha: np.ndarray | None, dest: Path) -> None:
 
 
 def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
-    files, errors = gather(args.inputs)
+    files, errors = gather(args.inputs, args.out)
     single = len(files) == 1 and len(args.inputs) == 1 and not Path(args.inputs[0]).is_dir()
     try:
         dests = output_paths(files, args.out, single)
@@ -232,8 +236,9 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
     for (src, _), dest in tqdm(jobs, unit="img", desc="colorize", disable=len(files) < 2):
         try:
             _, colour, alpha = colorizer.colorize_file(src, args.upscale)
+            replaced = " (replaced the existing file)" if dest.exists() else ""
             save(colour, alpha, dest)
-            tqdm.write(f"{src} -> {dest}") if len(files) > 1 else print(f"{src} -> {dest}")
+            tqdm.write(f"{src} -> {dest}{replaced}") if len(files) > 1 else print(f"{src} -> {dest}{replaced}")
         except (ImageError, OSError) as exc:
             failed += 1
             msg = str(exc) if str(exc).startswith(str(src)) else f"{src}: {exc}"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,41 @@ def _bomb_limit(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = default
 
 
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_data_shortfall(path: Path) -> tuple[int, int] | None:
+    """(bytes of pixel data found, bytes the header promises) when a PNG's compressed data ends before
+    its image does, else None. Pillow decodes such a file without a word (a PNG that declares 8000x8000
+    and carries one row gives 64 MP of black), so the pixel data is counted here, streaming, against
+    what the header's size, bit depth, colour type and interlacing need."""
+    with open(path, "rb") as fh:
+        if fh.read(8) != b"\x89PNG\r\n\x1a\n":
+            return None
+        inflate, got, expected = zlib.decompressobj(), 0, None
+        while len(head := fh.read(8)) == 8:
+            length, kind = struct.unpack(">I4s", head)
+            body = fh.read(length)
+            fh.read(4)  # crc: Pillow checks it
+            if kind == b"IHDR" and len(body) >= 13:
+                w, h, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", body[:13])
+                bits = depth * _PNG_CHANNELS.get(colour, 4)
+                passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+                sizes = [(-(-(w - x) // dx), -(-(h - y) // dy)) for x, y, dx, dy in passes]
+                expected = sum(ph * (1 + -(-pw * bits // 8)) for pw, ph in sizes if pw > 0 and ph > 0)
+            elif kind == b"IDAT":
+                try:
+                    while body and got <= (expected or 0):
+                        got += len(inflate.decompress(body, 1 << 20))
+                        body = inflate.unconsumed_tail
+                except zlib.error:
+                    return got, expected or 0
+            elif kind == b"IEND":
+                break
+    return (got, expected) if expected is not None and got < expected else None
+
+
 def load_photo(path: Path | str, max_pixels: int = 80_000_000) -> Photo:
     path = Path(path)
     if not path.exists():
@@ -71,6 +108,11 @@ def load_photo(path: Path | str, max_pixels: int = 80_000_000) -> Photo:
                 if w * h > max_pixels:
                     raise ImageError(f"{path}: {w}x{h} is {w * h:,} pixels, over the limit of {max_pixels:,}")
                 im.load()
+                if im.format == "PNG" and (short := png_data_shortfall(path)):
+                    got, need = short
+                    raise ImageError(
+                        f"{path}: truncated image data ({got:,} of the {need:,} bytes its {w}x{h} header needs)"
+                    )
                 im = ImageOps.exif_transpose(im)
     except ImageError:
         raise

@@ -131,6 +131,80 @@ def test_upscale_handles_images_a_few_pixels_wide(tmp_path: Path, model_dir: Pat
     assert Image.open(tmp_path / "o" / "s4.png").size == (16, 24)
 
 
+def _png(width: int, height: int, rows: bytes, interlace: int = 0) -> bytes:
+    """A hand-made RGB PNG: the header's size, and whatever filtered rows are given as its pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    head = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, interlace)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _adam7_rows(rgb: np.ndarray) -> bytes:
+    """An image's pixel data in Adam7 interlaced order (filter 0 on every row)."""
+    out = b""
+    for x, y, dx, dy in (
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ):
+        sub = rgb[y::dy, x::dx]
+        if sub.size:
+            out += b"".join(b"\x00" + row.tobytes() for row in sub)
+    return out
+
+
+def test_an_image_whose_data_stops_early_is_an_error_for_that_file_only(tmp_path: Path, model_dir: Path, capsys):
+    """A PNG that declares 8000x8000 and carries one row was colorized as 64 MP of black, with exit 0."""
+    from storage.images import ImageError, load_photo
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "short.png").write_bytes(_png(8000, 8000, b"\x00" + b"\x80" * 24000))
+    Image.fromarray(data.chelsea()[:64, :64]).save(src / "good.png")
+    with pytest.raises(ImageError, match="truncated image data"):
+        load_photo(src / "short.png")
+    rgb = data.chelsea()[:37, :53].copy()  # an interlaced PNG that is complete loads as it is
+    (tmp_path / "interlaced.png").write_bytes(_png(53, 37, _adam7_rows(rgb), interlace=1))
+    assert np.array_equal(load_photo(tmp_path / "interlaced.png").rgb, rgb)
+    assert main(["image", str(src), "--out", str(tmp_path / "out"), "--model", str(model_dir)]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "short.png" in err[0] and "truncated image data" in err[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good.png"]
+
+
+def test_an_output_folder_inside_the_input_folder_is_never_read_back(tmp_path: Path, model_dir: Path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(data.chelsea()[:64, :64]).save(photos / "a.png")
+    argv = ["image", str(photos), "--out", str(photos / "out"), "--model", str(model_dir)]
+    assert main(argv) == 0
+    assert main(argv) == 0  # the rerun replaces its own result, instead of refusing or colorizing it again
+    assert "(replaced the existing file)" in capsys.readouterr().out
+    assert sorted(p.relative_to(photos).as_posix() for p in photos.rglob("*.png")) == ["a.png", "out/a.png"]
+    # an input given by hand that a result would overwrite: the message names that input, not another
+    assert main(["image", str(photos / "a.png"), str(photos / "out" / "a.png"), "--out", str(photos / "out"),
+                 "--model", str(model_dir)]) == 2  # fmt: skip
+    err, later = capsys.readouterr().err, photos / "out" / "a.png"
+    assert f"the result of {photos / 'a.png'} to {later} would overwrite the input {later}" in err
+
+
+def test_a_network_size_that_cannot_fit_in_memory_is_refused_in_one_line(tmp_path: Path, capsys) -> None:
+    for command in ("image", "video"):
+        with pytest.raises(SystemExit) as done:
+            main([command, str(tmp_path / "x.png"), "--size", "8192", "--out", str(tmp_path / "o.mp4")])
+        assert done.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "up to 2048" in err[0]
+
+
 # ---------------------------------------------------------------- user mistakes: one line, exit 2, no work
 def test_max_pixels_above_pillows_own_limit_is_honoured(tmp_path: Path) -> None:
     from storage.images import load_photo
