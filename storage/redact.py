@@ -7,7 +7,7 @@ What counts as a secret:
   before the path, a password holding ``@`` included. (The download stage refuses such URLs anyway,
   since it never sends them: credentials go in a netrc, see storage/fetch.py);
 - query and fragment parameters whose name looks like a credential (``token``, ``sig``/``signature``,
-  ``X-Amz-Credential``, ``access_key``, ``password``, ``auth``, ``session``, ``code``...), after ``?``,
+  ``X-Amz-Credential``, ``access_key``, ``password``, ``auth``, ``session``, ``code``, ``jwt``...), after ``?``,
   ``&``, ``;`` or ``#`` (``#access_token=`` fragments of OAuth redirects);
 - a setting whose own name looks like a credential (``token``, ``secret``, ``password``, ``api_key``).
 
@@ -27,7 +27,7 @@ _SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|credential)", 
 # Between "://" and the last "@" before the path: user, password, even a password holding "@".
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/?#\s]*@")
 _SECRET_PARAM = re.compile(
-    r"([?&;#][^=&;#\s]*(?:sig|token|secret|key|pass|credential|auth|session|code)[^=&;#\s]*=)[^&;#\s\"']*",
+    r"([?&;#][^=&;#\s]*(?:sig|token|secret|key|pass|credential|auth|session|code|jwt|bearer)[^=&;#\s]*=)[^&;#\s\"']*",
     re.IGNORECASE,
 )
 

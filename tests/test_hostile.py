@@ -302,11 +302,16 @@ def test_status_survives_a_malformed_last_json(tmp_path: Path, content: str, cap
         ("https://host/x.zip;jsessionid=SECRET7", "SECRET7"),
         ("could not download https://host/x?sig=SECRET8 after 2 tries", "SECRET8"),
         ("https://host/x?X-Amz-Credential=AKIA%2FSECRET9&X-Amz-Date=1", "SECRET9"),
+        ("https://acct.blob.core.windows.net/c/x.zip?sv=2022&sr=b&sig=SECRET10%3D&se=2030", "SECRET10"),
+        ("https://storage.googleapis.com/b/x?X-Goog-Signature=SECRET11", "SECRET11"),
+        ("https://d111.cloudfront.net/x.zip?Expires=1&Signature=SECRET12&Key-Pair-Id=K", "SECRET12"),
+        ("ftp://anon:SECRET13@host/pub/x.zip", "SECRET13"),
+        ("https://host/x.zip?jwt=SECRET14", "SECRET14"),
     ],
 )
 def test_credentials_in_urls_are_redacted(value: str, secret: str) -> None:
     for clean in (redact("download.div2k_train_url", value), redact_text(value)):
-        assert secret not in clean and "host" in clean and "***" in clean
+        assert secret not in clean and "***" in clean and clean.count("/") >= value.count("/") - 1
     assert "ok=1" in redact("u", "https://host/x.zip?X-Amz-Signature=S&ok=1")
     assert redact("store.api_token", "anything") == "***"
 
