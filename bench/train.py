@@ -24,6 +24,7 @@ os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
 
 import argparse
 import ctypes
+import itertools
 import sys
 import tempfile
 import time
@@ -31,10 +32,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from skimage import color, transform
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from flows.config import build_config
 from model.colorizer import Colorizer, ColorizerSpec
@@ -61,6 +63,24 @@ def notebook_batches(pngs: list[bytes], size: int, batch: int):
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class Cycled(IterableDataset):
+    """Epoch after epoch of a shard dataset, reshuffled each time: a batch larger than the sample set's
+    training split (``--batch 64`` on the sample photos) spans epochs instead of never filling (with
+    ``drop_last`` every epoch was empty and the bench looped forever)."""
+
+    def __init__(self, ds: ShardDataset) -> None:
+        self.ds = ds
+
+    def __iter__(self) -> Iterator[Any]:
+        for epoch in itertools.count():
+            self.ds.set_epoch(epoch)
+            n = 0
+            for n, sample in enumerate(self.ds, 1):  # noqa: B007 - n counts what the epoch held
+                yield sample
+            if n == 0:
+                raise RuntimeError("the training split holds no crops")
 
 
 @dataclass
@@ -200,12 +220,8 @@ def main() -> None:
         pngs = [s["png"] for s in iter_samples(shard_paths(dl, "highres-train"))]
 
         def ours():
-            ds = ShardDataset(shard_paths(prep, "train"), decode_sample, seed=0)
-            epoch = 0
-            while True:
-                ds.set_epoch(epoch)
-                yield from DataLoader(ds, batch_size=args.batch, drop_last=True, pin_memory=device.type == "cuda")
-                epoch += 1
+            ds = Cycled(ShardDataset(shard_paths(prep, "train"), decode_sample, seed=0))
+            yield from DataLoader(ds, batch_size=args.batch, pin_memory=device.type == "cuda")
 
         spec = ColorizerSpec(fusion="concat", decoder_width=64, image_size=args.size)
         torch.manual_seed(0)
