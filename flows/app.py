@@ -9,6 +9,8 @@ which model version it runs and that version's test metrics.
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,8 @@ def colorize_uploads(
 def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
     import gradio as gr
 
-    with gr.Blocks(title="colorize") as page:
+    # analytics off in code too: Gradio's default phones huggingface.co and api.gradio.app at start
+    with gr.Blocks(title="colorize", analytics_enabled=False) as page:
         gr.Markdown(f"# Colorize grayscale photos\n{summary}")
         with gr.Row():
             with gr.Column():
@@ -72,17 +75,27 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
     return page
 
 
-def serve(workdir: Path, model: str | None, engine: str, host: str, port: int) -> int:
+def serve(workdir: Path, model: str | None, engine: str, host: str, port: int, device: str = "auto") -> int:
+    """Run the page until Ctrl-C, SIGTERM or SIGHUP; its temporary folder (results and uploads) goes with it."""
+    from flows.env import stop_on_signals
     from flows.ui import exposure_warning
 
-    colorizer = PhotoColorizer.load(model, workdir, engine)
+    colorizer = PhotoColorizer.load(model, workdir, engine, device)
     warning = exposure_warning(host, "the app")
     if warning:
         print(warning)
+    stop_on_signals()
     out_dir = Path(tempfile.mkdtemp(prefix="colorize-app-"))
-    page = build(colorizer, model_summary(model, workdir, colorizer), out_dir)
-    print(f"colorize app: http://{host}:{port}  (Ctrl-C stops it)")
-    page.launch(server_name=host, server_port=port, allowed_paths=[str(out_dir)], show_error=True, quiet=True)
+    # uploads go under it too (Gradio reads this when first imported), so nothing stays in /tmp/gradio
+    os.environ.setdefault("GRADIO_TEMP_DIR", str(out_dir / "uploads"))
+    try:
+        page = build(colorizer, model_summary(model, workdir, colorizer), out_dir)
+        print(f"colorize app: http://{host}:{port}  (Ctrl-C stops it)", flush=True)
+        page.launch(server_name=host, server_port=port, allowed_paths=[str(out_dir)], show_error=True, quiet=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        shutil.rmtree(out_dir, ignore_errors=True)
     return 0
 
 

@@ -63,16 +63,21 @@ def _positive(text: str) -> int:
     return value
 
 
+DEVICE_HELP = "auto: a GPU when one is visible (default), else the CPU"
+MAX_SIDE = 2048  # the largest network input the pipeline trains at (prepare.image_size); 8192 needs ~100 GB
+
+
 def _side(text: str) -> int:
     value = _positive(text)
-    if value % 32:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 32, got {value}")
+    if value % 32 or value > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32 up to {MAX_SIDE}, got {value}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     from flows.config import STAGES
     from model.colorizer import FUSIONS
+    from model.inference import DEVICES
     from tasks.download import SOURCES
 
     p = _Parser(prog="colorize", description=__doc__.splitlines()[0])
@@ -113,28 +118,32 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument(
         "--engine", choices=("auto", "torch", "onnx"), default="auto", help="auto: onnxruntime on a CPU when exported"
     )
+    i.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     i.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
 
     vid = sub.add_parser("video", help="colorize a video with temporally stable colour")
     vid.add_argument("input", metavar="INPUT", help="any video FFmpeg reads")
-    vid.add_argument("--out", "-o", required=True, help="output video (.mp4, .mkv, .mov, .avi)")
+    vid.add_argument("--out", "-o", required=True, help="output video: .mp4, .mkv or .mov (H.264)")
     vid.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
     vid.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
     vid.add_argument("--temporal", choices=("on", "off"), default="on", help="off: each frame on its own")
     vid.add_argument("--batch", type=_positive, default=8, help="frames per network call")
     vid.add_argument("--chunk", type=_positive, default=240, help="frames per resumable chunk")
     vid.add_argument("--size", type=_side, default=None, help="network input size (default: the model's)")
+    vid.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     vid.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
 
     a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
     a.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
     a.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
+    a.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     a.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     a.add_argument("--port", type=_positive, default=7860)
     a.add_argument("--workdir")
 
-    v = sub.add_parser("serve", help="the champion as a REST API (mlflow models serve), on 127.0.0.1")
+    v = sub.add_parser("serve", help="the champion as a REST API (MLflow's scoring server), on 127.0.0.1")
     v.add_argument("--model", default=None, help="models:/NAME@ALIAS (default: models:/colorizer@champion)")
+    v.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=_positive, default=5001)
     v.add_argument("--workdir")
@@ -156,7 +165,7 @@ def _check_stage(name: str, flag: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.env import configure, stop_on_sigterm, stop_orphaned_servers
+    from flows.env import configure, require_prefect_api, stop_on_sigterm, stop_orphaned_servers
 
     # Before Prefect is imported: it reads its settings (the temporary server's start timeout) once, then.
     configure(_workdir_path(args.workdir))
@@ -194,6 +203,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"--path {args.path}: holds no images (jpg, png, webp, tiff, bmp, gif)")
 
     stop_on_sigterm()
+    require_prefect_api()
     if not os.environ.get("PREFECT_API_URL") and stop_orphaned_servers(workdir):
         logging.getLogger(__name__).warning("stopped a Prefect server left behind by a killed run in %s", workdir)
     from flows.pipeline import pipeline
@@ -253,7 +263,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = s["state"]
             if not isinstance(state, str):
                 raise TypeError(f"state is {state!r}")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # a field of the wrong type (a hand edit, "seconds": null) is as malformed as a missing state
+            if not isinstance(s.get("seconds", 0), (int, float)) or isinstance(s.get("seconds"), bool):
+                raise TypeError(f"seconds is {s['seconds']!r}")
+            for field in ("key", "time", "error"):
+                if not isinstance(s.get(field, ""), (str, type(None)) if field == "error" else str):
+                    raise TypeError(f"{field} is {s[field]!r}")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             print(f"{stage:<10} {'unreadable':<7}  ({last}: {exc}; the next run rewrites it)")
             continue
         err = f"  ({s['error']})" if s.get("error") else ""
@@ -272,50 +288,66 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    from flows.colorize_images import NoModel, load_net
-    from flows.colorize_video import VideoColorizer, VideoError, probe
+    from flows.colorize_images import NoModel
+    from flows.colorize_video import VideoColorizer, VideoError, check_output, load_model, probe
     from flows.env import configure
 
     src, dest = Path(args.input).expanduser(), Path(args.out).expanduser()
     workdir = _workdir_path(args.workdir)
     configure(workdir)
     try:
-        probe(src)  # a bad input is refused before the model loads
-        net, size = load_net(args.model, workdir, args.engine)
+        info = probe(src)  # a bad input or output is refused before the model loads
+        check_output(src, dest, info)
+        net, size, identity = load_model(args.model, workdir, args.engine, args.device)
         colorizer = VideoColorizer(net, args.size or size, args.temporal == "on", args.batch, args.chunk)
-        stats = colorizer.run(src, dest, args.model or "champion")
+        stats = colorizer.run(src, dest, identity, info)
     except (VideoError, NoModel) as exc:
         raise UserError(str(exc)) from None
-    print(f"{src} -> {dest}: {stats['frames']} frames at {stats['rate']} fps, {stats['size'][0]}x{stats['size'][1]}")
+    replaced = " (replaced the existing file)" if stats["replaced"] else ""
+    w, h = stats["size"]
+    print(f"{src} -> {dest}{replaced}: {stats['frames']} frames at {stats['rate']} fps, {w}x{h}")
     return 0
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    from flows.app import serve
-    from flows.colorize_images import NoModel
-    from flows.env import configure
+    from flows.env import configure, open_registry, require_free_port
 
+    require_free_port(args.host, args.port)  # before the model loads
     workdir = _workdir_path(args.workdir)
     configure(workdir)
+    open_registry(workdir)  # a moved or copied work dir serves its own files
+    from flows.app import serve
+    from flows.colorize_images import NoModel
+
     try:
-        return serve(workdir, args.model, args.engine, args.host, args.port)
+        return serve(workdir, args.model, args.engine, args.host, args.port, args.device)
     except NoModel as exc:
         raise UserError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from flows.env import configure
+    from flows.env import configure, require_free_port, require_workdir
+
+    require_free_port(args.host, args.port)
+    workdir = _existing_workdir(args.workdir)
+    require_workdir(workdir)
+    configure(workdir)
     from flows.rest import serve
 
-    workdir = _existing_workdir(args.workdir)
-    configure(workdir)
-    return serve(workdir, args.model, args.host, args.port)
+    return serve(workdir, args.model, args.host, args.port, args.device)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from flows.env import require_free_port, require_workdir
+
+    if args.mlflow_port == args.prefect_port:
+        raise UserError(f"--mlflow-port and --prefect-port are both {args.mlflow_port}; they must differ")
+    require_free_port(args.host, args.mlflow_port, "--mlflow-port")
+    require_free_port(args.host, args.prefect_port, "--prefect-port")
+    workdir = _existing_workdir(args.workdir)
+    require_workdir(workdir, writable=True)
     from flows.ui import serve
 
-    workdir = _existing_workdir(args.workdir)
     return serve(workdir, args.host, args.mlflow_port, args.prefect_port)
 
 

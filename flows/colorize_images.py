@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,27 @@ class UsageError(Exception):
     """The command line asks for something that cannot be done safely (exit 2, nothing written)."""
 
 
-def load_net(spec: str | None, workdir: Path, engine: str = "auto") -> tuple[Any, int]:
+def load_net(spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto") -> tuple[Any, int]:
     """(network, its input size) from a models:/ or runs:/ URI, or a trained stage folder. ``engine``:
-    ``torch``, ``onnx`` (the registered ONNX export on onnxruntime), or ``auto`` (onnx on a CPU when the
-    model has an export, torch otherwise); a stage folder has no export and runs on torch."""
+    ``torch``, ``onnx`` (the registered ONNX export on onnxruntime, a CPU engine), or ``auto`` (torch on
+    a GPU; on a CPU onnx when the model has an export, torch otherwise); a stage folder has no export and
+    runs on torch. ``device``: ``auto`` (CUDA when visible), ``cpu`` or ``cuda``."""
+    import torch
+
+    from model.inference import DEVICE_ENV, resolve_device
+
+    try:
+        where = resolve_device(device)
+    except ValueError as exc:
+        raise NoModel(str(exc)) from None
+    if where.type != "cpu" and engine == "onnx":
+        raise NoModel(f"--engine onnx runs on the CPU; use --engine torch (or auto) with --device {device}")
+    os.environ[DEVICE_ENV] = device  # a registered model's pyfunc puts its network there when it loads
+    net, size = _load_net(spec, workdir, "torch" if where.type != "cpu" else engine)
+    return (net.to(where) if isinstance(net, torch.nn.Module) else net), size
+
+
+def _load_net(spec: str | None, workdir: Path, engine: str) -> tuple[Any, int]:
     target = spec or DEFAULT_MODEL
     local = Path(target).expanduser()
     if local.is_dir() or local.suffix == ".pt":
@@ -67,6 +85,9 @@ def load_net(spec: str | None, workdir: Path, engine: str = "auto") -> tuple[Any
             f"`colorize run --dataset sample --workdir {workdir}` or pass --model"
         )
 
+    from flows.env import open_registry
+
+    open_registry(workdir)  # a moved or copied work dir's model locations point into it first
     mlflow.set_tracking_uri(tracking_uri(workdir))
     mlflow.set_registry_uri(tracking_uri(workdir))
     try:
@@ -117,8 +138,10 @@ class PhotoColorizer:
         self._upscaler: Any = None
 
     @classmethod
-    def load(cls, spec: str | None, workdir: Path, engine: str = "auto", **kw: Any) -> PhotoColorizer:
-        net, size = load_net(spec, workdir, engine)
+    def load(
+        cls, spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto", **kw: Any
+    ) -> PhotoColorizer:
+        net, size = load_net(spec, workdir, engine, device)
         return cls(net, size, **kw)
 
     def colorize_file(self, src: Path, upscale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -225,7 +248,7 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
     if not files:
         return 1 if errors else 2
     try:
-        colorizer = PhotoColorizer.load(args.model, workdir, args.engine, max_pixels=args.max_pixels)
+        colorizer = PhotoColorizer.load(args.model, workdir, args.engine, args.device, max_pixels=args.max_pixels)
     except NoModel as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

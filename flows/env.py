@@ -6,19 +6,28 @@ first: ``colorize`` keeps every piece of state inside the work dir, nothing in t
 turns telemetry off. A value the user already exported wins (a shared Prefect server). MLflow's store is
 not set here but per call (storage.tracking), so one process can serve several work dirs.
 
-Without a configured server, Prefect starts a temporary one per run and stops it at exit. A SIGTERM
-would skip that (Python's default is to die at once), so :func:`stop_on_sigterm` turns it into an
-ordinary interrupt; a SIGKILL cannot be caught, so the next run stops the orphan it left
-(:func:`stop_orphaned_servers`), recognised by its work dir.
+Without a configured server, Prefect starts a temporary one per run and stops it at exit. A SIGTERM or
+a SIGHUP (a closed terminal) would skip that (Python's default is to die at once), so
+:func:`stop_on_signals` turns each into an ordinary interrupt; a SIGKILL cannot be caught, so the next
+run stops the orphan it left (:func:`stop_orphaned_servers`), recognised by its work dir. The servers
+``ui``/``serve`` start run in their own sessions (Ctrl-C in the terminal must not reach them half-way):
+:func:`start_server` and :func:`stop_server` start and end them, and a child also gets SIGTERM when the
+command itself dies.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
+
+from storage.errors import ConfigError
 
 _SERVER_APP = b"prefect.server.api.server:create_app"
 
@@ -38,6 +47,9 @@ def configure(workdir: Path) -> None:
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
         "DO_NOT_TRACK": "1",
+        # Gradio's analytics and version check, and huggingface_hub's telemetry, ignore DO_NOT_TRACK.
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
         "GIT_PYTHON_REFRESH": "quiet",
     }
     for key, value in defaults.items():
@@ -49,9 +61,83 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def stop_on_signals() -> None:
+    """Ctrl-C, SIGTERM (a supervisor, ``kill``) and SIGHUP (a closed terminal) all end the command like
+    Ctrl-C, so its ``finally`` blocks and exit handlers run and stop the servers it started. SIGINT is set
+    too: a command started in the background inherits it as ignored."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _interrupt)
+
+
 def stop_on_sigterm() -> None:
-    """SIGTERM (a supervisor, ``kill``) ends the run like Ctrl-C: exit handlers run and stop the server."""
-    signal.signal(signal.SIGTERM, _interrupt)
+    """Kept for callers of the old name: every stopping signal, not only SIGTERM (:func:`stop_on_signals`)."""
+    stop_on_signals()
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why a server cannot listen on ``host:port`` (out of range, in use, no such address), or None."""
+    if not 1 <= port <= 65535:
+        return f"port {port} is out of range (1-65535)"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        return f"cannot bind to host {host!r} ({exc})"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use; choose another with --port"
+            return f"cannot listen on {host}:{port} ({exc.strerror or exc})"
+    return None
+
+
+def require_free_port(host: str, port: int, flag: str = "--port") -> None:
+    """Refuse (exit 2, one line) a port a server could not listen on, before anything starts."""
+    problem = port_problem(host, port)
+    if problem:
+        raise ConfigError(f"{flag} {port}: {problem}")
+
+
+_PR_SET_PDEATHSIG = 1
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # not Linux/glibc: the signal handlers alone stop the children
+    _LIBC = None
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def project_pythonpath(env: dict[str, str]) -> str:
+    """PYTHONPATH for a server that imports this project's modules (an app factory), wherever it starts."""
+    return os.pathsep.join(p for p in (str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH")) if p)
+
+
+def start_server(cmd: list[str], env: dict[str, str], **kw: object) -> subprocess.Popen:
+    """A server in its own session (the terminal's Ctrl-C reaches only us; we stop it in order), which
+    still gets SIGTERM if this process is killed without a chance to stop it (Linux)."""
+    return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent, **kw)  # noqa: PLW1509
+
+
+def stop_server(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM to the server's whole process group (uvicorn's and gunicorn's workers too), then SIGKILL."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    with contextlib.suppress(ProcessLookupError, PermissionError):  # workers that outlived their parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 def _environ(pid: int) -> dict[bytes, bytes]:
@@ -96,3 +182,72 @@ def stop_orphaned_servers(workdir: Path, grace: float = 10.0) -> list[int]:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     return orphans
+
+
+def writable_dir(folder: Path) -> bool:
+    """Whether a file can be created in ``folder`` (tried: permission bits say nothing for root or a
+    read-only mount)."""
+    probe = folder / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError:
+        return False
+    return True
+
+
+def require_workdir(workdir: Path, writable: bool = False) -> None:
+    """Refuse (exit 2) a folder that holds no work dir, before a command that only reads one starts a
+    server that would create stores (``mlflow.db``, ``.prefect/``) in it; ``writable``: the servers write
+    their databases there, so a read-only work dir is said to be one, not found out as a dead server."""
+    from storage.tracking import shared_server
+
+    has_store = (workdir / "mlflow.db").is_file() or (shared_server() and (workdir / ".prefect").is_dir())
+    if not (has_store or any(workdir.glob("*/last.json"))):
+        raise ConfigError(
+            f"{workdir} is not a work dir (no mlflow.db, no stage folders); "
+            f"run `colorize run --workdir {workdir}` first, or pass the work dir with --workdir"
+        )
+    if writable and not writable_dir(workdir):
+        raise ConfigError(
+            f"work dir {workdir} is read-only, and the MLflow and Prefect UIs write their databases in it; "
+            "copy it somewhere writable (the copy works as it is) and run `colorize ui` there"
+        )
+
+
+def open_registry(workdir: Path) -> None:
+    """Open the work dir's MLflow registry the one way every command must (storage.tracking.client): a
+    moved or copied work dir's artifact locations are re-pointed into it first. An absent local store
+    is left absent (the caller says there is no model), never created; a shared server needs nothing."""
+    from storage.tracking import client, tracking_uri
+
+    if tracking_uri(workdir).startswith("sqlite:///") and (workdir / "mlflow.db").is_file():
+        client(workdir)
+
+
+def require_prefect_api(timeout: float = 10.0) -> None:
+    """With ``PREFECT_API_URL`` set, refuse (exit 2, one line) a URL where no Prefect server answers,
+    before the flow starts: Prefect itself reports it as a long traceback from deep in its client."""
+    import urllib.error
+    import urllib.request
+
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        return
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code not in (401, 403):  # a server that wants credentials is there; Prefect sends them
+            reason = f"HTTP {exc.code} from {url}/health"
+        else:
+            return
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", None) or exc)
+    from storage.redact import redact_text
+
+    url, reason = redact_text(url), redact_text(reason)
+    raise ConfigError(
+        f"PREFECT_API_URL={url}: no Prefect server answers there ({reason}); start it, fix the URL, "
+        "or unset PREFECT_API_URL to let each run start its own"
+    )

@@ -1,58 +1,176 @@
 """``colorize serve``: the registered champion as a REST API, through MLflow's own scoring server.
 
-``mlflow models serve --env-manager local`` execs ``uvicorn`` by name, so it fails (``exec uvicorn ...
-returned 127``) unless the environment's ``bin/`` is on ``PATH``; and it must be told the work dir's
-registry. This command does both, binds to 127.0.0.1 by default, and stops the server on Ctrl-C or
-SIGTERM. Requests: ``POST /invocations`` with ``{"inputs": <uint8 array (B, H, W, 3)>}``; the answer is
-``{"predictions": <uint8 array, same shape>}``.
+The model is resolved here, through the same registry path as every other command
+(:func:`storage.tracking.client`, which re-points a moved or copied work dir's artifact locations), so a
+copied work dir serves its own files. The server is MLflow's scoring app (``mlflow models serve`` runs
+the same one) behind :class:`PayloadGuard`, run by uvicorn on 127.0.0.1 by default, and stopped with this
+command on Ctrl-C, SIGTERM or SIGHUP. Requests: ``POST /invocations`` with ``{"inputs": <uint8 array
+(B, H, W, 3)>}``; the answer is ``{"predictions": <uint8 array, same shape>}``.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from flows.env import stop_on_sigterm
+from flows.env import open_registry, project_pythonpath, start_server, stop_on_signals, stop_server
+from storage.errors import ConfigError
 from storage.tracking import tracking_uri
 
 DEFAULT_MODEL = "models:/colorizer@champion"
+MODEL_PATH_ENV = "COLORIZE_SERVE_MODEL_PATH"
+EXPECTED = "expected uint8 pixel values: whole numbers in 0..255, shape (B, H, W, 3) or (B, H, W)"
+_ARRAY_KEYS = ("inputs", "instances")
 
 
-def command(model: str, host: str, port: int) -> list[str]:
-    mlflow = Path(sys.executable).parent / "mlflow"
-    return [str(mlflow), "models", "serve", "-m", model, "--env-manager", "local", "-h", host, "-p", str(port)]
+def resolve_model(workdir: Path, model: str | None) -> str:
+    """The local folder of ``model`` (default: the champion) in this work dir's registry. A user's mistake
+    (no store, no such model) is a :class:`ConfigError`; an empty folder never gets an ``mlflow.db``."""
+    target = model or DEFAULT_MODEL
+    uri = tracking_uri(workdir)
+    if uri.startswith("sqlite:///") and not (workdir / "mlflow.db").is_file():
+        raise ConfigError(
+            f"{workdir} has no MLflow store (mlflow.db): not a work dir, or no run yet; train a model with "
+            f"`colorize run --dataset sample --workdir {workdir}`"
+        )
+    open_registry(workdir)  # the one way every command opens it: a moved work dir is re-pointed here
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=target))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "not there"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--model {target}: cannot load it from {uri} ({first})") from None
+    if not (path / "MLmodel").is_file():
+        raise ConfigError(f"--model {target}: {path} holds no MLmodel file")
+    return str(path)
 
 
-def environment(workdir: Path) -> dict[str, str]:
+def command(host: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "uvicorn", "--factory", f"{__name__}:create_app", "--host", host, "--port", str(port)]
+
+
+def payload_problem(body: bytes, content_type: str) -> str | None:
+    """Why a JSON ``/invocations`` body must be refused before MLflow sees it, or None to let MLflow parse
+    it. MLflow casts the payload to the signature's uint8 itself (0.47 -> 0, 120.7 -> 120, and answers
+    200), and a deeply nested body crashes its parser (500); neither reaches ``predict`` as it was sent."""
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        return None
+    try:
+        data = json.loads(body)
+    except RecursionError:
+        return f"the JSON is nested too deeply; {EXPECTED}"
+    except ValueError:  # not JSON: MLflow's own 400 says so
+        return None
+    if not isinstance(data, dict):
+        return None
+    import numpy as np
+
+    for key in _ARRAY_KEYS:
+        if key not in data:
+            continue
+        try:
+            array = np.asarray(data[key])
+        except (ValueError, RecursionError):
+            return f"{key!r} is not a rectangular array; {EXPECTED}"
+        if array.dtype.kind in "fcb":
+            return f"{key!r} holds {'booleans' if array.dtype.kind == 'b' else 'fractional numbers'}; {EXPECTED}"
+        if array.dtype.kind == "O":
+            return f"{key!r} is not a rectangular array of numbers; {EXPECTED}"
+        if array.dtype.kind in "iu" and array.size and (array.min() < 0 or array.max() > 255):
+            return f"{key!r} holds values outside 0..255 ({array.min()}..{array.max()}); {EXPECTED}"
+    return None
+
+
+class PayloadGuard:
+    """ASGI wrapper around MLflow's scoring app: reads a ``POST /invocations`` body once, answers 400
+    (MLflow's error JSON, ``INVALID_PARAMETER_VALUE``) for :func:`payload_problem`, else replays it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = payload_problem(body, headers.get("content-type", ""))
+        if problem:
+            answer = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": problem}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 400,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())],
+                }
+            )
+            await send({"type": "http.response.body", "body": answer})
+            return
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app() -> Any:
+    """uvicorn's factory (in the server process): MLflow's scoring app for the model folder in the
+    environment, behind :class:`PayloadGuard`."""
+    from mlflow.pyfunc import scoring_server
+
+    model = scoring_server.load_model_with_mlflow_config(os.environ[MODEL_PATH_ENV])
+    return PayloadGuard(scoring_server.init(model))
+
+
+def environment(workdir: Path, model_path: str, device: str = "auto") -> dict[str, str]:
+    from model.inference import DEVICE_ENV
+
     env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env[DEVICE_ENV] = device  # where the model's pyfunc puts its network
     env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = tracking_uri(workdir)
+    env[MODEL_PATH_ENV] = model_path
+    env["PYTHONPATH"] = project_pythonpath(env)  # flows.rest, model.pyfunc import in the server
     return env
 
 
-def serve(workdir: Path, model: str | None, host: str, port: int) -> int:
+def serve(workdir: Path, model: str | None, host: str, port: int, device: str = "auto") -> int:
+    """Resolve the model and the device (a mistake: exit 2 before anything starts), then run the server
+    until it exits or a stopping signal ends this command, and take the server down with it."""
     from flows.ui import exposure_warning
+    from model.inference import resolve_device
 
+    try:
+        resolve_device(device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    model_path = resolve_model(workdir, model)
     warning = exposure_warning(host, "the REST API")
     if warning:
         print(warning, file=sys.stderr)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    stop_on_sigterm()
-    proc = subprocess.Popen(
-        command(model or DEFAULT_MODEL, host, port), env=environment(workdir), start_new_session=True
-    )
-    print(f'REST API: http://{host}:{port}/invocations  (POST {{"inputs": uint8 (B,H,W,3)}}; GET /ping)')
+    stop_on_signals()
+    proc = start_server(command(host, port), environment(workdir, model_path, device))
+    print(f'REST API: http://{host}:{port}/invocations  (POST {{"inputs": uint8 (B,H,W,3)}}; GET /ping)', flush=True)
     try:
         return proc.wait()
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)

@@ -16,6 +16,28 @@ from PIL import Image
 from model.lab import AB_SCALE, L_SCALE, lab_to_rgb, rgb8_to_lab
 
 TILE_ROWS = 256
+DEVICES = ("auto", "cpu", "cuda")
+DEVICE_ENV = "COLORIZE_DEVICE"  # where the registered model's pyfunc puts its network when loaded
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto``: CUDA when a GPU is visible, else the CPU. ``cuda`` with no GPU visible raises ValueError
+    (the CLI turns it into one line, exit 2) instead of failing at the first tensor moved there."""
+    if name not in DEVICES:
+        raise ValueError(f"--device {name}: choose from {', '.join(DEVICES)}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu (or auto)")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_of(net: object) -> torch.device:
+    """Where an engine runs: a torch network where its weights are; onnxruntime (or anything else) on the CPU."""
+    if isinstance(net, torch.nn.Module):
+        first = next(net.parameters(), None)
+        return first.device if first is not None else torch.device("cpu")
+    return torch.device("cpu")
 
 
 def lightness_input(rgb: np.ndarray) -> torch.Tensor:
@@ -37,10 +59,12 @@ def predict_ab(net: torch.nn.Module, rgbs: list[np.ndarray], size: int) -> torch
 
 @torch.inference_mode()
 def predict(net: torch.nn.Module, rgbs: list[np.ndarray], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the network's input L/100, (B, 1, size, size); its normalized ab, (B, 2, size, size)): the input
-    too, for callers that work on it further (the video stabilizer computes its flow on it)."""
+    """(the network's input L/100, (B, 1, size, size); its normalized ab, (B, 2, size, size)), both on
+    the CPU: the input too, for callers that work on it further (the video stabilizer computes its flow on
+    it). The batch runs wherever the network is (a GPU when it was moved there)."""
     x = torch.cat([net_input(rgb, size) for rgb in rgbs])
-    return x, net(x).float()
+    device = device_of(net)
+    return x, net(x.to(device, non_blocking=True)).float().cpu()
 
 
 @torch.inference_mode()

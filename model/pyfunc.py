@@ -34,9 +34,14 @@ with warnings.catch_warnings():
 
     class ColorizerModel(mlflow.pyfunc.PythonModel):
         def load_context(self, context: Any) -> None:
-            from model.colorizer import load_trained
+            import os
 
-            self.net = load_trained(context.artifacts["spec"], context.artifacts["weights"])
+            from model.colorizer import load_trained
+            from model.inference import DEVICE_ENV, resolve_device
+
+            # $COLORIZE_DEVICE (auto: a GPU when visible), set by `colorize serve --device` and the CLI
+            device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))
+            self.net = load_trained(context.artifacts["spec"], context.artifacts["weights"]).to(device)
             self.spec = self.net.spec
             self.onnx_path = context.artifacts.get("onnx")
             self.no_onnx_reason = (getattr(context, "model_config", None) or {}).get(NO_ONNX)
@@ -44,10 +49,11 @@ with warnings.catch_warnings():
 
         def engine(self, name: str = "auto") -> Any:
             """The network to run: PyTorch, or onnxruntime on the registered ONNX export. ``auto`` takes
-            onnxruntime on a CPU when the export is there (1.5-2x faster here), PyTorch otherwise."""
+            onnxruntime when the network is on the CPU and the export is there (1.5-2x faster there),
+            PyTorch otherwise (on a GPU)."""
             import importlib.util
 
-            import torch
+            from model.inference import device_of
 
             has_onnx = self.onnx_path is not None and importlib.util.find_spec("onnxruntime") is not None
             if name == "onnx" and not has_onnx:
@@ -58,7 +64,7 @@ with warnings.catch_warnings():
                 else:
                     why = "onnxruntime is not installed"
                 raise EngineError(f"--engine onnx: {why}; use --engine torch or auto")
-            if name == "torch" or (name == "auto" and (not has_onnx or torch.cuda.is_available())):
+            if name == "torch" or (name == "auto" and (not has_onnx or device_of(self.net).type != "cpu")):
                 return self.net
             if self._onnx is None:
                 from model.onnx_engine import OnnxColorizer
@@ -74,6 +80,18 @@ with warnings.catch_warnings():
                 batch = np.repeat(batch[..., None], 3, axis=-1)
             if batch.ndim != 4 or batch.shape[-1] != 3:
                 raise ValueError(f"expected images of shape (B, H, W, 3) or (B, H, W), got {batch.shape}")
-            batch = np.clip(batch, 0, 255).astype(np.uint8)
+            if batch.dtype.kind not in "iu" or (batch.size and (batch.min() < 0 or batch.max() > 255)):
+                # clipping and casting would answer garbage for floats in 0..1 or 120.7: refuse instead
+                from mlflow.exceptions import MlflowException
+                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+                found = str(batch.dtype)
+                if batch.size and batch.dtype.kind in "iuf":
+                    found += f" in {batch.min()}..{batch.max()}"
+                raise MlflowException(
+                    f"expected uint8 pixel values (whole numbers in 0..255), got {found}",
+                    error_code=INVALID_PARAMETER_VALUE,
+                )
+            batch = batch.astype(np.uint8)
             net = self.engine("auto")
             return np.stack([colorize(net, img, self.spec.image_size) for img in batch])

@@ -1,10 +1,15 @@
-"""`colorize video`: what a video keeps (frames, rate, size, audio), resuming a killed run, the temporal
-stabilizer against flicker on a pan with known motion, and bad inputs."""
+"""`colorize video`: what a video keeps (frames, rate, timestamps, size, audio), resuming a killed run (and
+not resuming with another model), the temporal stabilizer against flicker on a pan with known motion, bad
+inputs and outputs, and two runs on one output."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import logging
 import math
+import re
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -12,9 +17,10 @@ import numpy as np
 import pytest
 from skimage import color, data
 
+import flows.colorize_video as colorize_video
 from flows.cli import main
-from flows.colorize_video import VideoColorizer, probe
-from model.colorizer import load_folder
+from flows.colorize_video import FORMATS, VideoColorizer, probe
+from model.colorizer import Colorizer, ColorizerSpec, load_folder, save_trained
 from model.temporal import Stabilizer, to_gray8, warping_error
 
 
@@ -138,3 +144,267 @@ def test_bad_inputs_are_one_line_errors(model_dir: Path, tmp_path: Path, capsys)
         assert main(["video", str(src), "--out", str(out), "--model", str(model_dir)]) == 2
         err = capsys.readouterr().err.strip().split("\r")[-1]
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def write_video(
+    path: Path,
+    stamps_ms: list[int],
+    audio_s: float = 0.0,
+    order: tuple[str, ...] = ("video", "audio"),
+    audio_codec: str = "aac",
+    size: tuple[int, int] = (64, 48),
+) -> Path:
+    """A clip whose frames are at the given times (ms; variable frame rate when uneven), with a 440 Hz tone
+    of ``audio_s`` seconds in each "audio" of ``order`` (the streams are added in that order)."""
+    out = av.open(str(path), "w")
+    video, sounds = None, []
+    for kind in order:
+        if kind == "video":
+            video = out.add_stream("libx264", rate=25)
+            video.width, video.height, video.pix_fmt = *size, "yuv420p"
+            video.codec_context.time_base = video.time_base = Fraction(1, 1000)
+        else:
+            sound = out.add_stream(audio_codec, rate=48000 if audio_codec == "libopus" else 16000)
+            sound.layout = "mono"
+            sounds.append(sound)
+    for rgb, ms in zip(_pan(len(stamps_ms), *size), stamps_ms, strict=True):
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts, frame.time_base = ms, Fraction(1, 1000)
+        for packet in video.encode(frame):
+            out.mux(packet)
+    for packet in video.encode():
+        out.mux(packet)
+    for sound in sounds:
+        rate = sound.codec_context.sample_rate
+        t = np.arange(int(rate * audio_s)) / rate
+        pcm = (0.3 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)[None]
+        fmt = "flt" if audio_codec == "libopus" else "fltp"
+        for s in range(0, pcm.shape[1], 960):
+            frame = av.AudioFrame.from_ndarray(pcm[:, s : s + 960], format=fmt, layout="mono")
+            frame.sample_rate = rate
+            for packet in sound.encode(frame):
+                out.mux(packet)
+        for packet in sound.encode():
+            out.mux(packet)
+    out.close()
+    return path
+
+
+def _frame_times(path: Path) -> list[float]:
+    with av.open(str(path)) as c:
+        return [float(f.pts * f.time_base) for f in c.decode(video=0)]
+
+
+def _audio_seconds(path: Path) -> list[float]:
+    """How long each audio stream lasts, from its packets (Matroska does not declare it per stream)."""
+    with av.open(str(path)) as c:
+        indexes = [s.index for s in c.streams.audio]
+    seconds = []
+    for index in indexes:
+        with av.open(str(path)) as c:
+            packets = [p for p in c.demux(c.streams[index]) if p.pts is not None]
+            seconds.append(float(max((p.pts + p.duration) * p.time_base for p in packets)))
+    return seconds
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def _untrained(folder: Path, seed: int) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    save_trained(Colorizer(ColorizerSpec(decoder_width=8, image_size=32)).eval(), folder)
+    return folder
+
+
+def test_a_resumed_run_with_another_model_starts_afresh(tmp_path: Path, caplog, monkeypatch) -> None:
+    """Killed mid-way, the model replaced (a retrain), the same command rerun: every frame comes from the
+    new model (identical to a straight run with it), and the log says why nothing was reused."""
+    clip = make_clip(tmp_path / "pan.mp4", n=12, audio=False)
+    model = _untrained(tmp_path / "model", seed=0)
+    args = ["video", str(clip), "--model", str(model), "--chunk", "4", "--batch", "4"]
+    real = VideoColorizer._chunk
+
+    def killed_in_second_chunk(self, parts, index, *rest):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(self, parts, index, *rest)
+
+    monkeypatch.setattr(VideoColorizer, "_chunk", killed_in_second_chunk)
+    assert main([*args, "--out", str(tmp_path / "out.mp4")]) == 130
+    monkeypatch.setattr(VideoColorizer, "_chunk", real)
+    _untrained(model, seed=1)  # the retrain: same folder, other weights
+    caplog.clear()
+    assert main([*args, "--out", str(tmp_path / "out.mp4")]) == 0
+    assert any("model is not the one" in m for m in _warnings(caplog)), _warnings(caplog)
+    assert main([*args, "--out", str(tmp_path / "straight.mp4")]) == 0
+    assert fingerprint(tmp_path / "out.mp4") == fingerprint(tmp_path / "straight.mp4")
+
+
+def test_a_resumed_run_after_the_champion_moved_starts_afresh(tmp_path: Path, model_dir: Path, caplog, monkeypatch):
+    """Killed mid-way on champion version 1, a retrain moves the alias to version 2, the same command is
+    rerun: nothing of version 1 is reused (the output equals a straight run with version 2), and it says so."""
+    import mlflow
+
+    from flows.env import configure
+    from model import pyfunc
+    from model.colorizer import MODEL_FILE, SPEC_FILE
+    from storage.tracking import Tracker, tracking_uri
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    configure(workdir)
+    mlflow.set_tracking_uri(tracking_uri(workdir))
+    mlflow.set_registry_uri(tracking_uri(workdir))
+    experiment = Tracker(workdir).experiment_id()
+    entry = tmp_path / "entry.py"
+    entry.write_text(pyfunc.ENTRY)
+
+    def register_champion(folder: Path) -> None:  # what tasks/register.py does, without the pipeline
+        with mlflow.start_run(experiment_id=experiment):  # artifacts in the work dir, as the pipeline's
+            artifacts = {"weights": str(folder / MODEL_FILE), "spec": str(folder / SPEC_FILE)}
+            info = mlflow.pyfunc.log_model(name="colorizer", python_model=str(entry), artifacts=artifacts)
+        version = mlflow.register_model(info.model_uri, "colorizer")
+        mlflow.MlflowClient().set_registered_model_alias("colorizer", "champion", version.version)
+
+    register_champion(model_dir)
+    clip = make_clip(tmp_path / "pan.mp4", n=8, audio=False)
+    args = ["video", str(clip), "--workdir", str(workdir), "--engine", "torch", "--chunk", "4", "--batch", "4"]
+    real = VideoColorizer._chunk
+
+    def killed_in_second_chunk(self, parts, index, *rest):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(self, parts, index, *rest)
+
+    monkeypatch.setattr(VideoColorizer, "_chunk", killed_in_second_chunk)
+    assert main([*args, "--out", str(tmp_path / "out.mp4")]) == 130
+    monkeypatch.setattr(VideoColorizer, "_chunk", real)
+    register_champion(_untrained(tmp_path / "retrained", seed=1))
+    caplog.clear()
+    assert main([*args, "--out", str(tmp_path / "out.mp4")]) == 0
+    said = [m for m in _warnings(caplog) if "model is not the one" in m]
+    assert len(said) == 1 and "models:/colorizer version 1" in said[0] and "version 2" in said[0], said
+    assert main([*args, "--model", "models:/colorizer/2", "--out", str(tmp_path / "v2.mp4")]) == 0
+    assert fingerprint(tmp_path / "out.mp4") == fingerprint(tmp_path / "v2.mp4")
+
+
+def test_variable_frame_rate_keeps_each_frames_time_and_the_audio(model_dir: Path, tmp_path: Path) -> None:
+    """Frames at 0-0.36 s and 10.0-10.36 s with 10.4 s of audio: the output's frames are at the same
+    times (not evenly spaced), so the picture stays in sync with the sound."""
+    stamps = [40 * i for i in range(10)] + [10000 + 40 * i for i in range(10)]
+    clip = write_video(tmp_path / "vfr.mkv", stamps, audio_s=10.4)
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir), "--chunk", "8"]) == 0
+    assert np.allclose(_frame_times(out), np.array(stamps) / 1000, atol=0.002), _frame_times(out)
+    assert abs(_audio_seconds(out)[0] - 10.4) < 0.1
+
+
+def test_a_frame_size_change_is_refused_in_one_line(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """Two H.264 streams of different sizes back to back (a raw .h264 file): refused, not squeezed."""
+    raw = tmp_path / "two_sizes.h264"
+    write_video(tmp_path / "a.h264", [40 * i for i in range(3)], audio_s=0, order=("video",))
+    write_video(tmp_path / "b.h264", [40 * i for i in range(3)], audio_s=0, order=("video",), size=(32, 24))
+    raw.write_bytes((tmp_path / "a.h264").read_bytes() + (tmp_path / "b.h264").read_bytes())
+    assert main(["video", str(raw), "--out", str(tmp_path / "o.mp4"), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err.startswith("error: ") and "frame size changes from 64x48 to 32x24 at frame 4" in err, err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_truncated_file_says_how_many_frames_it_lost(model_dir: Path, tmp_path: Path, caplog) -> None:
+    clip = make_clip(tmp_path / "pan.mkv", n=20)
+    data = clip.read_bytes()
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(cut), "--out", str(out), "--model", str(model_dir)]) == 0
+    decoded = len(_frame_times(out))
+    assert decoded < 20
+    lines = [m for m in _warnings(caplog) if "decoded" in m]
+    assert len(lines) == 1 and f"decoded {decoded} frames" in lines[0] and "declares 2.00 s" in lines[0], lines
+
+
+@pytest.mark.parametrize("name", ["e.png", "e.txt", "e.gif", "noext", "x.webm", "x.avi", "folder"])
+def test_an_output_that_cannot_hold_the_video_is_refused_before_decoding(
+    name: str, model_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    (tmp_path / "folder").mkdir()
+    clip = make_clip(tmp_path / "pan.mp4", n=4, audio=False)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded before the output was checked")
+
+    monkeypatch.setattr(colorize_video, "timed_frames", no_decoding)
+    assert main(["video", str(clip), "--out", str(tmp_path / name), "--model", str(model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert ("is a folder" if name == "folder" else "end --out with .mp4, .mkv, .mov") in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "pan.mp4"]
+
+
+def test_every_output_extension_in_help_writes_a_video_with_its_audio(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """--help lists exactly FORMATS, and each writes a playable video with the frames and the sound."""
+    with pytest.raises(SystemExit):
+        main(["video", "--help"])
+    assert re.findall(r"\s(\.[a-z0-9]+)\b", capsys.readouterr().out) == list(FORMATS)
+    clip = make_clip(tmp_path / "pan.mp4", n=6)
+    for ext in FORMATS:
+        out = tmp_path / f"out{ext}"
+        assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 0, ext
+        assert len(_frame_times(out)) == 6 and abs(_audio_seconds(out)[0] - 0.6) < 0.15, ext
+
+
+def test_streams_ordered_audio_video_audio_keep_both_audio_tracks(model_dir: Path, tmp_path: Path) -> None:
+    clip = write_video(
+        tmp_path / "ava.mkv", [100 * i for i in range(6)], audio_s=0.6, order=("audio", "video", "audio")
+    )
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 0
+    assert len(_frame_times(out)) == 6 and len(_audio_seconds(out)) == 2
+
+
+def test_audio_the_output_cannot_hold_is_dropped_with_a_word(model_dir: Path, tmp_path: Path, caplog) -> None:
+    clip = write_video(tmp_path / "opus.mkv", [100 * i for i in range(4)], audio_s=0.4, audio_codec="libopus")
+    out = tmp_path / "out.mov"  # QuickTime has no Opus
+    assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 0
+    assert len(_frame_times(out)) == 4 and _audio_seconds(out) == []
+    assert any("dropping audio stream #1 (opus)" in m for m in _warnings(caplog)), _warnings(caplog)
+
+
+def test_an_unreadable_plan_starts_afresh(model_dir: Path, tmp_path: Path, caplog) -> None:
+    clip = make_clip(tmp_path / "pan.mp4", n=4, audio=False)
+    out = tmp_path / "out.mp4"
+    for junk in ("", "{not json", "[1, 2]"):
+        parts = tmp_path / ".out.mp4.parts"
+        parts.mkdir()
+        (parts / "plan.json").write_text(junk)
+        (parts / "chunk-00000.mkv").write_text("garbage from a crash")
+        (parts / "state-00000.npz").write_text("garbage")
+        caplog.clear()
+        assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 0, junk
+        assert len(_frame_times(out)) == 4 and not parts.exists()
+        assert any("afresh" in m for m in _warnings(caplog)), junk
+
+
+def test_a_second_run_on_the_same_output_is_refused(model_dir: Path, tmp_path: Path, capsys) -> None:
+    clip = make_clip(tmp_path / "pan.mp4", n=4, audio=False)
+    out = tmp_path / "out.mp4"
+    with open(tmp_path / ".out.mp4.parts.lock", "a+") as held:  # what a running `colorize video` holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 2
+        err = capsys.readouterr().err.strip().split("\r")[-1]
+        assert "another `colorize video` is writing this output" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+    assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 0
+
+
+def test_replacing_an_existing_output_is_said(model_dir: Path, tmp_path: Path, capsys) -> None:
+    clip = make_clip(tmp_path / "pan.mp4", n=4, audio=False)
+    out = tmp_path / "out.mp4"
+    assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 0
+    assert "(replaced the existing file)" in capsys.readouterr().out

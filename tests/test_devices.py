@@ -1,0 +1,60 @@
+"""Inference on the device the user asks for: ``--device auto|cpu|cuda``. On a machine without a GPU these
+pin the selection logic and the one-line refusal; the GPU figures come from scripts/gpu_check.sh."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from flows.cli import main
+from model.inference import device_of, predict, resolve_device
+
+NO_GPU = not torch.cuda.is_available()
+
+
+def test_auto_takes_a_visible_gpu_and_the_cpu_otherwise(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda") and resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is visible: --device cuda is valid here")
+def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path: Path, model_dir: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="no CUDA device"):
+        resolve_device("cuda")
+    photo = tmp_path / "p.png"
+    Image.fromarray(data.chelsea()[:64, :64]).save(photo)
+    out = tmp_path / "o.png"
+    assert main(["image", str(photo), "--out", str(out), "--model", str(model_dir), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0] and "no CUDA device" in err[0]
+    assert not out.exists()
+
+
+def test_onnxruntime_is_never_asked_to_run_on_a_gpu(tmp_path: Path, model_dir: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    photo = tmp_path / "p.png"
+    Image.fromarray(data.chelsea()[:64, :64]).save(photo)
+    argv = ["image", str(photo), "--out", str(tmp_path / "o.png"), "--model", str(model_dir), "--engine", "onnx"]
+    assert main(argv) == 2
+    assert "--engine onnx runs on the CPU" in capsys.readouterr().err
+
+
+def test_the_batch_runs_where_the_network_is_and_comes_back_on_the_cpu(model_dir: Path) -> None:
+    from model.colorizer import load_folder
+
+    net = load_folder(model_dir)
+    photos = [data.chelsea()[:40, :56], data.astronaut()[:64, :48]]
+    x, ab = predict(net, photos, 32)
+    assert device_of(net) == torch.device("cpu") and x.device.type == ab.device.type == "cpu"
+    with torch.inference_mode():
+        assert torch.equal(ab, net(x).float())  # the same numbers as calling the network directly
+    if not NO_GPU:
+        x_gpu, ab_gpu = predict(net.to("cuda"), photos, 32)
+        assert ab_gpu.device.type == "cpu" and np.abs((ab_gpu - ab).numpy()).max() * 110 < 1  # < 1 Lab unit
