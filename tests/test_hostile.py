@@ -443,10 +443,12 @@ def _start_run(workdir: Path) -> subprocess.Popen:
     return proc
 
 
-def test_sigterm_stops_the_temporary_prefect_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
+def test_a_stopping_signal_stops_the_temporary_prefect_server(tmp_path: Path, sig: signal.Signals) -> None:
+    """A supervisor's SIGTERM, a closed terminal's SIGHUP, Ctrl-C: `colorize run` ends and its server too."""
     proc = _start_run(tmp_path)
     time.sleep(2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     assert proc.wait(timeout=120) != 0
     deadline = time.time() + 30
     while _servers_of(tmp_path) and time.time() < deadline:
