@@ -219,22 +219,27 @@ def _untrained(folder: Path, seed: int) -> Path:
     return folder
 
 
+def _killed_in_second_chunk(monkeypatch, argv: list[str]) -> None:
+    """Run ``colorize ARGV`` and interrupt it as it starts its second chunk (exit 130, one chunk kept)."""
+    real = VideoColorizer._chunk
+
+    def killed(self, parts, index, *rest):
+        if index == 1:
+            raise KeyboardInterrupt
+        return real(self, parts, index, *rest)
+
+    monkeypatch.setattr(VideoColorizer, "_chunk", killed)
+    assert main(argv) == 130
+    monkeypatch.setattr(VideoColorizer, "_chunk", real)
+
+
 def test_a_resumed_run_with_another_model_starts_afresh(tmp_path: Path, caplog, monkeypatch) -> None:
     """Killed mid-way, the model replaced (a retrain), the same command rerun: every frame comes from the
     new model (identical to a straight run with it), and the log says why nothing was reused."""
     clip = make_clip(tmp_path / "pan.mp4", n=12, audio=False)
     model = _untrained(tmp_path / "model", seed=0)
     args = ["video", str(clip), "--model", str(model), "--chunk", "4", "--batch", "4"]
-    real = VideoColorizer._chunk
-
-    def killed_in_second_chunk(self, parts, index, *rest):
-        if index == 1:
-            raise KeyboardInterrupt
-        return real(self, parts, index, *rest)
-
-    monkeypatch.setattr(VideoColorizer, "_chunk", killed_in_second_chunk)
-    assert main([*args, "--out", str(tmp_path / "out.mp4")]) == 130
-    monkeypatch.setattr(VideoColorizer, "_chunk", real)
+    _killed_in_second_chunk(monkeypatch, [*args, "--out", str(tmp_path / "out.mp4")])
     _untrained(model, seed=1)  # the retrain: same folder, other weights
     caplog.clear()
     assert main([*args, "--out", str(tmp_path / "out.mp4")]) == 0
@@ -272,16 +277,7 @@ def test_a_resumed_run_after_the_champion_moved_starts_afresh(tmp_path: Path, mo
     register_champion(model_dir)
     clip = make_clip(tmp_path / "pan.mp4", n=8, audio=False)
     args = ["video", str(clip), "--workdir", str(workdir), "--engine", "torch", "--chunk", "4", "--batch", "4"]
-    real = VideoColorizer._chunk
-
-    def killed_in_second_chunk(self, parts, index, *rest):
-        if index == 1:
-            raise KeyboardInterrupt
-        return real(self, parts, index, *rest)
-
-    monkeypatch.setattr(VideoColorizer, "_chunk", killed_in_second_chunk)
-    assert main([*args, "--out", str(tmp_path / "out.mp4")]) == 130
-    monkeypatch.setattr(VideoColorizer, "_chunk", real)
+    _killed_in_second_chunk(monkeypatch, [*args, "--out", str(tmp_path / "out.mp4")])
     register_champion(_untrained(tmp_path / "retrained", seed=1))
     caplog.clear()
     assert main([*args, "--out", str(tmp_path / "out.mp4")]) == 0
