@@ -242,6 +242,7 @@ def print_summary(result: dict, workdir: Path) -> None:
         print(
             f"champion: models:/{r['model_name']}@{r['alias']} = version {r['version']} ({r['variant']} fusion, "
             f"{r['metric']}={r['value']:.5g}{over}, {verdict} the grayscale baseline{sure})"
+            + ("" if r.get("onnx_export", True) else "; no ONNX export, the torch engine serves it")
         )
         print("\nnext:")
         print(f"  colorize image photo.jpg --out photo_color.png --workdir {workdir}")

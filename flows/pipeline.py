@@ -349,6 +349,7 @@ def pipeline(
                 *("beats_baseline", "beats_baseline_95ci"),
             )
         }
+        out["registered"]["onnx_export"] = bool(reg.get("onnx", {}).get("attached", True))
         tracker.set_tags(parent, {"champion": f"{reg['variant']} (version {reg['version']})"})
         status = "FINISHED"
         return done()

@@ -373,7 +373,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def test_the_champion_is_registered_with_an_onnx_export_that_matches_torch(rerun: dict, workdir: Path, tmp_path):
     reg = json.loads((Path(rerun["stages"]["register"]) / "manifest.json").read_text())
-    assert reg["onnx"]["attached"] and reg["onnx"]["max_rgb_diff"] <= 1
+    assert reg["onnx"]["attached"] and reg["onnx"]["max_rgb_diff"] <= 1 and rerun["registered"]["onnx_export"]
     src = tmp_path / "cat.png"
     Image.fromarray(data.chelsea()[:120, :160]).save(src)
     outs = {}
@@ -421,6 +421,7 @@ def test_a_failed_onnx_export_still_registers_the_champion_on_torch(
     assert onnx["attached"] is False and reason in onnx["reason"]
     tags = Tracker(workdir).client.get_model_version_by_alias("colorizer", alias).tags
     assert tags["onnx_export"] == "none" and reason in tags["onnx_reason"]
+    assert result["registered"]["onnx_export"] is False
     src = tmp_path / "cat.png"
     Image.fromarray(data.chelsea()[:64, :64]).save(src)
     model = ["--model", f"models:/colorizer@{alias}", "--workdir", str(workdir)]
