@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from pydantic import Field
 from torch.utils.data import DataLoader
 
 from model.colorizer import Colorizer, load_folder
+from model.inference import DEVICES, resolve_device
 from model.lab import lab_norm_to_rgb
 from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE, Lpips, gray_baseline, image_metrics
 from model.pretrained import locate
@@ -32,6 +33,7 @@ from model.samples import decode_sample, first_batch
 from model.study import aggregate, compare_all
 from storage.atomic import write_bytes, write_json
 from storage.code_identity import code_version
+from storage.errors import ConfigError
 from storage.settings import Section
 from storage.shards import ShardDataset, shard_paths
 from storage.stage import StageResult, make_plan, run_stage
@@ -48,11 +50,26 @@ class Settings(Section):
     lpips: bool = True
     grid_images: int = Field(8, ge=1, le=256)
     batch_size: int = Field(16, ge=1, le=4096)
+    device: Literal[DEVICES] = Field(  # type: ignore[valid-type]
+        "auto", description="where the networks predict: auto (a GPU when visible), cpu or cuda"
+    )
+
+
+def preflight(s: Settings) -> None:
+    """``evaluate.device=cuda`` with no GPU visible: refused before any work, in one line."""
+    try:
+        resolve_device(s.device)
+    except ValueError as exc:
+        raise ConfigError(f"evaluate.device: {exc}") from None
 
 
 def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
-    """Whether the LPIPS backbone is on disk decides whether LPIPS is scored, so it is a fact in the key."""
-    facts = {"lpips_backbone_present": s.lpips and locate("alexnet", allow_download=False).available}
+    """Whether the LPIPS backbone is on disk decides whether LPIPS is scored, and the device the networks
+    run on changes their last bits: both are facts in the key."""
+    facts = {
+        "lpips_backbone_present": s.lpips and locate("alexnet", allow_download=False).available,
+        "device": resolve_device("auto").type if s.device == "auto" else s.device,  # cuda refused at preflight
+    }
     inputs = {"prepared": prepared, "trained": trained}
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), facts)
 
@@ -184,10 +201,11 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         per_image_rows = [{"model": BASELINE, "image": i, **r} for i, r in enumerate(rows)]
         multi_seed = len({t["seed"] for t in trained}) > 1
         first: dict[str, Colorizer] = {}  # each variant's lowest-seed model, for the picture grid
+        device = torch.device(plan["facts"]["device"])
         for t in sorted(trained, key=lambda t: (t["variant"], t["seed"])):
-            net = load_folder(t["folder"])
+            net = load_folder(t["folder"]).to(device)
             first.setdefault(t["variant"], net)
-            means, rows = score(lambda x, n=net: n(x), prepared, lpips, e.batch_size)
+            means, rows = score(lambda x, n=net: n(x.to(device)).float().cpu(), prepared, lpips, e.batch_size)
             table.append({"variant": t["variant"], "seed": t["seed"], **means})
             for m in COLUMNS:
                 per_image[m].setdefault(t["variant"], {})[t["seed"]] = [r[m] for r in rows]
@@ -198,7 +216,7 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         variants = list(dict.fromkeys(t["variant"] for t in trained))
         l_norm, ab = first_batch(shard_paths(prepared, "test"), e.grid_images)
         with torch.no_grad():
-            cols = [first[v](l_norm) for v in variants]
+            cols = [first[v](l_norm.to(device)).float().cpu() for v in variants]
         save_png(grid(l_norm, [*cols, ab]), out / "grid.png")
         diffs = {
             (c["metric"], c["a"], c["b"]): np.subtract(

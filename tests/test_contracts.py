@@ -50,7 +50,7 @@ def _stage_keys(tree: Path) -> dict[str, str]:
         ("model/metrics.py", {"prepare", "train", "evaluate", "register"}),
         ("model/study.py", {"evaluate"}),  # register reads what evaluate computed, not the module
         ("storage/archives.py", {"download"}),
-        ("model/inference.py", {"register"}),  # the registered model runs it; no other stage does
+        ("model/inference.py", {"evaluate", "register"}),  # the registered model runs it; evaluate its devices
         ("storage/stage.py", {"download", "upscale", "prepare", "train", "evaluate", "register"}),
     ],
 )

@@ -58,3 +58,23 @@ def test_the_batch_runs_where_the_network_is_and_comes_back_on_the_cpu(model_dir
     if not NO_GPU:
         x_gpu, ab_gpu = predict(net.to("cuda"), photos, 32)
         assert ab_gpu.device.type == "cpu" and np.abs((ab_gpu - ab).numpy()).max() * 110 < 1  # < 1 Lab unit
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is visible: evaluate.device=cuda is valid here")
+def test_evaluate_on_cuda_without_a_gpu_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    argv = ["run", "--preset", "tiny", "--set", "evaluate.device=cuda", "--workdir", str(tmp_path / "w")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evaluate.device" in err[0] and "no CUDA device" in err[0]
+    assert not (tmp_path / "w" / "download").exists()
+
+
+def test_the_evaluate_key_says_where_the_networks_ran(monkeypatch, tmp_path: Path) -> None:
+    from tasks import evaluate
+
+    prepared = {"stage": "prepare", "key": "k", "content": "c"}
+    cpu = evaluate.plan(evaluate.Settings(device="cpu"), prepared, [], tmp_path)
+    assert cpu["facts"]["device"] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = evaluate.plan(evaluate.Settings(device="auto"), prepared, [], tmp_path)
+    assert gpu["facts"]["device"] == "cuda" and gpu["key"] != cpu["key"]
