@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -308,9 +309,10 @@ def load_model(
 
     try:
         where = mlflow.MlflowClient().get_model_version_download_uri(name, version)
-        files = Path(mlflow.artifacts.download_artifacts(artifact_uri=where))
-        weights = files / "artifacts" if (files / "artifacts").is_dir() else files
-        digest = _files_digest(weights)
+        with tempfile.TemporaryDirectory(prefix="colorize-video-") as tmp:  # a copy: removed once hashed
+            files = Path(mlflow.artifacts.download_artifacts(artifact_uri=where, dst_path=tmp))
+            weights = files / "artifacts" if (files / "artifacts").is_dir() else files
+            digest = _files_digest(weights)
     except Exception as exc:  # noqa: BLE001 - the model loaded, so its files should be readable
         raise NoModel(f"cannot read the files of models:/{name}/{version}: {str(exc).splitlines()[0]}") from None
     return net, size, {"model": f"models:/{name}", "version": version, "weights": digest}

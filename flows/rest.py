@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ EXPECTED = "expected uint8 pixel values: whole numbers in 0..255, shape (B, H, W
 _ARRAY_KEYS = ("inputs", "instances")
 
 
-def resolve_model(workdir: Path, model: str | None) -> str:
+def resolve_model(workdir: Path, model: str | None, dst: Path) -> str:
     """The local folder of ``model`` (default: the champion) in this work dir's registry. A user's mistake
     (no store, no such model) is a :class:`ConfigError`; an empty folder never gets an ``mlflow.db``."""
     target = model or DEFAULT_MODEL
@@ -42,7 +43,7 @@ def resolve_model(workdir: Path, model: str | None) -> str:
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=target))
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=str(dst)))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "not there"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"--model {target}: cannot load it from {uri} ({first})") from None
@@ -161,16 +162,21 @@ def serve(workdir: Path, model: str | None, host: str, port: int, device: str = 
         resolve_device(device)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    model_path = resolve_model(workdir, model)
-    warning = exposure_warning(host, "the REST API")
-    if warning:
-        print(warning, file=sys.stderr)
-    stop_on_signals()
-    proc = start_server(command(host, port), environment(workdir, model_path, device))
-    print(f'REST API: http://{host}:{port}/invocations  (POST {{"inputs": uint8 (B,H,W,3)}}; GET /ping)', flush=True)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop_server(proc)
+    # The model's files, copied out of the store, live as long as this command (a copy of the whole
+    # model, ~240 MB with its encoders: one left in /tmp per `serve` adds up)
+    with tempfile.TemporaryDirectory(prefix="colorize-serve-") as tmp:
+        model_path = resolve_model(workdir, model, Path(tmp))
+        warning = exposure_warning(host, "the REST API")
+        if warning:
+            print(warning, file=sys.stderr)
+        stop_on_signals()
+        proc = start_server(command(host, port), environment(workdir, model_path, device))
+        print(
+            f'REST API: http://{host}:{port}/invocations  (POST {{"inputs": uint8 (B,H,W,3)}}; GET /ping)', flush=True
+        )
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            stop_server(proc)
