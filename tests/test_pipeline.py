@@ -147,7 +147,7 @@ def test_only_runs_one_stage_and_needs_finished_inputs(rerun: dict, workdir: Pat
         pipeline(dataset="sample", preset="tiny", workdir=str(tmp_path / "empty"), only="train")
 
 
-def test_registered_model_loads_with_only_what_its_requirements_provide(rerun: dict, workdir: Path) -> None:
+def test_registered_model_loads_with_only_what_its_requirements_provide(rerun: dict, workdir: Path, tmp_path) -> None:
     """In a fresh process whose imports are limited to the distributions its requirements.txt installs
     (and their own requirements), the champion loads from its own code folder and colorizes."""
     import mlflow
@@ -157,7 +157,9 @@ def test_registered_model_loads_with_only_what_its_requirements_provide(rerun: d
 
     uri = f"sqlite:///{workdir}/mlflow.db"
     mlflow.set_tracking_uri(uri)
-    reqs_file = mlflow.pyfunc.get_model_dependencies("models:/colorizer@champion")
+    reqs_file = mlflow.artifacts.download_artifacts(  # the one file, into this test's own folder
+        artifact_uri="models:/colorizer@champion/requirements.txt", dst_path=str(tmp_path)
+    )
     reqs = [r.strip() for r in Path(reqs_file).read_text().splitlines() if r.strip() and not r.startswith(("#", "-"))]
     assert {r.split("==")[0] for r in reqs} >= {"torch", "mlflow", "tqdm", "onnxruntime"}  # tqdm: via storage.fetch
     assert not {r.split("==")[0] for r in reqs} & {"prefect", "webdataset", "s3fs", "gradio"}  # not the model's
