@@ -208,3 +208,18 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
+
+
+def wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
+    """Until ``url`` answers (any HTTP status: the server is up), failing at once if ``proc`` exits first."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the command exited with {proc.returncode} before {url} answered"
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except urllib.error.HTTPError:
+            return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {seconds} s")

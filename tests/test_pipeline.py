@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_http
 from PIL import Image
 from skimage import data
 
@@ -334,22 +334,6 @@ def test_a_copied_or_moved_work_dir_writes_only_into_itself(rerun: dict, workdir
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
-    import time
-    import urllib.error
-    import urllib.request
-
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        assert proc.poll() is None, f"the server exited with {proc.returncode}"
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(1)
-    raise AssertionError(f"{url} did not answer within {seconds} s")
-
-
 def _serve(argv: list[str], url_path: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_")}
@@ -360,7 +344,7 @@ def _serve(argv: list[str], url_path: str) -> tuple[subprocess.Popen, str]:
         start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
-    _wait_http(base + url_path, proc)
+    wait_http(base + url_path, proc)
     return proc, base
 
 

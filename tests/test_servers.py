@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_http
 from PIL import Image
 
 from flows.cli import main
@@ -107,20 +107,6 @@ def _start(argv: list[str], env: dict[str, str] | None = None, **kw: object) -> 
     )
 
 
-def _wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"the command exited with {proc.returncode} before {url} answered"
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except urllib.error.HTTPError:
-            return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {seconds} s")
-
-
 def _family(proc: subprocess.Popen) -> list[psutil.Process]:
     """The command and every process below it (servers in their own sessions included)."""
     me = psutil.Process(proc.pid)
@@ -163,7 +149,7 @@ def rest_api(workdir: Path) -> Iterator[str]:
     base = f"http://127.0.0.1:{port}"
     family: list[psutil.Process] = []
     try:
-        _wait_http(base + "/ping", proc)
+        wait_http(base + "/ping", proc)
         family = _family(proc)
         yield base
     finally:
@@ -182,7 +168,7 @@ def test_a_copied_work_dir_serves_its_own_model_after_the_original_is_deleted(
     base = f"http://127.0.0.1:{port}"
     family: list[psutil.Process] = []
     try:
-        _wait_http(base + ("/ping" if command == "serve" else "/"), proc)  # the app loads its model first
+        wait_http(base + ("/ping" if command == "serve" else "/"), proc)  # the app loads its model first
         family = _family(proc)
         if command == "serve":
             image = np.random.default_rng(0).integers(0, 256, (1, 20, 24, 3)).tolist()
@@ -225,8 +211,8 @@ def test_ui_servers_refuse_foreign_origins_and_hosts_and_serve_their_own(workdir
     evil = {"Origin": "http://evil.example"}
     try:
         prefect, mlflow = f"http://127.0.0.1:{pport}/api", f"http://127.0.0.1:{mport}"
-        _wait_http(prefect + "/health", proc)
-        _wait_http(mlflow + "/health", proc)
+        wait_http(prefect + "/health", proc)
+        wait_http(mlflow + "/health", proc)
         family = _family(proc)
 
         # Prefect: a foreign page is granted no CORS, cannot POST (CSRF), and a foreign Host is refused
@@ -281,9 +267,9 @@ def test_a_signal_that_ends_the_command_ends_its_servers(command: str, sig: int,
     proc = _start([*argv, "--workdir", str(workdir)], _env(TMPDIR=str(scratch)))
     family: list[psutil.Process] = []
     try:
-        _wait_http(url, proc)
+        wait_http(url, proc)
         if command == "ui":
-            _wait_http(f"http://127.0.0.1:{other}/health", proc)
+            wait_http(f"http://127.0.0.1:{other}/health", proc)
         family = _family(proc)
         os.kill(proc.pid, sig)
         proc.wait(60)
@@ -342,7 +328,7 @@ def test_commands_resolve_and_connect_only_to_loopback(command: str, workdir: Pa
     family: list[psutil.Process] = []
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_http(base + ("/" if command == "app" else "/ping"), proc)
+        wait_http(base + ("/" if command == "app" else "/ping"), proc)
         family = _family(proc)
         if command == "app":
             assert json.loads(_request(base + "/config")[2])["analytics_enabled"] is False

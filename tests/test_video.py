@@ -11,6 +11,7 @@ import math
 import re
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import numpy as np
@@ -34,6 +35,20 @@ def _pan(n: int, w: int = 64, h: int = 48, step: int = 3) -> list[np.ndarray]:
     return [np.ascontiguousarray(img[100 : 100 + h, 100 + step * i : 100 + step * i + w]) for i in range(n)]
 
 
+def _tone(out: Any, sound: Any, seconds: float, chunk: int = 1024, fmt: str = "fltp") -> None:
+    """A 440 Hz mono tone of ``seconds`` encoded into ``sound`` and muxed, ``chunk`` samples a frame."""
+    rate = sound.codec_context.sample_rate
+    t = np.arange(round(rate * seconds)) / rate
+    pcm = (0.3 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)[None]
+    for s in range(0, pcm.shape[1], chunk):
+        frame = av.AudioFrame.from_ndarray(pcm[:, s : s + chunk], format=fmt, layout="mono")
+        frame.sample_rate = rate
+        for packet in sound.encode(frame):
+            out.mux(packet)
+    for packet in sound.encode():
+        out.mux(packet)
+
+
 def make_clip(path: Path, n: int = 20, fps: int = 10, audio: bool = True) -> Path:
     out = av.open(str(path), "w")
     video = out.add_stream("libx264", rate=fps)
@@ -47,15 +62,7 @@ def make_clip(path: Path, n: int = 20, fps: int = 10, audio: bool = True) -> Pat
     for packet in video.encode():
         out.mux(packet)
     if sound is not None:
-        t = np.arange(int(16000 * n / fps)) / 16000
-        pcm = (0.3 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)[None]
-        for s in range(0, pcm.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(pcm[:, s : s + 1024], format="fltp", layout="mono")
-            frame.sample_rate = 16000
-            for packet in sound.encode(frame):
-                out.mux(packet)
-        for packet in sound.encode():
-            out.mux(packet)
+        _tone(out, sound, n / fps)
     out.close()
     return path
 
@@ -175,17 +182,7 @@ def write_video(
     for packet in video.encode():
         out.mux(packet)
     for sound in sounds:
-        rate = sound.codec_context.sample_rate
-        t = np.arange(int(rate * audio_s)) / rate
-        pcm = (0.3 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)[None]
-        fmt = "flt" if audio_codec == "libopus" else "fltp"
-        for s in range(0, pcm.shape[1], 960):
-            frame = av.AudioFrame.from_ndarray(pcm[:, s : s + 960], format=fmt, layout="mono")
-            frame.sample_rate = rate
-            for packet in sound.encode(frame):
-                out.mux(packet)
-        for packet in sound.encode():
-            out.mux(packet)
+        _tone(out, sound, audio_s, chunk=960, fmt="flt" if audio_codec == "libopus" else "fltp")
     out.close()
     return path
 
