@@ -77,9 +77,9 @@ def _load_net(spec: str | None, workdir: Path, engine: str) -> tuple[Any, int]:
         return net, net.spec.image_size
     import mlflow
 
-    from storage.tracking import tracking_uri
+    from storage.tracking import store_missing, tracking_uri
 
-    if spec is None and tracking_uri(workdir).startswith("sqlite:///") and not (workdir / "mlflow.db").is_file():
+    if spec is None and store_missing(workdir):
         raise NoModel(
             f"no registered model {DEFAULT_MODEL}: {workdir} has no MLflow store yet; train one with "
             f"`colorize run --dataset sample --workdir {workdir}` or pass --model"

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from model.inference import compose, predict
 from model.temporal import Stabilizer
 from storage.atomic import atomic_path, temp_name, write_json
+from storage.fetch import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -251,10 +252,7 @@ def _files_digest(root: Path, names: list[str] | None = None) -> str:
     h = hashlib.sha256()
     paths = [root / n for n in names] if names is not None else sorted(p for p in root.rglob("*") if p.is_file())
     for path in paths:
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + file_digest(path, "sha256").encode())
     return h.hexdigest()
 
 
@@ -263,10 +261,10 @@ def _registry_version(target: str, workdir: Path) -> tuple[str, str] | None:
     when the registry cannot say (load_net then gives its own message)."""
     if not target.startswith("models:/"):
         return None
-    from storage.tracking import tracking_uri
+    from storage.tracking import store_missing, tracking_uri
 
     uri = tracking_uri(workdir)
-    if uri.startswith("sqlite:///") and not (workdir / "mlflow.db").is_file():
+    if store_missing(workdir):
         return None  # no store: do not create one just to look
     rest = target.removeprefix("models:/")
     import mlflow

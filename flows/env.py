@@ -219,9 +219,9 @@ def open_registry(workdir: Path) -> None:
     """Open the work dir's MLflow registry the one way every command must (storage.tracking.client): a
     moved or copied work dir's artifact locations are re-pointed into it first. An absent local store
     is left absent (the caller says there is no model), never created; a shared server needs nothing."""
-    from storage.tracking import client, tracking_uri
+    from storage.tracking import client, shared_server, store_missing
 
-    if tracking_uri(workdir).startswith("sqlite:///") and (workdir / "mlflow.db").is_file():
+    if not store_missing(workdir) and not shared_server():
         client(workdir)
 
 

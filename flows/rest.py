@@ -19,7 +19,7 @@ from typing import Any
 
 from flows.env import open_registry, project_pythonpath, start_server, stop_on_signals, stop_server
 from storage.errors import ConfigError
-from storage.tracking import tracking_uri
+from storage.tracking import store_missing, tracking_uri
 
 DEFAULT_MODEL = "models:/colorizer@champion"
 MODEL_PATH_ENV = "COLORIZE_SERVE_MODEL_PATH"
@@ -32,7 +32,7 @@ def resolve_model(workdir: Path, model: str | None, dst: Path) -> str:
     (no store, no such model) is a :class:`ConfigError`; an empty folder never gets an ``mlflow.db``."""
     target = model or DEFAULT_MODEL
     uri = tracking_uri(workdir)
-    if uri.startswith("sqlite:///") and not (workdir / "mlflow.db").is_file():
+    if store_missing(workdir):
         raise ConfigError(
             f"{workdir} has no MLflow store (mlflow.db): not a work dir, or no run yet; train a model with "
             f"`colorize run --dataset sample --workdir {workdir}`"

@@ -31,6 +31,12 @@ def tracking_uri(workdir: Path) -> str:
     return os.environ.get("COLORIZE_MLFLOW_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def store_missing(workdir: Path) -> bool:
+    """The work dir's own sqlite store does not exist (yet): a command that only reads the registry says
+    so instead of letting MLflow create an empty ``mlflow.db``. A shared server is never missing here."""
+    return tracking_uri(workdir).startswith("sqlite:///") and not (Path(workdir) / "mlflow.db").is_file()
+
+
 def warn_if_locked(uri: str) -> bool:
     """Say so when another process holds the sqlite store's write lock. MLflow itself waits up to 20 s
     (its busy_timeout) and retry_locked waits longer, but silently stalling would look like a hang."""
