@@ -14,11 +14,19 @@ largest difference between the two engines' colorized photos, in 8-bit levels. L
 
     .venv/bin/python bench/colorize.py [--workdir work] [--sizes 512,1024,2048,4096] [--naive 2048]
     .venv/bin/python bench/colorize.py --engines 512,2048 [--rounds 3] [--workdir work]
+
+With ``--device cuda``: the torch engine on that device vs on this CPU, batches of ``--batch`` photos of
+1024 px at each network side in ``--net-sizes``, taking turns over ``--rounds``: photos/s of each and the
+largest difference between their colorized photos in 8-bit levels (the promise is at most 1). Last line:
+``RATIO device <device photos/s / CPU photos/s at the smallest side>``.
+
+    python bench/colorize.py --device cuda [--net-sizes 224,512] [--batch 16] [--workdir work]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import resource
 import subprocess
@@ -119,6 +127,34 @@ def engines(sides: list[int], rounds: int, workdir: str | None) -> None:
     print(f"RATIO onnx {ratios[min(sides)]:.3f}")
 
 
+def devices(device: str, sides: list[int], batch: int, rounds: int, workdir: str | None) -> None:
+    """See the module docstring (``--device``)."""
+    from model.inference import compose, predict, resolve_device
+
+    target = resolve_device(device)
+    photos = [photo(1024)] * batch
+    ratios = {}
+    for side in sides:
+        net = load(workdir, side).cpu()
+        nets = {"cpu": net, "device": copy.deepcopy(net).to(target)}  # the same weights on both
+        outs, times = {}, {"cpu": [], "device": []}
+        for r in range(rounds + 1):  # round 0: warm-up, not timed
+            for name in ("cpu", "device") if r % 2 == 0 else ("device", "cpu"):
+                t0 = time.perf_counter()
+                _, ab = predict(nets[name], photos, side)
+                outs[name] = [compose(p, a) for p, a in zip(photos, ab, strict=True)]
+                if r:
+                    times[name].append(time.perf_counter() - t0)
+        diff = max(int(np.abs(a.astype(int) - b.astype(int)).max()) for a, b in zip(*outs.values(), strict=True))
+        rate = {k: batch / float(np.median(v)) for k, v in times.items()}
+        ratios[side] = rate["device"] / rate["cpu"]
+        print(
+            f"network side {side}: CPU {rate['cpu']:.2f} photos/s, {target} {rate['device']:.2f} photos/s "
+            f"(batches of {batch} photos 1024x768, medians of {rounds}); max difference {diff}/255"
+        )
+    print(f"RATIO device {ratios[min(sides)]:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--engines", help="compare torch and onnxruntime at these network sides, e.g. 512,2048")
@@ -128,7 +164,13 @@ def main() -> None:
     ap.add_argument("--naive", type=int, default=2048)
     ap.add_argument("--net-size", type=int, default=64)
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "MODE"))
+    ap.add_argument("--device", help="compare the torch engine on this device with the CPU (see the docstring)")
+    ap.add_argument("--net-sizes", default="224,512")
+    ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
+    if args.device:
+        devices(args.device, [int(s) for s in args.net_sizes.split(",")], args.batch, args.rounds, args.workdir)
+        return
     if args.engines:
         engines([int(s) for s in args.engines.split(",")], args.rounds, args.workdir)
         return

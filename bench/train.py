@@ -12,6 +12,14 @@ reorders and the rest, and the ratio those kernels allow at most. Last line: ``R
 
     .venv/bin/python bench/train.py [--steps 10] [--size 128] [--batch 8] [--breakdown]
     .venv/bin/python bench/train.py --device cuda --bf16 --size 224   # the paper preset's size, on a GPU
+
+``--sweep``: where the device's time goes instead. For each image size and batch, the stage's step (its
+loader with workers and pinned memory on CUDA, its step eager and, on CUDA, captured as a graph) prints
+ms/step, img/s, the model's TFLOP/s (forward + backward FLOPs counted by ``torch.utils.flop_counter``)
+and their share of the device's matrix rate measured in the same run (bf16 on CUDA, float32 on a CPU),
+and the share of wall time spent waiting for the loader. ``--json`` writes the rows.
+
+    .venv/bin/python bench/train.py --sweep --device cuda --bf16 --sizes 128,224 --batches 8,32,64,128,256
 """
 
 from __future__ import annotations
@@ -40,11 +48,12 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from flows.config import build_config
 from model.colorizer import Colorizer, ColorizerSpec
-from model.samples import decode_sample
+from model.samples import decode_sample16
 from storage.shards import ShardDataset, decode_png, iter_samples, shard_paths
 from tasks import download, prepare, train
 from tasks.distributed import World
-from tasks.train import Progress, make_optimizer, train_one_epoch
+from tasks.train import Progress, loader_workers, train_one_epoch
+from tasks.train_step import StepConfig, make_optimizer, make_step, use_graphs
 
 
 def notebook_batches(pngs: list[bytes], size: int, batch: int):
@@ -108,13 +117,21 @@ def notebook_step(net: torch.nn.Module, opt: torch.optim.Optimizer, device: torc
 
 
 def stage_step(net: torch.nn.Module, settings: train.Settings, world: World) -> Callable[[Batch], None]:
-    """The train stage's own loop body, one batch at a time."""
-    opt = make_optimizer(net, 1e-4)
+    """The train stage's own loop body, one batch at a time (the loss read every ``log_every`` steps,
+    as the stage does)."""
+    graphs = use_graphs(settings.cuda_graphs, world.device, world.size)
+    opt = make_optimizer(net, 1e-4, capturable=graphs)
     criterion = train.loss_fn(settings.loss, settings.colour_weight)
+    cfg = StepConfig(settings.bf16, settings.channels_last, settings.grad_clip)
+    step_fn = make_step(net, opt, criterion, cfg, graphs)
     flips, progress = torch.Generator().manual_seed(0), Progress()
 
+    def after() -> None:
+        if progress.step % settings.log_every == 0:
+            progress.read_losses(world, 1e-4)
+
     def step(batch: Batch) -> None:
-        train_one_epoch(net, opt, criterion, [batch], settings, flips, progress, 1 << 62, lambda _: None, world)
+        train_one_epoch(step_fn, [batch], settings, flips, progress, 1 << 62, after, world)
 
     return step
 
@@ -192,6 +209,125 @@ def breakdown(loops: dict[str, Loop], tmp: Path) -> None:
     print(f"  ceiling with these convolution kernels: RATIO <= {b_step:.2f} / {o_conv:.2f} = {b_step / o_conv:.2f}")
 
 
+def prepared_at(size: int, wd: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(download, prepare) manifests of the sample photos' crops at ``size`` px, in ``wd``."""
+    cfg = build_config(
+        "demo",
+        [
+            "download.lowres_crops_per_photo=0",
+            "download.highres_crops_per_photo=6",
+            f"download.highres_size={size + 32}",
+            f"prepare.image_size={size}",
+        ],
+    )
+    dl = download.run(download.plan(cfg.download, cfg.seed, wd)).manifest
+    return dl, prepare.run(prepare.plan(cfg.prepare, cfg.seed, dl, None, wd)).manifest
+
+
+def stage_batches(prep: dict[str, Any], batch: int, device: torch.device) -> Iterator[Batch]:
+    """The train stage's loader: float16 samples, workers and pinned memory on CUDA (tasks.train)."""
+    ds = Cycled(ShardDataset(shard_paths(prep, "train"), decode_sample16, seed=0, batch=batch))
+    workers = loader_workers(train.Settings(), device)
+    yield from DataLoader(ds, batch_size=batch, pin_memory=device.type == "cuda", num_workers=workers)
+
+
+def model_gflop(spec: ColorizerSpec) -> float:
+    """Forward + backward GFLOP per image of the colorizer at its image size (batch 2: BatchNorm)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = Colorizer(spec).train()
+    x = torch.rand(2, 1, spec.image_size, spec.image_size)
+    with FlopCounterMode(display=False) as counter:
+        net(x).square().mean().backward()
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def matmul_tflops(device: torch.device) -> float:
+    """The device's dense matrix rate, measured now: bf16 8192^3 on CUDA, float32 1024^3 on a CPU."""
+    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    reps = 20 if device.type == "cuda" else 5
+    for i in range(reps + 2):
+        if i == 2:
+            _sync(device)
+            t0 = time.perf_counter()
+        a @ b
+    _sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(prep: dict[str, Any], spec: ColorizerSpec, batch: int, graphs: bool, args: Any) -> dict[str, float]:
+    """ms/step and the loader's share of wall time over ``args.steps`` steps of the stage's step, after
+    warm-up steps (graph capture included)."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    net = Colorizer(spec).to(device, memory_format=torch.channels_last).train()
+    settings = train.Settings(bf16=args.bf16, batch_size=batch, cuda_graphs="on" if graphs else "off")
+    step = stage_step(net, settings, World(device=device))
+    batches = stage_batches(prep, batch, device)
+    for _ in range(5):  # three eager warm-up steps, the capture, one replay
+        step(next(batches))
+    _sync(device)
+    t0, waiting = time.perf_counter(), 0.0
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        b = next(batches)
+        waiting += time.perf_counter() - t
+        step(b)
+    _sync(device)
+    total = time.perf_counter() - t0
+    return {"ms_per_step": total / args.steps * 1000, "loader_share": waiting / total}
+
+
+def sweep(args: Any) -> None:
+    """The ``--sweep`` table (and JSON): see the module's docstring."""
+    import json
+
+    device = torch.device(args.device)
+    peak = matmul_tflops(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, threads {torch.get_num_threads()}"
+    unit = "bf16" if device.type == "cuda" else "float32"
+    print(f"{where}; measured {unit} matrix rate {peak:.1f} TFLOP/s; stage step bf16={args.bf16}")
+    head = ("size", 5), ("batch", 6), ("step", 7), ("ms/step", 9), ("img/s", 9), ("TFLOP/s", 8), ("of peak", 8)
+    print(" ".join(f"{h:>{w}}" for h, w in head), f"{'loader':>7}")
+    rows = []
+    modes = ("eager", "graphs") if device.type == "cuda" else ("eager",)
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (int(x) for x in args.sizes.split(",")):
+            _, prep = prepared_at(size, Path(tmp) / str(size))
+            spec = ColorizerSpec(fusion="concat", decoder_width=64, image_size=size)
+            gflop = model_gflop(spec)
+            for batch in (int(x) for x in args.batches.split(",")):
+                for mode in modes:
+                    row: dict[str, Any] = {"size": size, "batch": batch, "step": mode, "gflop_per_image": gflop}
+                    try:
+                        row |= timed_steps(prep, spec, batch, mode == "graphs", args)
+                    except torch.cuda.OutOfMemoryError:
+                        row["error"] = "out of memory"
+                        print(f"{size:>5} {batch:>6} {mode:>7}  out of memory")
+                        rows.append(row)
+                        continue
+                    finally:
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    row["img_per_s"] = batch / row["ms_per_step"] * 1000
+                    row["tflops"] = gflop * row["img_per_s"] / 1000
+                    row["share_of_peak"] = row["tflops"] / peak
+                    rows.append(row)
+                    print(
+                        f"{size:>5} {batch:>6} {mode:>7} {row['ms_per_step']:>9.1f} {row['img_per_s']:>9.1f} "
+                        f"{row['tflops']:>8.2f} {row['share_of_peak'] * 100:>7.1f}% {row['loader_share'] * 100:>6.1f}%"
+                    )
+    if args.json:
+        report = {"device": where, "matrix_tflops": peak, "matrix_dtype": unit, "bf16": args.bf16, "rows": rows}
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
@@ -200,28 +336,24 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="also log one step of each side with oneDNN's verbose")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--bf16", action="store_true", help="the stage's side with bf16 autocast (train.bf16)")
+    ap.add_argument("--sweep", action="store_true", help="the stage's step over --sizes x --batches, eager vs graphs")
+    ap.add_argument("--sizes", default="128,224")
+    ap.add_argument("--batches", default="8,32,64,128,256")
+    ap.add_argument("--json", help="--sweep: also write the rows here")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but no CUDA device is visible")
+    if args.sweep:
+        sweep(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         wd = Path(tmp)
-        cfg = build_config(
-            "demo",
-            [
-                "download.lowres_crops_per_photo=0",
-                "download.highres_crops_per_photo=6",
-                f"download.highres_size={args.size + 32}",
-                f"prepare.image_size={args.size}",
-            ],
-        )
-        dl = download.run(download.plan(cfg.download, cfg.seed, wd)).manifest
-        prep = prepare.run(prepare.plan(cfg.prepare, cfg.seed, dl, None, wd)).manifest
+        dl, prep = prepared_at(args.size, wd)
         pngs = [s["png"] for s in iter_samples(shard_paths(dl, "highres-train"))]
 
         def ours():
-            ds = Cycled(ShardDataset(shard_paths(prep, "train"), decode_sample, seed=0))
-            yield from DataLoader(ds, batch_size=args.batch, pin_memory=device.type == "cuda")
+            return stage_batches(prep, args.batch, device)
 
         spec = ColorizerSpec(fusion="concat", decoder_width=64, image_size=args.size)
         torch.manual_seed(0)

@@ -11,6 +11,14 @@ so that drift in a shared machine's speed falls on both sides alike; each round 
 ``RATIO upscale <value>``, the median of those per-round ratios (the stage's default engine vs the baseline).
 
     .venv/bin/python bench/upscale.py [--images 16] [--batch 8] [--rounds 5] [--bf16]
+
+GPU mode, ``--device cuda``: the stage's PyTorch engine there, without RealESRGANer: img/s at each of
+``--batches`` in float32 and bf16, and the largest pixel difference from this CPU's float32 output on
+the same crops; ``--random-weights`` when no Real-ESRGAN weights are at hand (speed does not depend on
+them; the difference then measures arithmetic only). Last line: ``RATIO upscale-device <GPU float32 at
+the largest batch / CPU float32>``.
+
+    python bench/upscale.py --device cuda --batches 64,256 --images 512
 """
 
 from __future__ import annotations
@@ -147,6 +155,45 @@ def run_rounds(
     return seconds, outs
 
 
+def device_mode(args: argparse.Namespace) -> None:
+    """See the module docstring (GPU mode)."""
+    from model.realesrgan import rrdbnet
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no CUDA device is visible")
+    net = rrdbnet().eval() if args.random_weights else load_upscaler(resolve_weights())[0]
+    batches = [int(b) for b in args.batches.split(",")]
+    images = torch.from_numpy(crops(max(args.images, *batches))).permute(0, 3, 1, 2).contiguous()
+    probe = images[:16]
+    t0 = time.perf_counter()
+    ref = upscale(net, probe)
+    cpu_ips = len(probe) / (time.perf_counter() - t0)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    weights = "random" if args.random_weights else "Real-ESRGAN x4plus"
+    print(f"{where}; weights {weights}; CPU float32 {cpu_ips:.1f} img/s")
+    net = net.to(device)
+    rates = {}
+    for bf16 in (False, True):
+        diff = int((upscale(net, probe.to(device), bf16=bf16).cpu().int() - ref.int()).abs().max())
+        for batch in batches:
+            chunks = [images[i : i + batch].to(device) for i in range(0, len(images) - batch + 1, batch)]
+            upscale(net, chunks[0], bf16=bf16)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            for _ in range(args.rounds):
+                for c in chunks:
+                    upscale(net, c, bf16=bf16)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            rates[(bf16, batch)] = args.rounds * batch * len(chunks) / (time.perf_counter() - t0)
+            kind = "bf16" if bf16 else "float32"
+            rate = rates[(bf16, batch)]
+            print(f"{kind:>7} batch {batch:>4}: {rate:>8.1f} img/s; max difference from the CPU {diff}/255")
+    print(f"RATIO upscale-device {rates[(False, max(batches))] / cpu_ips:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=16)
@@ -154,7 +201,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=at_least_one, default=5, help="paired baseline/stage timing rounds (>= 1)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--png", default="bench/out/upscale_side_by_side.png")
+    ap.add_argument("--device", help="GPU mode: the stage's torch engine on this device (see the docstring)")
+    ap.add_argument("--batches", default="64,256", help="GPU mode: batch sizes")
+    ap.add_argument("--random-weights", action="store_true", help="GPU mode: an untrained RRDBNet")
     args = ap.parse_args()
+    if args.device:
+        device_mode(args)
+        return
     install_torchvision_shim()
     from realesrgan import RealESRGANer
 

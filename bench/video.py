@@ -9,6 +9,7 @@ the clips of Debian's opencv-doc (``apt-get install opencv-doc``). Last line: ``
 warping error / stabilized>``.
 
     .venv/bin/python bench/video.py --workdir work [--frames 60] [--clips vtest,tree,Megamind]
+    .venv/bin/python bench/video.py --workdir work --device cuda   # the network on a GPU
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from skimage import color
 
 from flows.colorize_images import load_net
 from flows.colorize_video import VideoColorizer, frames
+from model.inference import device_of
 from model.temporal import Stabilizer, to_gray8, warping_error
 
 CLIPS = Path("/usr/share/doc/opencv-doc/examples/data")
@@ -92,13 +94,16 @@ def strip(net, size: int, originals: list[np.ndarray], path: Path, every: int = 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", required=True)
+    ap.add_argument("--model", help="models:/NAME@ALIAS or a trained stage folder (default: the champion)")
     ap.add_argument("--engine", default="auto")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--frames", type=int, default=60)
     ap.add_argument("--clips", default="vtest,tree,Megamind")
     ap.add_argument("--strip", help="write a strip (original | per-frame | stabilized) of the first clip here")
     args = ap.parse_args()
-    net, size = load_net(None, Path(args.workdir), args.engine)
-    print(f"engine {type(net).__name__}, network input {size} px, first {args.frames} frames of each clip")
+    net, size = load_net(args.model, Path(args.workdir), args.engine, args.device)
+    where = f"on {device_of(net)}"
+    print(f"engine {type(net).__name__} {where}, network input {size} px, first {args.frames} frames of each clip")
     print(
         f"{'clip':<10} {'size':>9} {'warping error per-frame':>24} {'stabilized':>11} {'change':>8} "
         f"{'RGB MSE per-frame':>18} {'stabilized':>11} {'change':>8}"

@@ -13,6 +13,8 @@ matches the decoder's tanh. 110 covers the sRGB gamut's ab range (about -86..98 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 L_SCALE = 100.0
@@ -47,10 +49,16 @@ def _linear_to_srgb(lin: torch.Tensor) -> torch.Tensor:
 _LINEAR_LUT_8BIT = _srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.0).to(torch.float32)
 
 
+@functools.cache
+def _placed(matrix: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A colour matrix copied once per dtype and device: a copy per call would be a host-to-device
+    transfer inside a captured CUDA graph (the training loss's colourfulness term converts to RGB)."""
+    return matrix.to(dtype=dtype, device=device)
+
+
 def _mix(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Apply a 3x3 colour matrix over the channel axis (-3) of ``(..., 3, H, W)``."""
-    m = matrix.to(dtype=x.dtype, device=x.device)
-    return torch.einsum("ij,...jhw->...ihw", m, x)
+    return torch.einsum("ij,...jhw->...ihw", _placed(matrix, x.dtype, x.device), x)
 
 
 def _linear_to_lab(lin: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,10 @@ Conventions: images are float RGB in [0, 1], HxWx3 (numpy) unless noted. PSNR an
 scikit-image's with ``data_range=1.0`` on RGB rebuilt from the true L and the predicted ab, so a
 grayscale prediction (ab = 0) already scores well; always compare against that baseline.
 Colourfulness is Hasler & Suesstrunk (2003) on 8-bit-scaled RGB (their paper's units).
+
+Two paths, one definition: :func:`image_metrics` scores one image in numpy (the reference), and
+:func:`batch_metrics` scores a whole batch of tensors on their device in float64 (the evaluate stage,
+which then needs no per-image copy to the host but for SSIM); a test pins them to each other.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def colorfulness(rgb: np.ndarray) -> float:
 def colorfulness_torch(rgb: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """:func:`colorfulness` per image of a (B,3,H,W) RGB batch in [0, 1], differentiable (the training
     loss's colourfulness term; ``eps`` keeps the square roots' gradients finite at grey)."""
-    x = rgb.float() * 255.0
+    x = rgb.to(torch.promote_types(rgb.dtype, torch.float32)) * 255.0  # float64 stays float64
     rg = (x[:, 0] - x[:, 1]).flatten(1)
     yb = (0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]).flatten(1)
     spread = torch.sqrt(rg.var(1, unbiased=False) + yb.var(1, unbiased=False) + eps)
@@ -50,7 +54,7 @@ COLUMNS = ("ab_mse", "rgb_mse", "psnr", "ssim", "lpips", "colorfulness", "colorf
 def gray_baseline(l_norm: torch.Tensor) -> torch.Tensor:
     """The prediction 'no colour at all': ab = 0 for every pixel. A model that does not beat it on the
     colour metrics has learned nothing (it still scores well on PSNR/SSIM, which reward the exact L)."""
-    return torch.zeros(l_norm.shape[0], 2, *l_norm.shape[2:], dtype=l_norm.dtype)
+    return torch.zeros(l_norm.shape[0], 2, *l_norm.shape[2:], dtype=l_norm.dtype, device=l_norm.device)
 
 
 def _psnr(true_rgb: np.ndarray, pred_rgb: np.ndarray, rgb_mse: float) -> float:
@@ -62,23 +66,51 @@ def _psnr(true_rgb: np.ndarray, pred_rgb: np.ndarray, rgb_mse: float) -> float:
     return float(peak_signal_noise_ratio(true_rgb, pred_rgb, data_range=1.0)) if rgb_mse > 0 else float("inf")
 
 
+def ssim(true_rgb: np.ndarray, pred_rgb: np.ndarray) -> float:
+    """SSIM of two float HxWx3 RGB images in [0, 1] (scikit-image's, ``data_range=1.0``)."""
+    from skimage.metrics import structural_similarity
+
+    return float(structural_similarity(true_rgb, pred_rgb, channel_axis=-1, data_range=1.0))
+
+
 def image_metrics(
     true_rgb: np.ndarray, pred_rgb: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray
 ) -> dict[str, float]:
     """Per-image metrics. RGB: float HxWx3 in [0, 1]. ab: normalized (ab/110), any layout, same shape."""
-    from skimage.metrics import structural_similarity
-
     rgb_mse = float(np.mean((pred_rgb - true_rgb) ** 2))
     c_pred, c_true = colorfulness(pred_rgb), colorfulness(true_rgb)
     return {
-        "ab_mse": float(np.mean((pred_ab - true_ab) ** 2)),
+        "ab_mse": float(np.mean((np.asarray(pred_ab, np.float64) - true_ab) ** 2)),  # float64, as batch_metrics
         "rgb_mse": rgb_mse,
         "psnr": _psnr(true_rgb, pred_rgb, rgb_mse),
-        "ssim": float(structural_similarity(true_rgb, pred_rgb, channel_axis=-1, data_range=1.0)),
+        "ssim": ssim(true_rgb, pred_rgb),
         "colorfulness": c_pred,
         "colorfulness_truth": c_true,
         "colorfulness_gap": abs(c_pred - c_true),
     }
+
+
+def batch_metrics(
+    true_rgb: torch.Tensor, pred_rgb: torch.Tensor, true_ab: torch.Tensor, pred_ab: torch.Tensor
+) -> dict[str, list[float]]:
+    """:func:`image_metrics` but SSIM for a batch, computed where the tensors are: RGB (B,3,H,W) in
+    [0, 1], normalized ab (B,2,H,W). Float64 throughout, so it agrees with the numpy path to rounding;
+    one transfer to the host at the end."""
+    t, p = true_rgb.double(), pred_rgb.double()
+    rgb_mse = (p - t).square().flatten(1).mean(1)
+    psnr = torch.where(rgb_mse > 0, -10.0 * torch.log10(rgb_mse), torch.inf)  # data_range 1: 10 log10(1 / mse)
+    psnr = torch.where(rgb_mse.isfinite(), psnr, torch.nan)
+    c_pred, c_true = colorfulness_torch(p, eps=0.0), colorfulness_torch(t, eps=0.0)
+    out = {
+        "ab_mse": (pred_ab.double() - true_ab.double()).square().flatten(1).mean(1),
+        "rgb_mse": rgb_mse,
+        "psnr": psnr,
+        "colorfulness": c_pred,
+        "colorfulness_truth": c_true,
+        "colorfulness_gap": (c_pred - c_true).abs(),
+    }
+    stacked = torch.stack(list(out.values())).cpu().tolist()
+    return dict(zip(out, stacked, strict=True))
 
 
 class Lpips:
@@ -108,6 +140,7 @@ class Lpips:
         """(B,3,H,W) in [0,1] -> one score per image, or None when missing."""
         if self.net is None:
             return None
+        self.net.to(true_rgb.device)  # where the scored batch is (a no-op after the first)
         with torch.no_grad():
             return self.net(true_rgb * 2 - 1, pred_rgb * 2 - 1).flatten().tolist()
 

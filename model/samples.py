@@ -40,6 +40,13 @@ def decode_sample(sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
     return arr[:1], arr[1:]
 
 
+def decode_sample16(sample: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_sample` in the stored float16, for the training loader: half the bytes to pin and
+    copy, made float32 on the training device (the same numbers)."""
+    arr = torch.from_numpy(decode_npy(sample[FIELD]).astype(np.float16, copy=False))
+    return arr[:1], arr[1:]
+
+
 def first_batch(shards: list[Path], n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` samples of ``shards`` in file order, stacked: the fixed images of preview grids."""
     samples = [decode_sample(s) for _, s in zip(range(n), iter_samples(shards), strict=False)]

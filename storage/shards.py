@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import webdataset as wds
 from PIL import Image
-from torch.utils.data import IterableDataset
+from torch.utils.data import IterableDataset, get_worker_info
 
 from storage.atomic import fsync_dir, temp_name
 
@@ -171,6 +171,11 @@ class ShardDataset(IterableDataset):
     ``set_epoch(e)`` reseeds with ``seed + e`` (the DistributedSampler convention), and ``skip`` resumes
     mid-epoch from a checkpoint's data position (in samples of the global order). ``rank``/``world``:
     this process's share of that order (see :func:`iter_samples`).
+
+    DataLoader workers: with ``batch`` given, worker w of n decodes only the batches ``w, w + n, ...`` of
+    this process's order. The DataLoader takes one batch from each worker in turn, so the batches arrive
+    in exactly the order a loader without workers gives (each worker reads every sample's bytes to keep
+    the shuffle, but decodes only its own).
     """
 
     def __init__(
@@ -181,12 +186,13 @@ class ShardDataset(IterableDataset):
         buffer: int = 1000,
         rank: int = 0,
         world: int = 1,
+        batch: int | None = None,
     ) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
         self.shards = [str(s) for s in shards]
         self.decode, self.seed, self.buffer = decode, seed, buffer
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.batch = rank, world, batch
         self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int, skip: int = 0) -> None:
@@ -197,8 +203,15 @@ class ShardDataset(IterableDataset):
         samples = iter_samples(
             self.shards, seed=seed, buffer=self.buffer, skip=self.skip, rank=self.rank, world=self.world
         )
-        for sample in samples:
-            yield self.decode(sample)
+        worker = get_worker_info()
+        if worker is None or worker.num_workers == 1:
+            yield from map(self.decode, samples)
+            return
+        if self.batch is None:
+            raise ValueError("DataLoader workers over a ShardDataset need its batch size (batch=...)")
+        for i, sample in enumerate(samples):
+            if (i // self.batch) % worker.num_workers == worker.id:
+                yield self.decode(sample)
 
 
 def shard_paths(manifest: dict[str, Any], prefix: str) -> list[Path]:

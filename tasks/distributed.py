@@ -56,14 +56,14 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, value: float) -> float:
-        """The mean of ``value`` over ranks, the same float on every rank (a loss that is NaN on one
-        rank stops all of them together instead of leaving the others waiting in a collective)."""
-        if self.size == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t) / self.size
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of ``values`` (on this rank's device) over ranks, the same on every rank (a
+        loss that is NaN on one rank stops all of them together instead of leaving the others waiting in a
+        collective)."""
+        if self.size > 1:
+            values = values.clone()
+            dist.all_reduce(values)
+        return values
 
     def gather(self, obj: Any) -> list[Any]:
         if self.size == 1:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from model.colorizer import Colorizer, load_folder
 from model.inference import DEVICES, resolve_device
 from model.lab import lab_norm_to_rgb
-from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE, Lpips, gray_baseline, image_metrics
+from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE, Lpips, batch_metrics, gray_baseline, ssim
 from model.pretrained import locate
 from model.preview import grid, save_png, save_study_plot
 from model.samples import decode_sample, first_batch
@@ -74,25 +74,27 @@ def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], w
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), facts)
 
 
-def score(predict: Any, prepared: dict[str, Any], lpips: Lpips, batch_size: int) -> tuple[dict[str, Any], list[dict]]:
+def score(
+    predict: Any, prepared: dict[str, Any], lpips: Lpips, batch_size: int, device: torch.device | None = None
+) -> tuple[dict[str, Any], list[dict]]:
     """(mean per-image metrics, the per-image rows) of ``predict(l_norm) -> ab_norm`` on the test split,
-    images in file order: every model is scored on the same images in the same order (paired)."""
+    images in file order: every model is scored on the same images in the same order (paired). The
+    batch stays on ``device`` for the prediction, the Lab conversion, LPIPS and every metric but SSIM
+    (scikit-image's, on the host)."""
+    device = device or torch.device("cpu")
     rows: list[dict[str, float]] = []
     loader = DataLoader(ShardDataset(shard_paths(prepared, "test"), decode_sample), batch_size=batch_size)
     with torch.no_grad():
-        for l_norm, ab in loader:
-            pred = predict(l_norm)
+        for l_cpu, ab_cpu in loader:
+            l_norm, ab = l_cpu.to(device), ab_cpu.to(device)
+            pred = predict(l_norm).float()
             true_rgb, pred_rgb = lab_norm_to_rgb(l_norm, ab), lab_norm_to_rgb(l_norm, pred)
             lp = lpips(true_rgb, pred_rgb)
-            for i in range(len(ab)):
-                row = image_metrics(
-                    true_rgb[i].permute(1, 2, 0).double().numpy(),
-                    pred_rgb[i].permute(1, 2, 0).double().numpy(),
-                    ab[i].numpy(),
-                    pred[i].numpy(),
-                )
-                row["lpips"] = lp[i] if lp is not None else math.nan
-                rows.append(row)
+            batch = batch_metrics(true_rgb, pred_rgb, ab, pred)
+            true_np, pred_np = (x.permute(0, 2, 3, 1).double().cpu().numpy() for x in (true_rgb, pred_rgb))
+            batch["ssim"] = [ssim(t, p) for t, p in zip(true_np, pred_np, strict=True)]
+            batch["lpips"] = lp if lp is not None else [math.nan] * len(ab)
+            rows += [{k: batch[k][i] for k in COLUMNS} for i in range(len(ab))]
     if not rows:
         raise ValueError("the test split is empty: nothing to evaluate")
     means = {k: float(np.mean([r[k] for r in rows])) for k in COLUMNS}
@@ -195,17 +197,17 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         lpips = Lpips(e.lpips)
         if lpips.missing:
             log.warning("LPIPS will be reported as missing: %s", lpips.missing)
-        means, rows = score(gray_baseline, prepared, lpips, e.batch_size)
+        device = torch.device(plan["facts"]["device"])
+        means, rows = score(gray_baseline, prepared, lpips, e.batch_size, device)
         table = [{"variant": BASELINE, "seed": None, **means}]
         per_image = {m: {BASELINE: {None: [r[m] for r in rows]}} for m in COLUMNS}
         per_image_rows = [{"model": BASELINE, "image": i, **r} for i, r in enumerate(rows)]
         multi_seed = len({t["seed"] for t in trained}) > 1
         first: dict[str, Colorizer] = {}  # each variant's lowest-seed model, for the picture grid
-        device = torch.device(plan["facts"]["device"])
         for t in sorted(trained, key=lambda t: (t["variant"], t["seed"])):
             net = load_folder(t["folder"]).to(device)
             first.setdefault(t["variant"], net)
-            means, rows = score(lambda x, n=net: n(x.to(device)).float().cpu(), prepared, lpips, e.batch_size)
+            means, rows = score(net, prepared, lpips, e.batch_size, device)
             table.append({"variant": t["variant"], "seed": t["seed"], **means})
             for m in COLUMNS:
                 per_image[m].setdefault(t["variant"], {})[t["seed"]] = [r[m] for r in rows]

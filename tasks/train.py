@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -34,7 +34,7 @@ from model.colorizer import FUSIONS, SPEC_FILE, Colorizer, ColorizerSpec, Fusion
 from model.lab import lab_norm_to_rgb
 from model.metrics import colorfulness_torch
 from model.preview import grid, save_loss_curve, save_png
-from model.samples import decode_sample, first_batch
+from model.samples import decode_sample, decode_sample16, first_batch
 from storage.atomic import atomic_path, write_json
 from storage.code_identity import code_version
 from storage.errors import ConfigError, UserFacingError
@@ -44,6 +44,18 @@ from storage.stage import SCRATCH, StageResult, make_plan, run_stage
 from storage.tracking import Tracker, flatten
 from tasks import distributed
 from tasks.distributed import RankFailed, World
+from tasks.train_step import (
+    Criterion,
+    DivergedError,
+    EagerStep,
+    GraphSetting,
+    LossLog,
+    StepConfig,
+    make_optimizer,
+    make_step,
+    set_lr,
+    use_graphs,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "train"
@@ -79,9 +91,20 @@ class Settings(Section):
     pretrained: bool = Field(True, description="use ImageNet weights when present or downloadable")
     freeze: Literal["none", "stems", "all"] = "none"
     decoder_width: int = Field(64, ge=8, le=4096, description="channels of the finest decoder block")
+    lr_scaling: Literal["none", "sqrt", "linear"] = Field(
+        "none", description="scale train.lr by batch_size / lr_batch: sqrt (Adam's rule), linear (SGD's) or none"
+    )
+    lr_batch: int = Field(16, ge=1, le=65536, description="the batch size train.lr is stated for (lr_scaling)")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up of the rate over the first steps")
     bf16: bool = False
     channels_last: bool = True
     grad_clip: float | None = Field(1.0, gt=0)
+    cuda_graphs: GraphSetting = Field(
+        "auto", description="capture the step as a CUDA graph: auto (with one CUDA process), on, off"
+    )
+    loader_workers: int | None = Field(
+        None, ge=0, le=64, description="DataLoader worker processes (default: none on a CPU, up to 8 with CUDA)"
+    )
     checkpoint_every: int = Field(50, ge=1)
     log_every: int = Field(5, ge=1)
     preview_images: int = Field(8, ge=1, le=256, description="images in samples.png")
@@ -140,29 +163,46 @@ def plan(s: Settings, seed: int, variant: str, prepared: dict[str, Any], workdir
         "imagenet_weights": [f.path.name for f in found if f.available] if s.pretrained else [],
         "accelerator": distributed.resolve_accelerator(s.accelerator),
     }
+    use_graphs(s.cuda_graphs, torch.device(facts["accelerator"]), _world_size(s))  # cuda_graphs=on on a CPU: refused
     if facts["accelerator"] == "cuda" and s.devices > torch.cuda.device_count():
         raise ConfigError(f"train.devices={s.devices} but {torch.cuda.device_count()} CUDA device(s) are visible")
     return make_plan(workdir, STAGE, {"prepared": prepared}, s.for_stage(), code_version(__name__), facts)
 
 
-def make_optimizer(net: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
-    """Adam over the trainable parameters with the fused kernel: one pass per parameter tensor instead of
-    a dozen elementwise kernels (~3% of a CPU step here; same update rule, same state dict layout)."""
-    params = [p for p in net.parameters() if p.requires_grad]
-    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+def peak_lr(s: Settings, batch: int) -> float:
+    """The rate for this run's global batch: ``train.lr`` is stated for ``train.lr_batch`` images, and a
+    larger batch averages away gradient noise, so it can take a larger step. ``sqrt``: lr x sqrt(batch /
+    lr_batch), the rule derived for Adam (Malladi et al., NeurIPS 2022: the square-root scaling rule keeps
+    Adam's SDE the same; Krizhevsky 2014 argued it first). ``linear``: lr x batch / lr_batch, the rule for
+    SGD (Goyal et al. 2017), which needs its warm-up. Example: the demo's 3e-4 at 16 images is 1.2e-3 at
+    256 with ``sqrt``."""
+    ratio = batch / s.lr_batch
+    return s.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[s.lr_scaling]
 
 
-def lr_at(s: Settings, step: int, total: int) -> float:
+def lr_at(s: Settings, step: int, total: int, peak: float | None = None) -> float:
     """The learning rate for the step after ``step``: a pure function of the step, so a resumed run needs
-    nothing saved beyond the optimizer. Cosine annealing ends near 0, where the weights stop moving:
+    nothing saved beyond the optimizer. A linear warm-up to ``peak`` over ``warmup_steps`` (a large batch's
+    scaled rate is unstable on the first, untrained steps: Goyal et al. 2017), then constant or
+    cosine-annealed to 0 at ``total``. Cosine annealing ends near 0, where the weights stop moving:
     without it, the last epoch's noise (validation MSE moving by up to 41% from one epoch to the next on the
     photo corpus) decides which model is kept."""
+    peak = s.lr if peak is None else peak
+    if step < s.warmup_steps:
+        return peak * (step + 1) / s.warmup_steps
     if s.schedule == "constant":
-        return s.lr
-    return s.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+        return peak
+    done, span = min(step, total) - s.warmup_steps, max(1, total - s.warmup_steps)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * done / span))
 
 
-Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (pred ab, true ab, L) -> loss
+def loader_workers(s: Settings, device: torch.device) -> int:
+    """DataLoader worker processes: none on a CPU, where the step is compute-bound and workers would take
+    its cores; on CUDA up to 8 (leaving one core to the training process), so reading and decoding the
+    next batches overlaps the GPU's step. ``train.loader_workers`` overrides."""
+    if s.loader_workers is not None:
+        return s.loader_workers
+    return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
 
 
 def loss_fn(kind: str, colour_weight: float = 0.5) -> Criterion:
@@ -185,10 +225,6 @@ def loss_fn(kind: str, colour_weight: float = 0.5) -> Criterion:
     return lambda pred, true, _l: plain(pred, true)
 
 
-class DivergedError(ConfigError):
-    """The loss became NaN or infinite: the settings (learning rate, loss) cannot train this model."""
-
-
 @torch.no_grad()
 def validate(
     net: Colorizer, shards: list[Path], batch_size: int, channels_last: bool, device: torch.device | None = None
@@ -209,7 +245,7 @@ def validate(
 
 
 def _to(x: torch.Tensor, device: torch.device | None, channels_last: bool = False) -> torch.Tensor:
-    """To the training device (non-blocking from pinned memory on CUDA), channels_last for the network."""
+    """To the validation device, channels_last for the network."""
     if device is not None and x.device != device:
         x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -222,49 +258,39 @@ class Progress:
     step: int = 0
     history: dict[str, Any] = field(default_factory=lambda: {"train": [], "val": []})
     run_id: str | None = None
+    losses: LossLog = field(default_factory=LossLog)  # on the device until read (see read_losses)
+
+    def read_losses(self, world: World, lr: float) -> list[tuple[int, float]]:
+        """The losses since the last read, into the history; DivergedError at a non-finite one."""
+        read = self.losses.read(world, lr)
+        self.history["train"] += read
+        return read
 
 
 def train_one_epoch(
-    net: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    criterion: Criterion,
-    loader: DataLoader,
+    step: EagerStep,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     s: Settings,
     flips: torch.Generator,
     progress: Progress,
     last_step: int,
-    after_step: Callable[[float], None],
+    after_step: Callable[[], None],
     world: World | None = None,
 ) -> None:
-    """Steps until the loader is exhausted (end of epoch) or ``last_step``; ``after_step(loss)`` runs after
-    each (logging, validation at epoch end, checkpoints). Under DDP each rank holds batch / world samples
-    of the global batch (see storage.shards.iter_samples): flips are drawn for the whole global batch
-    from the same generator on every rank, each rank takes its samples' draws, and the loss reported is
-    the mean over ranks, so a run's record and its flips do not depend on the process count."""
+    """Steps until the loader is exhausted (end of epoch) or ``last_step``; ``after_step()`` runs after
+    each (reading the losses at the loop's boundaries, logging, validation at epoch end, checkpoints).
+    Under DDP each rank holds batch / world samples of the global batch (see storage.shards.iter_samples):
+    flips are drawn for the whole global batch from the same generator on every rank, each rank takes
+    its samples' draws, and the loss recorded is the mean over ranks, so a run's record and its flips do
+    not depend on the process count."""
     world = world or World()
     for l_norm, ab in loader:
+        flip = None
         if s.hflip:
             flip = (torch.rand(len(ab) * world.size, generator=flips) < 0.5)[world.rank :: world.size]
-            l_norm, ab = l_norm.clone(), ab.clone()
-            l_norm[flip], ab[flip] = l_norm[flip].flip(-1), ab[flip].flip(-1)
-        l_norm, ab = _to(l_norm, world.device, s.channels_last), _to(ab, world.device)
-        with torch.autocast(world.device.type, dtype=torch.bfloat16, enabled=s.bf16):
-            pred = net(l_norm)
-        loss = criterion(pred.float(), ab, l_norm)
-        loss_value = world.mean(loss.item())
-        if not math.isfinite(loss_value):
-            raise DivergedError(
-                f"training diverged at step {progress.step + 1}: the loss is {loss_value} "
-                f"(train.lr={s.lr}); lower train.lr or set train.grad_clip"
-            )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if s.grad_clip:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), s.grad_clip)
-        opt.step()
         progress.step += 1
-        progress.history["train"].append((progress.step, loss_value))
-        after_step(loss_value)
+        progress.losses.add(progress.step, step(l_norm, ab, flip))
+        after_step()
         if progress.step >= last_step:
             return
 
@@ -330,6 +356,8 @@ def train_variant(
     prepared = plan["inputs"]["prepared"]
     if s.threads:
         torch.set_num_threads(s.threads)
+    if world.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # static shapes: each convolution's fastest kernel, found once
     scratch = out / SCRATCH
     scratch.mkdir(parents=True, exist_ok=True)
     ckpt = scratch / CHECKPOINT
@@ -342,7 +370,8 @@ def train_variant(
     net.freeze(s.freeze)
     net = net.to(world.device, memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
     net.train()
-    opt = make_optimizer(net, s.lr, s.weight_decay)
+    graphs = use_graphs(s.cuda_graphs, world.device, world.size)
+    opt = make_optimizer(net, s.lr, s.weight_decay, capturable=graphs)
     criterion = loss_fn(s.loss, s.colour_weight)
 
     n_train = prepared["counts"]["train"]
@@ -354,13 +383,15 @@ def train_variant(
         )
     per_epoch = n_train // bs
     total = s.epochs * per_epoch if s.max_steps is None else min(s.epochs * per_epoch, s.max_steps)
+    peak = peak_lr(s, bs)
     dataset = ShardDataset(
         shard_paths(prepared, "train"),
-        decode_sample,
+        decode_sample16,
         seed=seed,
         buffer=max(256, 4 * bs),
         rank=world.rank,
         world=world.size,
+        batch=bs // world.size,
     )
     val_shards = shard_paths(prepared, "val")
 
@@ -398,6 +429,8 @@ def train_variant(
             "pretrained_weights": weights.detail,
             "world_size": world.size,
             "accelerator": plan["facts"]["accelerator"],
+            "lr_peak": peak,
+            "cuda_graphs_used": graphs,
         }
         tracker.log_params(progress.run_id, params)
         if not weights.used:
@@ -433,21 +466,32 @@ def train_variant(
         disable=not world.main,
     )
     t_start, images = time.perf_counter(), 0
+    set_lr(opt, lr_at(s, progress.step, total, peak))
+    step_fn = make_step(model, opt, criterion, StepConfig(s.bf16, s.channels_last, s.grad_clip), graphs)
 
-    def after_step(loss_value: float) -> None:
+    def after_step() -> None:
         nonlocal images
         step = progress.step
         images += bs
-        for group in opt.param_groups:
-            group["lr"] = lr_at(s, step, total)
+        set_lr(opt, lr_at(s, step, total, peak))
         if job_info is not None:
             distributed.check_parent(job_info)
         end_of_epoch = step % per_epoch == 0 or step == total
+        checkpoint = step % s.checkpoint_every == 0 or end_of_epoch
         if tracker is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{images / (time.perf_counter() - t_start):.1f}")
-            if step % s.log_every == 0 or step == total:
-                tracker.log_metrics(run_id, {"train_loss": loss_value}, step)
+        if checkpoint or step % s.log_every == 0:
+            at_boundary(step, end_of_epoch, checkpoint)
+        if on_step is not None:
+            on_step(step)
+
+    def at_boundary(step: int, end_of_epoch: bool, checkpoint: bool) -> None:
+        read = progress.read_losses(world, peak)  # every rank, at the same steps: the one sync
+        if tracker is not None:
+            bar.set_postfix(loss=f"{read[-1][1]:.4f}", img_s=f"{images / (time.perf_counter() - t_start):.1f}")
+            for at, value in read:
+                if at % s.log_every == 0 or at == total:
+                    tracker.log_metrics(run_id, {"train_loss": value}, at)
             val = validate(net, val_shards, bs, s.channels_last, world.device) if end_of_epoch else None
             if val is not None:
                 progress.history["val"].append((step, val[0]))
@@ -459,18 +503,24 @@ def train_variant(
                     with atomic_path(scratch / BEST) as tmp:  # before the checkpoint that records it
                         torch.save(net.state_dict(), tmp)
                     progress.history["best"] = (step, val[0])
-        if step % s.checkpoint_every == 0 or end_of_epoch:
+        if checkpoint:
             save_checkpoint()
-        if on_step is not None:
-            on_step(step)
 
-    pin = world.device.type == "cuda"
+    cuda = world.device.type == "cuda"
+    workers = loader_workers(s, world.device)
     while progress.step < total:
         epoch = progress.step // per_epoch
         dataset.set_epoch(epoch, skip=(progress.step % per_epoch) * bs)
-        loader = DataLoader(dataset, batch_size=bs // world.size, drop_last=True, generator=loader_gen, pin_memory=pin)
+        loader = DataLoader(
+            dataset,
+            batch_size=bs // world.size,
+            drop_last=True,  # every step the same shape: what a captured graph needs
+            generator=loader_gen,
+            pin_memory=cuda,
+            num_workers=workers,
+        )
         epoch_end = min(total, (epoch + 1) * per_epoch)
-        train_one_epoch(model, opt, criterion, loader, s, flips, progress, epoch_end, after_step, world)
+        train_one_epoch(step_fn, loader, s, flips, progress, epoch_end, after_step, world)
     bar.close()
     if tracker is None:
         return None

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.metrics import BASELINE, COLUMNS, Lpips, colorfulness, gray_baseline, image_metrics
+from model.lab import lab_norm_to_rgb
+from model.metrics import BASELINE, COLUMNS, Lpips, batch_metrics, colorfulness, gray_baseline, image_metrics
 from tasks.evaluate import markdown
 from tasks.register import beats_baseline, choose
 
@@ -24,6 +25,31 @@ def test_metrics_agree_with_hand_computed_values() -> None:
     assert m["ab_mse"] == pytest.approx(0.04)
     assert m["psnr"] == pytest.approx(10 * math.log10(1 / (0.01 / 3)))
     assert m["ssim"] < 1 and image_metrics(truth, truth, ab_t, ab_t)["ssim"] == pytest.approx(1.0)
+
+
+def test_the_batched_device_metrics_equal_the_per_image_reference() -> None:
+    """The evaluate stage scores a batch at once where the tensors are; the numbers are the per-image
+    numpy definitions' to float64 rounding, including an exact match (PSNR +inf) and a NaN prediction."""
+    g = torch.Generator().manual_seed(0)
+    l_norm = torch.rand(5, 1, 24, 40, generator=g)
+    true_ab, pred_ab = (
+        (torch.rand(5, 2, 24, 40, generator=g) - 0.5) * 0.8,
+        (torch.rand(5, 2, 24, 40, generator=g) - 0.5),
+    )
+    pred_ab[1] = true_ab[1]
+    pred_ab[3, :, :4] = math.nan
+    true_rgb, pred_rgb = lab_norm_to_rgb(l_norm, true_ab), lab_norm_to_rgb(l_norm, pred_ab)
+    batch = batch_metrics(true_rgb, pred_rgb, true_ab, pred_ab)
+    for i in range(5):
+        ref = image_metrics(
+            true_rgb[i].permute(1, 2, 0).double().numpy(),
+            pred_rgb[i].permute(1, 2, 0).double().numpy(),
+            true_ab[i].numpy(),
+            pred_ab[i].numpy(),
+        )
+        for k, v in batch.items():
+            assert v[i] == pytest.approx(ref[k], rel=1e-9, abs=1e-12, nan_ok=True), (i, k)
+    assert batch["psnr"][1] == math.inf and math.isnan(batch["psnr"][3])
 
 
 def test_colorfulness_matches_hasler_suesstrunk_by_hand() -> None:

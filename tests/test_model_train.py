@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,43 @@ def test_keep_best_keeps_the_lowest_validation_epoch_and_resumes_exactly(
     a, b = net.state_dict(), load_model(Path(resumed["folder"])).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["kept_step"] == straight["kept_step"]
+
+
+def test_a_nan_at_step_k_stops_the_run_before_anything_diverged_is_written_and_the_rerun_resumes(
+    prepared: dict, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """The losses are read at the loop's boundaries only (no host sync per step): a NaN at step 3 is found
+    at step 4's checkpoint, which is then never written; the rerun resumes from step 2's and ends where an
+    uninterrupted run ends."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    cfg = build_config("tiny", ["train.max_steps=5", "train.checkpoint_every=2", "train.log_every=5"])
+    straight = train.run(train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "a")).manifest
+    plan = train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "b")
+    real, calls = train.loss_fn, {"n": 0}
+
+    def nan_at_third_step(kind: str, colour_weight: float = 0.5) -> train.Criterion:
+        criterion = real(kind, colour_weight)
+
+        def poisoned(pred: torch.Tensor, true: torch.Tensor, l_norm: torch.Tensor) -> torch.Tensor:
+            calls["n"] += 1
+            return criterion(pred, true, l_norm) * (math.nan if calls["n"] == 3 else 1.0)
+
+        return poisoned
+
+    monkeypatch.setattr(train, "loss_fn", nan_at_third_step)
+    with pytest.raises(train.DivergedError, match="training diverged at step 3: the loss is nan"):
+        train.run(plan)
+    assert calls["n"] == 4  # found at the next boundary, not at the step itself
+    partial = tmp_path / "b" / "train" / f"{plan['key']}.partial"
+    assert not (tmp_path / "b" / "train" / plan["key"]).exists()
+    state = torch.load(partial / "scratch" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    monkeypatch.setattr(train, "loss_fn", real)
+    with caplog.at_level(logging.INFO, logger="tasks.train"):
+        resumed = train.run(plan).manifest
+    assert "resuming from step 2 of 5" in caplog.text
+    a, b = load_model(Path(straight["folder"])).state_dict(), load_model(Path(resumed["folder"])).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((Path(resumed["folder"]) / "history.json").read_text())
+    assert [s for s, _ in history["train"]] == [1, 2, 3, 4, 5]
