@@ -8,7 +8,8 @@ step, data position and RNG state are written atomically to ``scratch/checkpoint
 resumes from there and, with the same seed, ends with the same weights as an uninterrupted run (the
 data order is a pure function of seed and epoch, see storage.shards.ShardDataset). A non-finite loss
 stops training with an error: nothing is cached, so a diverged model can never be evaluated or
-registered.
+registered. The step itself (eager, or replayed from a CUDA graph on a GPU) and the loss record read
+only at the loop's boundaries are tasks.train_step's.
 """
 
 from __future__ import annotations
@@ -486,7 +487,7 @@ def train_variant(
             on_step(step)
 
     def at_boundary(step: int, end_of_epoch: bool, checkpoint: bool) -> None:
-        read = progress.read_losses(world, peak)  # every rank, at the same steps: the one sync
+        read = progress.read_losses(world, s.lr)  # every rank, at the same steps: the one sync
         if tracker is not None:
             bar.set_postfix(loss=f"{read[-1][1]:.4f}", img_s=f"{images / (time.perf_counter() - t_start):.1f}")
             for at, value in read:
