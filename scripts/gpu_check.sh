@@ -6,12 +6,15 @@
 #   bash scripts/gpu_check.sh [--device cpu --quick]     (arguments go to scripts/gpu_check.py)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PY:-python3}
-[ -x "$ROOT/.venv/bin/python" ] && PY=${PY_OVERRIDE:-$ROOT/.venv/bin/python}
-if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+# Here, the project's venv; on the GPU machine (no venv travels), its python3 plus the carried wheels.
+if [ -x "$ROOT/.venv/bin/python" ]; then
+  PY=$ROOT/.venv/bin/python
+else
   PY=python3
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
 fi
 export PYTHONUNBUFFERED=1
 exec timeout 470 "$PY" "$ROOT/scripts/gpu_check.py" --out "${OUT:-$ROOT/gpu-check}" "$@"
