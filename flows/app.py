@@ -75,12 +75,20 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
     return page
 
 
-def serve(workdir: Path, model: str | None, engine: str, host: str, port: int, device: str = "auto") -> int:
+def serve(
+    workdir: Path,
+    model: str | None,
+    engine: str,
+    host: str,
+    port: int,
+    device: str = "auto",
+    precision: str = "fp32",
+) -> int:
     """Run the page until Ctrl-C, SIGTERM or SIGHUP; its temporary folder (results and uploads) goes with it."""
     from flows.env import stop_on_signals
     from flows.ui import exposure_warning
 
-    colorizer = PhotoColorizer.load(model, workdir, engine, device)
+    colorizer = PhotoColorizer.load(model, workdir, engine, device, precision)
     warning = exposure_warning(host, "the app")
     if warning:
         print(warning)

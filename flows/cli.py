@@ -64,6 +64,7 @@ def _positive(text: str) -> int:
 
 
 DEVICE_HELP = "auto: a GPU when one is visible (default), else the CPU"
+PRECISION_HELP = "torch engine's arithmetic: fp32 (default) or bf16 (a GPU's fast path; colours a few levels off)"
 MAX_SIDE = 2048  # the largest network input the pipeline trains at (prepare.image_size); 8192 needs ~100 GB
 
 
@@ -77,7 +78,7 @@ def _side(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from flows.config import STAGES
     from model.colorizer import FUSIONS
-    from model.inference import DEVICES
+    from model.inference import DEVICES, PRECISIONS
     from tasks.download import SOURCES
 
     p = _Parser(prog="colorize", description=__doc__.splitlines()[0])
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=("auto", "torch", "onnx"), default="auto", help="auto: onnxruntime on a CPU when exported"
     )
     i.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    i.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     i.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
 
     vid = sub.add_parser("video", help="colorize a video with temporally stable colour")
@@ -131,12 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--chunk", type=_positive, default=240, help="frames per resumable chunk")
     vid.add_argument("--size", type=_side, default=None, help="network input size (default: the model's)")
     vid.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    vid.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     vid.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
 
     a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
     a.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
     a.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
     a.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    a.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     a.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     a.add_argument("--port", type=_positive, default=7860)
     a.add_argument("--workdir")
@@ -144,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("serve", help="the champion as a REST API (MLflow's scoring server), on 127.0.0.1")
     v.add_argument("--model", default=None, help="models:/NAME@ALIAS (default: models:/colorizer@champion)")
     v.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    v.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     v.add_argument("--port", type=_positive, default=5001)
     v.add_argument("--workdir")
@@ -299,7 +304,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     try:
         info = probe(src)  # a bad input or output is refused before the model loads
         check_output(src, dest, info)
-        net, size, identity = load_model(args.model, workdir, args.engine, args.device)
+        net, size, identity = load_model(args.model, workdir, args.engine, args.device, args.precision)
         colorizer = VideoColorizer(net, args.size or size, args.temporal == "on", args.batch, args.chunk)
         stats = colorizer.run(src, dest, identity, info)
     except (VideoError, NoModel) as exc:
@@ -321,7 +326,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     from flows.colorize_images import NoModel
 
     try:
-        return serve(workdir, args.model, args.engine, args.host, args.port, args.device)
+        return serve(workdir, args.model, args.engine, args.host, args.port, args.device, args.precision)
     except NoModel as exc:
         raise UserError(str(exc)) from None
 
@@ -335,7 +340,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure(workdir)
     from flows.rest import serve
 
-    return serve(workdir, args.model, args.host, args.port, args.device)
+    return serve(workdir, args.model, args.host, args.port, args.device, args.precision)
 
 
 def cmd_ui(args: argparse.Namespace) -> int:

@@ -42,14 +42,17 @@ class UsageError(Exception):
     """The command line asks for something that cannot be done safely (exit 2, nothing written)."""
 
 
-def load_net(spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto") -> tuple[Any, int]:
+def load_net(
+    spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto", precision: str = "fp32"
+) -> tuple[Any, int]:
     """(network, its input size) from a models:/ or runs:/ URI, or a trained stage folder. ``engine``:
-    ``torch``, ``onnx`` (the registered ONNX export on onnxruntime, a CPU engine), or ``auto`` (torch on
-    a GPU; on a CPU onnx when the model has an export, torch otherwise); a stage folder has no export and
-    runs on torch. ``device``: ``auto`` (CUDA when visible), ``cpu`` or ``cuda``."""
+    ``torch``, ``onnx`` (the registered ONNX export on onnxruntime, a float32 CPU engine), or ``auto``
+    (torch on a GPU or in bf16; on a CPU onnx when the model has an export, torch otherwise); a stage
+    folder has no export and runs on torch. ``device``: ``auto`` (CUDA when visible), ``cpu`` or ``cuda``.
+    ``precision``: ``fp32`` or ``bf16`` (autocast, the torch engine's)."""
     import torch
 
-    from model.inference import DEVICE_ENV, resolve_device
+    from model.inference import DEVICE_ENV, PRECISION_ENV, resolve_device, with_precision
 
     try:
         where = resolve_device(device)
@@ -57,9 +60,14 @@ def load_net(spec: str | None, workdir: Path, engine: str = "auto", device: str 
         raise NoModel(str(exc)) from None
     if where.type != "cpu" and engine == "onnx":
         raise NoModel(f"--engine onnx runs on the CPU; use --engine torch (or auto) with --device {device}")
-    os.environ[DEVICE_ENV] = device  # a registered model's pyfunc puts its network there when it loads
-    net, size = _load_net(spec, workdir, "torch" if where.type != "cpu" else engine)
-    return (net.to(where) if isinstance(net, torch.nn.Module) else net), size
+    if precision != "fp32" and engine == "onnx":
+        raise NoModel(f"--engine onnx runs in float32; use --engine torch (or auto) with --precision {precision}")
+    # a registered model's pyfunc reads these when it loads: its network's device and arithmetic
+    os.environ[DEVICE_ENV], os.environ[PRECISION_ENV] = device, precision
+    net, size = _load_net(spec, workdir, "torch" if where.type != "cpu" or precision != "fp32" else engine)
+    if isinstance(net, torch.nn.Module):
+        net = with_precision(net.to(where), precision)
+    return net, size
 
 
 def _load_net(spec: str | None, workdir: Path, engine: str) -> tuple[Any, int]:
@@ -139,9 +147,15 @@ class PhotoColorizer:
 
     @classmethod
     def load(
-        cls, spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto", **kw: Any
+        cls,
+        spec: str | None,
+        workdir: Path,
+        engine: str = "auto",
+        device: str = "auto",
+        precision: str = "fp32",
+        **kw: Any,
     ) -> PhotoColorizer:
-        net, size = load_net(spec, workdir, engine, device)
+        net, size = load_net(spec, workdir, engine, device, precision)
         return cls(net, size, **kw)
 
     def colorize_file(self, src: Path, upscale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -248,7 +262,9 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
     if not files:
         return 1 if errors else 2
     try:
-        colorizer = PhotoColorizer.load(args.model, workdir, args.engine, args.device, max_pixels=args.max_pixels)
+        colorizer = PhotoColorizer.load(
+            args.model, workdir, args.engine, args.device, args.precision, max_pixels=args.max_pixels
+        )
     except NoModel as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

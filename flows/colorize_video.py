@@ -283,7 +283,7 @@ def _registry_version(target: str, workdir: Path) -> tuple[str, str] | None:
 
 
 def load_model(
-    spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto"
+    spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto", precision: str = "fp32"
 ) -> tuple[Any, int, dict[str, Any]]:
     """(network, its input size, what it resolved to) for ``--model``. The identity keys resumable
     chunks: a registry model is pinned to the version its alias names now, loaded as that version and
@@ -294,15 +294,15 @@ def load_model(
     target = spec or DEFAULT_MODEL
     local = Path(target).expanduser()
     if local.is_dir() or local.suffix == ".pt":
-        net, size = load_net(spec, workdir, engine, device)
+        net, size = load_net(spec, workdir, engine, device, precision)
         folder = (local if local.is_dir() else local.parent).resolve()
         return net, size, {"folder": str(folder), "digest": _files_digest(folder, [MODEL_FILE, SPEC_FILE])}
     pinned = _registry_version(target, workdir)
     if pinned is None:
-        net, size = load_net(spec, workdir, engine, device)  # its own message when there is no such model
+        net, size = load_net(spec, workdir, engine, device, precision)  # its own message when there is no such model
         return net, size, {"model": target}
     name, version = pinned
-    net, size = load_net(f"models:/{name}/{version}", workdir, engine, device)
+    net, size = load_net(f"models:/{name}/{version}", workdir, engine, device, precision)
     import mlflow
 
     try:

@@ -141,18 +141,18 @@ def create_app() -> Any:
     return PayloadGuard(scoring_server.init(model))
 
 
-def environment(workdir: Path, model_path: str, device: str = "auto") -> dict[str, str]:
-    from model.inference import DEVICE_ENV
+def environment(workdir: Path, model_path: str, device: str = "auto", precision: str = "fp32") -> dict[str, str]:
+    from model.inference import DEVICE_ENV, PRECISION_ENV
 
     env = dict(os.environ)
-    env[DEVICE_ENV] = device  # where the model's pyfunc puts its network
+    env[DEVICE_ENV], env[PRECISION_ENV] = device, precision  # where and how the model's pyfunc runs its network
     env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = tracking_uri(workdir)
     env[MODEL_PATH_ENV] = model_path
     env["PYTHONPATH"] = project_pythonpath(env)  # flows.rest, model.pyfunc import in the server
     return env
 
 
-def serve(workdir: Path, model: str | None, host: str, port: int, device: str = "auto") -> int:
+def serve(workdir: Path, model: str | None, host: str, port: int, device: str = "auto", precision: str = "fp32") -> int:
     """Resolve the model and the device (a mistake: exit 2 before anything starts), then run the server
     until it exits or a stopping signal ends this command, and take the server down with it."""
     from flows.ui import exposure_warning
@@ -170,7 +170,7 @@ def serve(workdir: Path, model: str | None, host: str, port: int, device: str = 
         if warning:
             print(warning, file=sys.stderr)
         stop_on_signals()
-        proc = start_server(command(host, port), environment(workdir, model_path, device))
+        proc = start_server(command(host, port), environment(workdir, model_path, device, precision))
         print(
             f'REST API: http://{host}:{port}/invocations  (POST {{"inputs": uint8 (B,H,W,3)}}; GET /ping)', flush=True
         )

@@ -37,23 +37,25 @@ with warnings.catch_warnings():
             import os
 
             from model.colorizer import load_trained
-            from model.inference import DEVICE_ENV, resolve_device
+            from model.inference import DEVICE_ENV, PRECISION_ENV, resolve_device, with_precision
 
-            # $COLORIZE_DEVICE (auto: a GPU when visible), set by `colorize serve --device` and the CLI
+            # $COLORIZE_DEVICE (auto: a GPU when visible) and $COLORIZE_PRECISION (fp32 or bf16), set by
+            # `colorize serve --device/--precision` and the CLI
             device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))
-            self.net = load_trained(context.artifacts["spec"], context.artifacts["weights"]).to(device)
-            self.spec = self.net.spec
+            net = load_trained(context.artifacts["spec"], context.artifacts["weights"]).to(device)
+            self.spec = net.spec
+            self.net = with_precision(net, os.environ.get(PRECISION_ENV, "fp32"))
             self.onnx_path = context.artifacts.get("onnx")
             self.no_onnx_reason = (getattr(context, "model_config", None) or {}).get(NO_ONNX)
             self._onnx = None
 
         def engine(self, name: str = "auto") -> Any:
             """The network to run: PyTorch, or onnxruntime on the registered ONNX export. ``auto`` takes
-            onnxruntime when the network is on the CPU and the export is there (1.5-2x faster there),
-            PyTorch otherwise (on a GPU)."""
+            onnxruntime when the network is on the CPU in float32 and the export is there (1.5-2x faster
+            there), PyTorch otherwise (on a GPU, or in bf16)."""
             import importlib.util
 
-            from model.inference import device_of
+            from model.inference import Bf16Net, device_of
 
             has_onnx = self.onnx_path is not None and importlib.util.find_spec("onnxruntime") is not None
             if name == "onnx" and not has_onnx:
@@ -64,7 +66,8 @@ with warnings.catch_warnings():
                 else:
                     why = "onnxruntime is not installed"
                 raise EngineError(f"--engine onnx: {why}; use --engine torch or auto")
-            if name == "torch" or (name == "auto" and (not has_onnx or device_of(self.net).type != "cpu")):
+            torch_fits = device_of(self.net).type != "cpu" or isinstance(self.net, Bf16Net)
+            if name == "torch" or (name == "auto" and (not has_onnx or torch_fits)):
                 return self.net
             if self._onnx is None:
                 from model.onnx_engine import OnnxColorizer

@@ -11,8 +11,9 @@ is reported in one line with its log kept, and the others go on):
 - ``pipeline``: a CIFAR-10-sized stand-in (``--crops`` 32x32 crops cut from the sample photos) through
   upscale (Real-ESRGAN when its weights are here, else bicubic, said in the report), prepare at 224 px,
   one variant x one epoch of the ``gpu`` preset, and evaluate on the device; each stage's seconds.
-- ``colorize_image``: ``colorize image`` on the device and on the CPU, the same trained model and
-  photos: seconds and the largest pixel difference (the promise: at most 1/255).
+- ``colorize_image``: ``colorize image`` on the device (float32 and bf16) and on the CPU, the same
+  trained model and photos: seconds and the largest pixel difference from the CPU's (the promise: at
+  most 1/255 in float32).
 - ``colorize_video``: ``colorize video`` at 480p on the device: frames/s of the whole command; and the
   device's frames against the CPU's through the same pipeline.
 - ``upscale``: ``bench/upscale.py``'s GPU mode (the stage's torch engine, fp32 and bf16).
@@ -256,17 +257,22 @@ class Check:
         src = self.work / "photos"
         photos = self._photos(src)
         outs, seconds = {}, {}
-        for device in dict.fromkeys([self.device, "cpu"]):
-            out = self.work / f"colorized-{device}"
-            cmd = [sys.executable, "-m", "flows.cli", "image", str(src), "--out", str(out)]
-            cmd += ["--model", self.trained["folder"], "--device", device, "--engine", "torch"]
+        for device, precision in dict.fromkeys([("cpu", "fp32"), (self.device, "fp32"), (self.device, "bf16")]):
+            name = f"{device}-{precision}"
+            out = self.work / f"colorized-{name}"
+            cmd = [sys.executable, "-m", "flows.cli", "image", str(src), "--out", str(out), "--engine", "torch"]
+            cmd += ["--model", self.trained["folder"], "--device", device, "--precision", precision]
             t0 = time.perf_counter()
-            command(cmd, self.out / f"colorize_image_{device}.log", 300)
-            seconds[device] = round(time.perf_counter() - t0, 1)
-            outs[device] = [np.asarray(Image.open(out / p.name)).astype(int) for p in photos]
-        diff = max(int(np.abs(a - b).max()) for a, b in zip(outs[self.device], outs["cpu"], strict=True))
-        part.figures = {"seconds": seconds, "max_difference_levels": diff, "photos": len(photos)}
-        part.summary = f"{len(photos)} photos: {seconds}; largest difference from the CPU {diff}/255"
+            command(cmd, self.out / f"colorize_image_{name}.log", 300)
+            seconds[name] = round(time.perf_counter() - t0, 1)
+            outs[name] = [np.asarray(Image.open(out / p.name)).astype(int) for p in photos]
+        diffs = {
+            name: max(int(np.abs(a - b).max()) for a, b in zip(got, outs["cpu-fp32"], strict=True))
+            for name, got in outs.items()
+            if name != "cpu-fp32"
+        }
+        part.figures = {"seconds": seconds, "max_difference_from_cpu_fp32": diffs, "photos": len(photos)}
+        part.summary = f"{len(photos)} photos: seconds {seconds}; largest difference from the CPU's {diffs} (/255)"
 
     def colorize_video(self, part: Part) -> None:
         needs("av")

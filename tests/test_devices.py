@@ -37,6 +37,24 @@ def test_cuda_without_a_gpu_is_one_line_and_exit_2(tmp_path: Path, model_dir: Pa
     assert not out.exists()
 
 
+def test_bf16_is_the_torch_engines_and_stays_close_to_float32(tmp_path: Path, model_dir: Path, capsys) -> None:
+    from model.colorizer import load_folder
+    from model.inference import Bf16Net, colorize, with_precision
+
+    photo = tmp_path / "p.png"
+    Image.fromarray(data.chelsea()[:64, :64]).save(photo)
+    argv = ["image", str(photo), "--out", str(tmp_path / "o.png"), "--model", str(model_dir), "--engine", "onnx"]
+    assert main([*argv, "--precision", "bf16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--engine onnx runs in float32" in err[0]
+    net = load_folder(model_dir)
+    fast = with_precision(net, "bf16")
+    assert isinstance(fast, Bf16Net) and with_precision(fast, "bf16") is fast and with_precision(net, "fp32") is net
+    rgb = data.astronaut()
+    diff = np.abs(colorize(fast, rgb, 32).astype(int) - colorize(net, rgb, 32).astype(int))
+    assert diff.max() <= 8 and diff.mean() < 1  # bf16 keeps 8 bits of mantissa: a few levels at most
+
+
 def test_onnxruntime_is_never_asked_to_run_on_a_gpu(tmp_path: Path, model_dir: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     photo = tmp_path / "p.png"

@@ -369,6 +369,17 @@ def test_the_champion_is_registered_with_an_onnx_export_that_matches_torch(rerun
         outs[engine] = np.asarray(Image.open(out)).astype(int)
     assert np.abs(outs["torch"] - outs["onnx"]).max() <= 1  # within 1/255
 
+    # bf16 is the torch engine's: auto takes torch for it even on a CPU with the export at hand
+    from flows.colorize_images import load_net
+    from model.inference import Bf16Net
+
+    assert isinstance(load_net(None, workdir, "auto", "cpu", "bf16")[0], Bf16Net)
+    out = tmp_path / "bf16.png"
+    assert main(["image", str(src), "--out", str(out), "--precision", "bf16", "--workdir", str(workdir)]) == 0
+    bf16 = np.asarray(Image.open(out)).astype(int)
+    print("bf16 vs fp32 levels:", np.abs(bf16 - outs["torch"]).max(), np.abs(bf16 - outs["torch"]).mean())
+    assert np.abs(bf16 - outs["torch"]).max() <= 8 and np.abs(bf16 - outs["torch"]).mean() < 1
+
 
 def _mismatching_engine(monkeypatch) -> None:
     from model.onnx_engine import OnnxColorizer
