@@ -170,7 +170,7 @@ def _check_stage(name: str, flag: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.env import configure, require_prefect_api, stop_on_sigterm, stop_orphaned_servers
+    from flows.env import configure, require_prefect_api, stop_on_signals, stop_orphaned_servers
 
     # Before Prefect is imported: it reads its settings (the temporary server's start timeout) once, then.
     configure(_workdir_path(args.workdir))
@@ -207,7 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not find_images(Path(path), exclude=workdir):
             raise UserError(f"--path {args.path}: holds no images (jpg, png, webp, tiff, bmp, gif)")
 
-    stop_on_sigterm()
+    stop_on_signals()
     require_prefect_api()
     if not os.environ.get("PREFECT_API_URL") and stop_orphaned_servers(workdir):
         logging.getLogger(__name__).warning("stopped a Prefect server left behind by a killed run in %s", workdir)

@@ -72,11 +72,6 @@ def stop_on_signals() -> None:
         signal.signal(sig, _interrupt)
 
 
-def stop_on_sigterm() -> None:
-    """Kept for callers of the old name: every stopping signal, not only SIGTERM (:func:`stop_on_signals`)."""
-    stop_on_signals()
-
-
 def port_problem(host: str, port: int) -> str | None:
     """Why a server cannot listen on ``host:port`` (out of range, in use, no such address), or None."""
     if not 1 <= port <= 65535:
@@ -127,17 +122,22 @@ def start_server(cmd: list[str], env: dict[str, str], **kw: object) -> subproces
     return subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent, **kw)  # noqa: PLW1509
 
 
-def stop_server(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    """SIGTERM to the server's whole process group (uvicorn's and gunicorn's workers too), then SIGKILL."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+def stop_server(*procs: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM to each server's whole process group (uvicorn's and gunicorn's workers too), all at once so
+    they shut down side by side within one ``grace``, then SIGKILL."""
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=grace)
-    with contextlib.suppress(ProcessLookupError, PermissionError):  # workers that outlived their parent
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # workers that outlived their parent
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
 def _environ(pid: int) -> dict[bytes, bytes]:

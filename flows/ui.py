@@ -135,5 +135,4 @@ def serve(workdir: Path, host: str, mlflow_port: int, prefect_port: int) -> int:
         print("stopping...")
         return 0
     finally:
-        for p in procs.values():
-            stop_server(p)
+        stop_server(*procs.values())

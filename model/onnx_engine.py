@@ -102,27 +102,32 @@ def check(engine: Any, net: torch.nn.Module, size: int) -> dict[str, float]:
     return report
 
 
-def export(net: Colorizer, path: Path) -> dict[str, float]:
-    """Write ``net`` as ONNX to ``path`` (atomically) and :func:`check` it against eager; returns the
-    measured differences and the export time. Nothing is left at ``path`` when the check fails."""
+def write_onnx(net: Colorizer, path: Path) -> None:
+    """The ONNX graph of ``net`` at ``path``, batch and sides dynamic (no check: see :func:`export`)."""
     net = net.eval().to(memory_format=torch.contiguous_format)
-    size = net.spec.image_size
-    example = torch.rand(1, 1, size, size)
+    example = torch.rand(1, 1, net.spec.image_size, net.spec.image_size)
     dims = {0: "batch", 2: "height", 3: "width"}
-    t0 = time.perf_counter()
-    with atomic_path(path) as tmp, torch.no_grad():
+    with torch.no_grad():
         torch.onnx.export(
             net,
             (example,),
-            str(tmp),
+            str(path),
             opset_version=OPSET,
             input_names=["l_norm"],
             output_names=["ab"],
             dynamic_axes={"l_norm": dims, "ab": dims},
             dynamo=False,
         )
+
+
+def export(net: Colorizer, path: Path) -> dict[str, float]:
+    """Write ``net`` as ONNX to ``path`` (atomically) and :func:`check` it against eager; returns the
+    measured differences and the export time. Nothing is left at ``path`` when the check fails."""
+    t0 = time.perf_counter()
+    with atomic_path(path) as tmp:
+        write_onnx(net, tmp)
         report = {"export_seconds": round(time.perf_counter() - t0, 2)}
-        report.update(check(OnnxColorizer(tmp, net.spec), net, size))
+        report.update(check(OnnxColorizer(tmp, net.spec), net, net.spec.image_size))
     log.info("exported the colorizer to ONNX (%s): %s", path, report)
     return report
 

@@ -22,18 +22,20 @@ import numpy as np
 import torch
 
 from model.colorizer import Colorizer, ColorizerSpec, is_trained_folder, load_folder
-from model.onnx_engine import AB_TOLERANCE, RGB_TOLERANCE, OnnxColorizer, check_photos, check_shapes, compare
+from model.onnx_engine import (
+    AB_TOLERANCE,
+    RGB_TOLERANCE,
+    OnnxColorizer,
+    check_photos,
+    check_shapes,
+    compare,
+    write_onnx,
+)
 
 
 def _export(net: Colorizer, path: Path) -> OnnxColorizer:
     """Export without the check (this script measures what the check would see)."""
-    dims = {0: "batch", 2: "height", 3: "width"}
-    example = torch.rand(1, 1, net.spec.image_size, net.spec.image_size)
-    with torch.no_grad():
-        torch.onnx.export(
-            net, (example,), str(path), opset_version=17, input_names=["l_norm"], output_names=["ab"],
-            dynamic_axes={"l_norm": dims, "ab": dims}, dynamo=False,
-        )  # fmt: skip
+    write_onnx(net, path)
     return OnnxColorizer(path, net.spec)
 
 

@@ -68,7 +68,7 @@ def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], w
     run on changes their last bits: both are facts in the key."""
     facts = {
         "lpips_backbone_present": s.lpips and locate("alexnet", allow_download=False).available,
-        "device": resolve_device("auto").type if s.device == "auto" else s.device,  # cuda refused at preflight
+        "device": resolve_device(s.device).type,  # cuda without a GPU: refused at preflight, before this
     }
     inputs = {"prepared": prepared, "trained": trained}
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), facts)

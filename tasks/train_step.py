@@ -71,13 +71,9 @@ def make_optimizer(
 ) -> torch.optim.Adam:
     """Adam over the trainable parameters with the fused kernel: one pass per parameter tensor instead of
     a dozen elementwise kernels (~3% of a CPU step here; same update rule, same state dict layout). For a
-    CUDA graph it is capturable, with the learning rate a device tensor the schedule fills in place."""
+    CUDA graph it is capturable (:class:`GraphedStep` then makes its rate a device tensor)."""
     params = [p for p in net.parameters() if p.requires_grad]
-    if not capturable:
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-    device = params[0].device
-    rate = torch.tensor(lr, dtype=torch.float32, device=device)
-    return torch.optim.Adam(params, lr=rate, weight_decay=weight_decay, fused=True, capturable=True)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True, capturable=capturable)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -137,7 +133,7 @@ class GraphedStep(EagerStep):
         self, model: torch.nn.Module, opt: torch.optim.Optimizer, criterion: Criterion, cfg: StepConfig
     ) -> None:
         super().__init__(model, opt, criterion, cfg)
-        for group in opt.param_groups:  # a resumed optimizer may hold the rate as a float or on the CPU
+        for group in opt.param_groups:  # a device tensor the schedule fills in place (set_lr), read by the graph
             group["lr"] = torch.as_tensor(group["lr"], dtype=torch.float32, device=self.device)
         self.cache_casts = False
         self.calls = 0
