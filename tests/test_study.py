@@ -103,3 +103,26 @@ def test_the_colourfulness_term_charges_a_desaturated_prediction_and_pulls_it_to
     rgb = lab_norm_to_rgb(l_norm, step.detach())
     before = colorfulness_torch(lab_norm_to_rgb(l_norm, pred.detach()))
     assert (colorfulness_torch(rgb) > before).all()
+
+
+def test_the_vectorized_bootstrap_is_the_two_level_resampling_replicate_by_replicate() -> None:
+    """Each replicate of model.study.bootstrap equals the plain computation on the same draws: the mean
+    over the drawn images of A's mean over its drawn seeds minus B's; and a seed gives the same replicates
+    every time (the study's intervals are reproducible)."""
+    import numpy as np
+
+    from model import study
+
+    rng = np.random.default_rng(5)
+    ma, mb = rng.random((3, 40)), rng.random((2, 40))
+    n_boot = study.BLOCK + 100  # two blocks, the second partial
+    got = study.bootstrap(ma, mb, n_boot, seed=7)
+    draws, want = np.random.default_rng(7), []
+    for start in range(0, n_boot, study.BLOCK):
+        b = min(study.BLOCK, n_boot - start)
+        images = draws.integers(0, 40, (b, 40))
+        sa, sb = draws.integers(0, 3, (b, 3)), draws.integers(0, 2, (b, 2))
+        want += [ma[np.ix_(sa[r], images[r])].mean() - mb[np.ix_(sb[r], images[r])].mean() for r in range(b)]
+    assert got == pytest.approx(want, rel=1e-12, abs=1e-15)
+    assert np.array_equal(got, study.bootstrap(ma, mb, n_boot, seed=7))
+    assert not np.array_equal(got, study.bootstrap(ma, mb, n_boot, seed=8))
