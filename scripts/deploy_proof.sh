@@ -30,7 +30,19 @@ echo "== server up on 127.0.0.1:$PORT"
 "$BIN/prefect" work-pool create colorize --type process >/dev/null
 cd "$ROOT"
 "$BIN/prefect" --no-prompt deploy --name retrain >/dev/null
-echo "== deployed colorize-pipeline/retrain"
+"$BIN/python" - <<'PY'
+import asyncio
+from prefect.client.orchestration import get_client
+
+async def schedules():
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("colorize-pipeline/retrain")
+        return [(s.schedule.cron, s.active) for s in deployment.schedules]
+
+found = asyncio.run(schedules())
+assert found == [("0 3 * * 1", False)], found  # the weekly retrain, deployed inactive
+PY
+echo "== deployed colorize-pipeline/retrain (its weekly schedule inactive)"
 mkdir -p "$TMP/work" && echo "a file where the train stage's folder goes" >"$TMP/work/train"
 "$BIN/prefect" deployment run colorize-pipeline/retrain --param preset=tiny --param workdir="$TMP/work" >/dev/null
 echo "== flow run scheduled (train/ blocked by a file); starting a worker (--run-once)"
