@@ -1,8 +1,18 @@
 """Image-quality metrics with their conventions stated, shared by the prepare and evaluate stages.
 
-Conventions: images are float RGB in [0, 1], HxWx3 (numpy) unless noted. PSNR and SSIM are
-scikit-image's with ``data_range=1.0`` on RGB rebuilt from the true L and the predicted ab, so a
-grayscale prediction (ab = 0) already scores well; always compare against that baseline.
+Conventions: images are float RGB in [0, 1], HxWx3 (numpy) unless noted, rebuilt from the true L and
+the predicted ab, so a grayscale prediction (ab = 0) already scores well; always compare against that
+baseline. The two the literature reports are computed as it does, so numbers can be set side by side:
+
+- PSNR: ``10 log10(1 / MSE)`` over every pixel and channel of the RGB image in [0, 1] (data range 1), no
+  border cropped.
+- SSIM: Wang et al. (2004), as papers report it (the original project's table too): an 11x11 Gaussian
+  window with sigma 1.5, population (not sample) variances and covariance, K1 = 0.01, K2 = 0.03, data
+  range 1; per RGB channel, the SSIM map averaged over the pixels whose whole window lies in the image
+  (5 px from each border), then over the channels (scikit-image's ``gaussian_weights=True, sigma=1.5,
+  use_sample_covariance=False``, not its default 7x7 uniform window with sample covariances: on the
+  demo's test crops the two differ by 0.004-0.013). Images must be at least 11 px on a side.
+
 Colourfulness is Hasler & Suesstrunk (2003) on 8-bit-scaled RGB (their paper's units).
 
 Two paths, one definition: :func:`image_metrics` scores one image in numpy (the reference), and
@@ -67,10 +77,20 @@ def _psnr(true_rgb: np.ndarray, pred_rgb: np.ndarray, rgb_mse: float) -> float:
 
 
 def ssim(true_rgb: np.ndarray, pred_rgb: np.ndarray) -> float:
-    """SSIM of two float HxWx3 RGB images in [0, 1] (scikit-image's, ``data_range=1.0``)."""
+    """SSIM of two float HxWx3 RGB images in [0, 1], Wang et al.'s (see the module docstring)."""
     from skimage.metrics import structural_similarity
 
-    return float(structural_similarity(true_rgb, pred_rgb, channel_axis=-1, data_range=1.0))
+    return float(
+        structural_similarity(
+            true_rgb,
+            pred_rgb,
+            channel_axis=-1,
+            data_range=1.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+        )
+    )
 
 
 def image_metrics(

@@ -117,7 +117,8 @@ def markdown(table: list[dict[str, Any]], lpips_missing: str | None) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
-        "RGB rebuilt from the true L and the predicted ab; PSNR/SSIM with data_range=1.0 on RGB in [0,1]; "
+        "RGB rebuilt from the true L and the predicted ab; PSNR over the whole RGB image in [0,1]; SSIM as "
+        "Wang et al. (2004): 11x11 Gaussian window, sigma 1.5, population covariances, data range 1; "
         "ab_mse in normalized units (ab/110); colourfulness: Hasler & Suesstrunk (2003), "
         "gap = |pred - truth| per image.",
     ]

@@ -16,7 +16,7 @@ from tasks.register import beats_baseline, choose
 
 
 def test_metrics_agree_with_hand_computed_values() -> None:
-    truth = np.full((8, 8, 3), 0.5)
+    truth = np.full((16, 16, 3), 0.5)  # SSIM's 11x11 window needs 11 px or more
     pred = truth.copy()
     pred[..., 0] += 0.1  # red off by 0.1 everywhere
     ab_t, ab_p = np.zeros((2, 8, 8)), np.full((2, 8, 8), 0.2)
@@ -102,3 +102,42 @@ def test_champion_is_chosen_by_metric_with_tie_breaker_and_never_the_baseline() 
     assert not beats_baseline(table, choose(table, "rgb_mse", "ssim"), "rgb_mse")
     with pytest.raises(ValueError, match="no variant has a finite value for lpips"):
         choose([_row(BASELINE), _row("max", lpips=math.nan)], "lpips", "ssim")
+
+
+def _wang_ssim(x: np.ndarray, y: np.ndarray) -> float:
+    """SSIM as Wang et al. (2004) define it, written out with scipy: per channel, local statistics under
+    an 11x11 Gaussian window (sigma 1.5), population (co)variances, C1 = (0.01 L)^2, C2 = (0.03 L)^2 with
+    L = 1; the SSIM map's mean over the pixels whose window fits in the image; then the channels' mean."""
+    from scipy.ndimage import gaussian_filter
+
+    def blur(a: np.ndarray) -> np.ndarray:
+        return gaussian_filter(a, sigma=1.5, truncate=3.5)
+
+    c1, c2, pad = 0.01**2, 0.03**2, 5
+    out = []
+    for c in range(x.shape[-1]):
+        a, b = x[..., c], y[..., c]
+        mu_a, mu_b = blur(a), blur(b)
+        var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
+        ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+        out.append(ssim_map[pad:-pad, pad:-pad].mean())
+    return float(np.mean(out))
+
+
+def test_ssim_is_wang_et_al_gaussian_window_and_psnr_the_whole_image() -> None:
+    """The published SSIM (as papers, the original project's table among them, report it), computed
+    independently above, not scikit-image's default 7x7 uniform window with sample covariances."""
+    from skimage import data
+    from skimage.metrics import structural_similarity
+
+    from model.metrics import ssim
+
+    truth = data.astronaut()[100:164, 150:230].astype(np.float64) / 255
+    rng = np.random.default_rng(0)
+    pred = np.clip(truth + rng.normal(0, 0.05, truth.shape), 0, 1)
+    assert ssim(truth, pred) == pytest.approx(_wang_ssim(truth, pred), rel=1e-9)
+    uniform = structural_similarity(truth, pred, channel_axis=-1, data_range=1.0)
+    assert abs(ssim(truth, pred) - uniform) > 1e-3  # the convention makes a visible difference
+    rgb_mse = float(np.mean((pred - truth) ** 2))  # over every pixel, no border cropped
+    m = image_metrics(truth, pred, np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
+    assert m["psnr"] == pytest.approx(10 * math.log10(1 / rgb_mse)) and m["ssim"] == ssim(truth, pred)

@@ -54,8 +54,8 @@ def test_a_nan_model_is_never_champion_and_its_psnr_is_not_infinite() -> None:
     from model.metrics import BASELINE, COLUMNS, image_metrics
     from tasks.register import choose
 
-    truth = np.full((8, 8, 3), 0.5)
-    m = image_metrics(truth, np.full((8, 8, 3), np.nan), np.zeros((2, 8, 8)), np.full((2, 8, 8), np.nan))
+    truth = np.full((16, 16, 3), 0.5)
+    m = image_metrics(truth, np.full((16, 16, 3), np.nan), np.zeros((2, 8, 8)), np.full((2, 8, 8), np.nan))
     assert math.isnan(m["psnr"]) and math.isnan(m["rgb_mse"])
 
     def row(variant: str, **v: float) -> dict:
