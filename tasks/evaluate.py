@@ -68,7 +68,9 @@ def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], w
     run on changes their last bits: both are facts in the key."""
     facts = {
         "lpips_backbone_present": s.lpips and locate("alexnet", allow_download=False).available,
-        "device": resolve_device(s.device).type,  # cuda without a GPU: refused at preflight, before this
+        # not resolve_device(s.device): planning (the contract tests, a plan made for another machine) must
+        # not need the GPU that `cuda` names; the flow's preflight refuses cuda without one
+        "device": resolve_device("auto").type if s.device == "auto" else s.device,
     }
     inputs = {"prepared": prepared, "trained": trained}
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), facts)
