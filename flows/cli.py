@@ -172,8 +172,10 @@ def _check_stage(name: str, flag: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.env import configure, require_prefect_api, stop_on_signals, stop_orphaned_servers
 
-    # Before Prefect is imported: it reads its settings (the temporary server's start timeout) once, then.
+    # Before Prefect is imported: it reads its settings (the temporary server's start timeout) once, then,
+    # and warns when the work dir that holds its home does not exist yet.
     configure(_workdir_path(args.workdir))
+    _workdir_path(args.workdir).mkdir(parents=True, exist_ok=True)
 
     from flows.pipeline import configure_run
     from tasks.download import SOURCES

@@ -27,6 +27,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from flows.run_page import STAGE_LOGGERS
 from storage.errors import ConfigError
 
 _SERVER_APP = b"prefect.server.api.server:create_app"
@@ -40,6 +41,10 @@ def configure(workdir: Path) -> None:
         "PREFECT_UI_ENABLED": "true",
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_LOGGING_LEVEL": "WARNING",
+        # The stages' own loggers also go to the flow run's page (Prefect's API handler), still printed
+        # once here by the root logger; outside a run (the CLI's own lines) they are not sent, silently.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": ",".join(STAGE_LOGGERS),
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         # Without a server configured, each run starts a temporary one; on a loaded 2-core machine, or with
         # two runs starting at once, that takes longer than Prefect's default 20 s.

@@ -19,8 +19,9 @@ from typing import Any
 from prefect import flow, task
 from prefect.context import get_run_context
 
+from flows import run_page
 from flows.config import STAGE_MODULES, STAGES, PipelineConfig, build_config
-from storage import shard_runner
+from storage import progress, shard_runner
 from storage.errors import TransientError, UserFacingError, disk_full
 from storage.redact import redact, redact_text
 from storage.stage import digest, finished, plan_folder, record
@@ -61,7 +62,8 @@ def stage_cache_key(_context: Any, parameters: dict[str, Any]) -> str:
 def stage_task(plan: dict[str, Any], force: bool = False, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one stage from its plan; return its manifest, plus whether another run had already finished it."""
     try:
-        result = _RUN[plan["stage"]](plan, force=force, **(extra or {}))
+        with progress.listening(run_page.ProgressArtifact(plan["stage"])):
+            result = _RUN[plan["stage"]](plan, force=force, **(extra or {}))
     except Exception as exc:
         clean = _redacted(exc)
         if clean is exc:
@@ -262,6 +264,7 @@ def pipeline(
     force: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run the stages up to ``until`` (or just ``only``); return what each did and where its output is."""
+    run_page.stage_logs_at_info()
     real = [_REAL_OVERRIDES.get(item, item) for item in overrides or []]
     cfg, _ = configure_run(dataset, preset, real, path)
     preflight(cfg)
@@ -335,6 +338,7 @@ def pipeline(
         ev = run("evaluate", evaluate_stage.plan(cfg.evaluate, prep, trained, wd), parent_run_id=parent)
         out["stages"]["evaluate"] = ev["folder"]
         out["metrics_md"] = str(Path(ev["folder"]) / "metrics.md")
+        run_page.evaluation(ev)
         if stop == STAGES.index("evaluate"):
             status = "FINISHED"
             return done()
@@ -350,6 +354,7 @@ def pipeline(
             )
         }
         out["registered"]["onnx_export"] = bool(reg.get("onnx", {}).get("attached", True))
+        run_page.champion(out["registered"])
         tracker.set_tags(parent, {"champion": f"{reg['variant']} (version {reg['version']})"})
         status = "FINISHED"
         return done()

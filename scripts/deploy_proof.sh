@@ -117,5 +117,30 @@ assert per_task["register"][-1] == "Completed", per_task["register"]
 reg = glob.glob(f"{sys.argv[1]}/register/*/manifest.json")
 assert reg, "no register stage output"
 print("registered:", {k: json.load(open(reg[0]))[k] for k in ("model_name", "alias", "version", "variant")})
+
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+async def page():
+    """What the flow run's page shows besides states: its artifacts and its log lines."""
+    async with get_client() as client:
+        run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(sys.argv[2])]))
+        artifacts = await client.read_artifacts(flow_run_filter=run_filter, limit=200)
+        logs = await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(sys.argv[2])])))
+        return artifacts, logs
+
+for _ in range(30):  # logs are shipped in batches: give the last one a moment
+    artifacts, logs = asyncio.run(page())
+    if any(log.name.startswith("tasks.") for log in logs):
+        break
+    time.sleep(1)
+keys = {a.key for a in artifacts}
+assert {"colorize-evaluation", "colorize-champion"} <= keys, keys
+table = next(a for a in artifacts if a.key == "colorize-evaluation").data
+assert "| grayscale baseline |" in table, table
+assert any(a.type == "progress" and float(a.data) == 100.0 for a in artifacts), [(a.type, a.data) for a in artifacts]
+stage_lines = [log.message for log in logs if log.name.startswith("tasks.")]
+assert stage_lines, sorted({log.name for log in logs})
+print(f"run page: artifacts {sorted(k for k in keys if k)} and {sum(a.type == 'progress' for a in artifacts)} progress;",
+      f"{len(stage_lines)} stage log lines, e.g. {stage_lines[-1][:80]!r}")
 PY
 echo "deploy proof: OK"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from storage import locations
+from storage import locations, progress
 from storage.errors import ConfigError
 from storage.settings import Section, flow_setting
 from storage.stage import StageResult, run_stage
@@ -112,7 +112,11 @@ def map_shards(runner: dict[str, Any] | None, fn: Callable[[T], R], jobs: Sequen
     ``fn`` must be a module-level function and the jobs picklable: they travel to the workers."""
     settings = Settings.model_validate(runner or {})
     if settings.kind == "local" or not jobs:
-        return [fn(job) for job in jobs]
+        results = []
+        for i, (job, name) in enumerate(zip(jobs, names, strict=True)):
+            results.append(fn(job))
+            progress.report(i + 1, len(jobs), f"{i + 1} of {len(jobs)} shards ({name} done)")
+        return results
     check(settings)
     return _on_dask(settings, fn, jobs, names)
 

@@ -39,6 +39,7 @@ from model.samples import decode_sample, decode_sample16, first_batch
 from storage.atomic import atomic_path, write_json
 from storage.code_identity import code_version
 from storage.errors import ConfigError, UserFacingError
+from storage.progress import report
 from storage.settings import Section, flow_setting
 from storage.shards import ShardDataset, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan, run_stage
@@ -490,6 +491,7 @@ def train_variant(
         read = progress.read_losses(world, s.lr)  # every rank, at the same steps: the one sync
         if tracker is not None:
             bar.set_postfix(loss=f"{read[-1][1]:.4f}", img_s=f"{images / (time.perf_counter() - t_start):.1f}")
+            report(step, total, f"{variant}: step {step} of {total}, loss {read[-1][1]:.4f}")
             for at, value in read:
                 if at % s.log_every == 0 or at == total:
                     tracker.log_metrics(run_id, {"train_loss": value}, at)

@@ -83,6 +83,37 @@ def test_run_ends_with_a_registered_champion(rerun: dict, workdir: Path) -> None
     assert evaluated["rows"][0]["colorfulness"] < 1  # ab = 0 has no colour
 
 
+def test_the_flow_run_page_shows_the_table_the_champion_and_the_stages_progress(rerun: dict) -> None:
+    """Prefect artifacts of the last run: the evaluate table as markdown, the champion, and progress
+    artifacts that the shard mapping and training filled to 100%."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    from flows.run_page import CHAMPION_KEY, EVALUATION_KEY
+
+    async def read() -> dict[str, list]:
+        async with get_client() as client:
+            arts = await client.read_artifacts(limit=200)
+            progress = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])), limit=200
+            )
+        latest: dict[str, list] = {}
+        for a in sorted(arts, key=lambda a: a.created):
+            latest.setdefault(a.key or "", []).append(a)
+        latest["progress"] = progress
+        return latest
+
+    arts = asyncio.run(read())
+    assert arts[EVALUATION_KEY][-1].data == Path(rerun["metrics_md"]).read_text()
+    champion = arts[CHAMPION_KEY][-1].data
+    reg = rerun["registered"]
+    assert f"# Champion: colorizer version {reg['version']}" in champion and "models:/colorizer@champion" in champion
+    finished = {a.description.split(":")[0] for a in arts["progress"] if float(a.data) == 100.0}
+    assert {"upscale", "prepare", "train"} <= finished, [(a.description, a.data) for a in arts["progress"]]
+
+
 def test_mlflow_holds_parent_and_child_runs_with_metrics_and_images(rerun: dict, workdir: Path) -> None:
     from storage.tracking import Tracker
 
