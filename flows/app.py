@@ -1,17 +1,17 @@
 """``colorize app``: a web page to try the champion in a browser (Gradio), on 127.0.0.1 by default.
 
 Upload one or several photos (grayscale or colour), optionally upscale small ones with Real-ESRGAN
-first, see each before and after, download the PNGs. It runs the same pipeline as ``colorize image``
+first, follow the progress (which photo, which step), compare before and after on a slider (the first
+photo, or any picked in the gallery), download the PNGs. It runs the same pipeline as ``colorize image``
 (flows.colorize_images.PhotoColorizer: the network at its own size, the photo's own full-resolution L).
 A file that is not an image gets a line in the page's status, and the server goes on. The page says
 which model version it runs and that version's test metrics.
 """
 
-from __future__ import annotations
-
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,29 @@ from PIL import Image
 from flows.colorize_images import PhotoColorizer, model_summary, save
 from storage.images import ImageError
 
+Pair = tuple[np.ndarray, np.ndarray]  # (before, after) of one photo
+
 
 def colorize_uploads(
-    colorizer: PhotoColorizer, files: list[Any] | None, upscale: bool, out_dir: Path
-) -> tuple[list[tuple[np.ndarray, str]], list[str], str]:
-    """(gallery of before/after pairs, PNG paths to download, a status line per file)."""
+    colorizer: PhotoColorizer,
+    files: list[Any] | None,
+    upscale: bool,
+    out_dir: Path,
+    progress: Callable[[float, str], None] | None = None,
+) -> tuple[list[tuple[np.ndarray, str]], list[str], str, list[Pair]]:
+    """(gallery of before/after images, PNG paths to download, a status line per file, the before/after
+    pairs for the slider); ``progress(fraction, what)`` is told before each photo."""
     gallery: list[tuple[np.ndarray, str]] = []
     outputs: list[str] = []
     notes: list[str] = []
-    for f in files or []:
+    pairs: list[Pair] = []
+    files = files or []
+    for i, f in enumerate(files):
         path = Path(f if isinstance(f, str) else getattr(f, "name", f))
         name = path.name
+        if progress is not None:
+            step = "upscaling (Real-ESRGAN), then colorizing" if upscale else "colorizing"
+            progress(i / len(files), f"{step} {name} ({i + 1} of {len(files)})")
         try:
             before, after, alpha = colorizer.colorize_file(path, upscale)
         except (ImageError, OSError) as exc:
@@ -45,13 +57,16 @@ def colorize_uploads(
         save(after, alpha, dest)
         gallery += [(before, f"{name}: before"), (after, f"{name}: after ({after.shape[1]}x{after.shape[0]})")]
         outputs.append(str(dest))
+        pairs.append((before, after))
         notes.append(f"**{name}**: colorized, {after.shape[1]}x{after.shape[0]}")
     if not notes:
         notes.append("Choose one or more photos first.")
-    return gallery, outputs, "\n\n".join(notes)
+    return gallery, outputs, "\n\n".join(notes), pairs
 
 
 def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
+    # Imported here: serve() points GRADIO_TEMP_DIR at its own folder first. No postponed annotations in
+    # this module: Gradio reads the handlers' annotations (gr.SelectData) as objects.
     import gradio as gr
 
     # analytics off in code too: Gradio's default phones huggingface.co and api.gradio.app at start
@@ -64,14 +79,24 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
                 go = gr.Button("Colorize", variant="primary", elem_id="go")
                 status = gr.Markdown(elem_id="status")
             with gr.Column():
-                gallery = gr.Gallery(label="Before and after", columns=2, elem_id="results")
+                slider = gr.ImageSlider(label="Before | after (drag the handle)", type="numpy", elem_id="slider")
+                gallery = gr.Gallery(label="Before and after (pick one for the slider)", columns=2, elem_id="results")
                 downloads = gr.File(label="Download (PNG)", file_count="multiple", elem_id="downloads")
+        pairs = gr.State([])
 
-        def run(chosen: list[Any] | None, up: bool) -> tuple[Any, Any, str]:
-            pictures, paths, text = colorize_uploads(colorizer, chosen, up, out_dir)
-            return pictures, paths or None, text
+        def run(chosen: list[Any] | None, up: bool, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+            def tell(fraction: float, what: str) -> None:
+                progress(fraction, desc=what)
 
-        go.click(run, [files, upscale], [gallery, downloads, status])
+            pictures, paths, text, done = colorize_uploads(colorizer, chosen, up, out_dir, tell)
+            return pictures, paths or None, text, done, (done[0] if done else None)
+
+        def pick(done: list[Pair], evt: gr.SelectData) -> Any:
+            """A gallery item (before or after of photo k) puts photo k on the slider."""
+            return done[evt.index // 2] if done and evt.index is not None else None
+
+        go.click(run, [files, upscale], [gallery, downloads, status, pairs, slider])
+        gallery.select(pick, pairs, slider)
     return page
 
 

@@ -501,8 +501,9 @@ def test_web_page_in_a_real_browser(rerun: dict, workdir: Path, tmp_path: Path) 
 
     from flows.app import demo_image
 
-    photo = tmp_path / "coffee.png"
+    photo, small = tmp_path / "coffee.png", tmp_path / "small.png"
     demo_image().save(photo)
+    demo_image().resize((150, 100)).save(small)
     (tmp_path / "notes.txt").write_text("not a photo")
     proc, base = _serve(["app", "--workdir", str(workdir)], "/")
     try:
@@ -512,10 +513,25 @@ def test_web_page_in_a_real_browser(rerun: dict, workdir: Path, tmp_path: Path) 
             page.goto(base)
             page.locator("#go").wait_for(timeout=60_000)  # the page has rendered
             assert "version" in page.locator("body").inner_text()  # which model runs
-            page.locator("#photos input[type=file]").set_input_files(str(photo))
+            page.locator("#photos input[type=file]").set_input_files([str(photo), str(small)])
+            # Progress lines are transient: record every one the page shows while it works.
+            page.evaluate(
+                """() => { window.seen = new Set();
+                new MutationObserver(() => {
+                  const lines = document.body.innerText.matchAll(/colorizing \\S+ \\(\\d of \\d\\)/g);
+                  for (const m of lines) window.seen.add(m[0]);
+                }).observe(document.body, {subtree: true, childList: true, characterData: true}); }"""
+            )
             page.locator("#go").click()
             link = page.locator("#downloads a[href]").first
             link.wait_for(timeout=120_000)
+            page.locator("#downloads a[href]").nth(1).wait_for(timeout=60_000)
+            seen = set(page.evaluate("() => [...window.seen]"))
+            assert "colorizing coffee.png (1 of 2)" in seen, seen  # the second photo's line may be too brief to see
+            assert seen <= {"colorizing coffee.png (1 of 2)", "colorizing small.png (2 of 2)"}, seen
+            sides = page.locator("#slider img")
+            sides.nth(1).wait_for(timeout=30_000)  # the first photo's before and after on the slider
+            assert sides.count() == 2 and sides.nth(0).get_attribute("src") != sides.nth(1).get_attribute("src")
             png = urllib.request.urlopen(urllib.parse.urljoin(base, link.get_attribute("href")), timeout=60).read()
             result = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
             assert result.shape[:2] == (400, 600)  # the input's size (coffee is 600 x 400)
