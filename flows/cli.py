@@ -8,24 +8,19 @@ torch, about 2-4 s); Prefect and MLflow are imported only after validation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
 from pathlib import Path
 
-from storage.errors import UserFacingError
-
-EXIT_USAGE = 2
-
-
-class UserError(Exception):
-    """Reported as ``error: <message>`` and exit code 2, without a traceback."""
+from storage.errors import ConfigError, UserFacingError
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse's own usage errors: one line, exit 2
-        self.exit(EXIT_USAGE, f"error: {message} (see colorize {self.prog.split()[-1]} --help)\n")
+        self.exit(ConfigError.exit_code, f"error: {message} (see colorize {self.prog.split()[-1]} --help)\n")
 
 
 def _workdir_path(value: str | None) -> Path:
@@ -36,7 +31,7 @@ def _workdir_path(value: str | None) -> Path:
 def _existing_workdir(value: str | None) -> Path:
     wd = _workdir_path(value)
     if not wd.is_dir():
-        raise UserError(f"no work dir at {wd}; run `colorize run` first")
+        raise ConfigError(f"no work dir at {wd}; run `colorize run` first")
     return wd
 
 
@@ -49,7 +44,7 @@ def _workdir(value: str | None) -> Path:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise UserError(f"work dir {wd} is not writable ({exc.strerror or exc})") from None
+        raise ConfigError(f"work dir {wd} is not writable ({exc.strerror or exc})") from None
     return wd
 
 
@@ -65,20 +60,23 @@ def _positive(text: str) -> int:
 
 DEVICE_HELP = "auto: a GPU when one is visible (default), else the CPU"
 PRECISION_HELP = "torch engine's arithmetic: fp32 (default) or bf16 (a GPU's fast path; colours a few levels off)"
-MAX_SIDE = 2048  # the largest network input the pipeline trains at (prepare.image_size); 8192 needs ~100 GB
 
 
 def _side(text: str) -> int:
+    from model.choices import side_problem
+
     value = _positive(text)
-    if value % 32 or value > MAX_SIDE:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 32 up to {MAX_SIDE}, got {value}")
+    if problem := side_problem(value):
+        raise argparse.ArgumentTypeError(problem)
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from flows.config import STAGES
-    from model.colorizer import FUSIONS
-    from model.inference import DEVICES, PRECISIONS
+    # Light modules only: the help must not wait for torch.
+    from flows.dag import STAGES
+    from model import fusion
+    from model.choices import DEFAULT_MODEL, DEVICES, ENGINES, PRECISIONS
+    from storage.images import MAX_PIXELS
     from tasks.download import SOURCES
 
     p = _Parser(prog="colorize", description=__doc__.splitlines()[0])
@@ -96,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a setting, e.g. --set train.lr=1e-3 (repeatable)",
     )
-    r.add_argument("--variants", help=f"comma list of fusion variants ({', '.join(FUSIONS)})")
+    r.add_argument("--variants", help=f"comma list of fusion variants ({', '.join(fusion.names())})")
     r.add_argument("--seeds", help="comma list of training seeds: each variant is trained once per seed (the study)")
     r.add_argument("--until", default="register", help=f"last stage to run ({', '.join(STAGES)})")
     r.add_argument("--only", help="run just this stage (earlier stages must be finished)")
@@ -115,10 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--upscale-max", type=_positive, default=256, help="only upscale photos up to this many px (longer side)"
     )
     i.add_argument("--size", type=_side, default=None, help="network input size (default: the model's training size)")
-    i.add_argument("--max-pixels", type=_positive, default=80_000_000, help="refuse larger images (default 80 MP)")
     i.add_argument(
-        "--engine", choices=("auto", "torch", "onnx"), default="auto", help="auto: onnxruntime on a CPU when exported"
+        "--max-pixels", type=_positive, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
     )
+    i.add_argument("--engine", choices=ENGINES, default="auto", help="auto: onnxruntime on a CPU when exported")
     i.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     i.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     i.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
@@ -127,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("input", metavar="INPUT", help="any video FFmpeg reads")
     vid.add_argument("--out", "-o", required=True, help="output video: .mp4, .mkv or .mov (H.264)")
     vid.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
-    vid.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
+    vid.add_argument("--engine", choices=ENGINES, default="auto")
     vid.add_argument("--temporal", choices=("on", "off"), default="on", help="off: each frame on its own")
     vid.add_argument("--batch", type=_positive, default=8, help="frames per network call")
     vid.add_argument("--chunk", type=_positive, default=240, help="frames per resumable chunk")
@@ -138,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
     a.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
-    a.add_argument("--engine", choices=("auto", "torch", "onnx"), default="auto")
+    a.add_argument("--engine", choices=ENGINES, default="auto")
     a.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     a.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     a.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -146,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--workdir")
 
     v = sub.add_parser("serve", help="the champion as a REST API (MLflow's scoring server), on 127.0.0.1")
-    v.add_argument("--model", default=None, help="models:/NAME@ALIAS (default: models:/colorizer@champion)")
+    v.add_argument("--model", default=None, help=f"models:/NAME@ALIAS (default: {DEFAULT_MODEL})")
     v.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     v.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
     v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
@@ -162,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_stage(name: str, flag: str) -> str:
-    from flows.config import STAGES
+    from flows.dag import STAGES
 
     if name not in STAGES:
-        raise UserError(f"{flag}: unknown stage {name!r}; choose from {', '.join(STAGES)}")
+        raise ConfigError(f"{flag}: unknown stage {name!r}; choose from {', '.join(STAGES)}")
     return name
 
 
@@ -175,13 +173,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Before Prefect is imported: it reads its settings (the temporary server's start timeout) once, then,
     # and warns when the work dir that holds its home does not exist yet.
     configure(_workdir_path(args.workdir))
-    _workdir_path(args.workdir).mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # one that cannot be made is reported below, in one line
+        _workdir_path(args.workdir).mkdir(parents=True, exist_ok=True)
 
     from flows.pipeline import configure_run
     from tasks.download import SOURCES
 
     if args.dataset not in SOURCES:
-        raise UserError(f"unknown dataset {args.dataset!r}; choose from {', '.join(SOURCES)}")
+        raise ConfigError(f"unknown dataset {args.dataset!r}; choose from {', '.join(SOURCES)}")
     overrides = list(args.overrides)
     if args.variants:
         overrides.append(f"train.variants={args.variants}")
@@ -194,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _check_stage(f, "--force")
     if args.path and not SOURCES[args.dataset].needs_path:
         readers = ", ".join(n for n, s in SOURCES.items() if s.needs_path)
-        raise UserError(f"--path is only for --dataset {readers}")
+        raise ConfigError(f"--path is only for --dataset {readers}")
     path = str(Path(args.path).expanduser().resolve()) if args.path else None
     cfg, _ = configure_run(args.dataset, preset, overrides, path)
     from flows.pipeline import preflight, redact_overrides
@@ -203,11 +202,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     workdir = _workdir(args.workdir)
     if path:
         if not Path(path).is_dir():
-            raise UserError(f"--path {args.path}: no such folder")
+            raise ConfigError(f"--path {args.path}: no such folder")
         from storage.images import find_images
 
         if not find_images(Path(path), exclude=workdir):
-            raise UserError(f"--path {args.path}: holds no images (jpg, png, webp, tiff, bmp, gif)")
+            raise ConfigError(f"--path {args.path}: holds no images (jpg, png, webp, tiff, bmp, gif)")
 
     stop_on_signals()
     require_prefect_api()
@@ -257,7 +256,7 @@ def print_summary(result: dict, workdir: Path) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flows.config import STAGES
+    from flows.dag import STAGES
 
     workdir = _existing_workdir(args.workdir)
     print(f"{'stage':<10} {'state':<7} {'seconds':>8}  key               when")
@@ -296,21 +295,17 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    from flows.colorize_images import NoModel
-    from flows.colorize_video import VideoColorizer, VideoError, check_output, load_model, probe
+    from flows.colorize_video import VideoColorizer, check_output, load_model, probe
     from flows.env import configure
 
     src, dest = Path(args.input).expanduser(), Path(args.out).expanduser()
     workdir = _workdir_path(args.workdir)
     configure(workdir)
-    try:
-        info = probe(src)  # a bad input or output is refused before the model loads
-        check_output(src, dest, info)
-        net, size, identity = load_model(args.model, workdir, args.engine, args.device, args.precision)
-        colorizer = VideoColorizer(net, args.size or size, args.temporal == "on", args.batch, args.chunk)
-        stats = colorizer.run(src, dest, identity, info)
-    except (VideoError, NoModel) as exc:
-        raise UserError(str(exc)) from None
+    info = probe(src)  # a bad input or output is refused (VideoError, exit 2) before the model loads
+    check_output(src, dest, info)
+    net, size, identity = load_model(args.model, workdir, args.engine, args.device, args.precision)
+    colorizer = VideoColorizer(net, args.size or size, args.temporal == "on", args.batch, args.chunk)
+    stats = colorizer.run(src, dest, identity, info)
     replaced = " (replaced the existing file)" if stats["replaced"] else ""
     w, h = stats["size"]
     print(f"{src} -> {dest}{replaced}: {stats['frames']} frames at {stats['rate']} fps, {w}x{h}")
@@ -325,12 +320,8 @@ def cmd_app(args: argparse.Namespace) -> int:
     configure(workdir)
     open_registry(workdir)  # a moved or copied work dir serves its own files
     from flows.app import serve
-    from flows.colorize_images import NoModel
 
-    try:
-        return serve(workdir, args.model, args.engine, args.host, args.port, args.device, args.precision)
-    except NoModel as exc:
-        raise UserError(str(exc)) from None
+    return serve(workdir, args.model, args.engine, args.host, args.port, args.device, args.precision)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -349,7 +340,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from flows.env import require_free_port, require_workdir
 
     if args.mlflow_port == args.prefect_port:
-        raise UserError(f"--mlflow-port and --prefect-port are both {args.mlflow_port}; they must differ")
+        raise ConfigError(f"--mlflow-port and --prefect-port are both {args.mlflow_port}; they must differ")
     require_free_port(args.host, args.mlflow_port, "--mlflow-port")
     require_free_port(args.host, args.prefect_port, "--prefect-port")
     workdir = _existing_workdir(args.workdir)
@@ -375,10 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except UserFacingError as exc:  # ConfigError (exit 2) and the pipeline's own, with their exit codes
+    except UserFacingError as exc:  # the one family of user-facing errors; each class carries its exit code
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:

@@ -18,11 +18,12 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from model.choices import DEFAULT_MODEL
 from storage.atomic import atomic_path
-from storage.images import IMAGE_SUFFIXES, ImageError, find_images, load_photo
+from storage.errors import ConfigError
+from storage.images import IMAGE_SUFFIXES, MAX_PIXELS, ImageError, find_images, load_photo
 
 log = logging.getLogger(__name__)
-DEFAULT_MODEL = "models:/colorizer@champion"
 _FORMATS = {
     ".png": "PNG",
     ".jpg": "JPEG",
@@ -34,11 +35,11 @@ _FORMATS = {
 }
 
 
-class NoModel(Exception):
-    """No usable model: the message says how to get one."""
+class NoModel(ConfigError):
+    """No usable model: the message says how to get one (exit 2)."""
 
 
-class UsageError(Exception):
+class UsageError(ConfigError):
     """The command line asks for something that cannot be done safely (exit 2, nothing written)."""
 
 
@@ -141,7 +142,7 @@ class PhotoColorizer:
     """The one photo pipeline of ``colorize image`` and ``colorize app``: read any image, optionally
     upscale a small one with Real-ESRGAN first, colorize keeping its own full-resolution L."""
 
-    def __init__(self, net: Any, size: int, upscale_max: int = 256, max_pixels: int = 80_000_000) -> None:
+    def __init__(self, net: Any, size: int, upscale_max: int = 256, max_pixels: int = MAX_PIXELS) -> None:
         self.net, self.size, self.upscale_max, self.max_pixels = net, size, upscale_max, max_pixels
         self._upscaler: Any = None
 
@@ -252,22 +253,14 @@ def save(img: np.ndarray, alpha: np.ndarray | None, dest: Path) -> None:
 def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
     files, errors = gather(args.inputs, args.out)
     single = len(files) == 1 and len(args.inputs) == 1 and not Path(args.inputs[0]).is_dir()
-    try:
-        dests = output_paths(files, args.out, single)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    dests = output_paths(files, args.out, single)  # a UsageError: exit 2 before anything is read
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
     if not files:
         return 1 if errors else 2
-    try:
-        colorizer = PhotoColorizer.load(
-            args.model, workdir, args.engine, args.device, args.precision, max_pixels=args.max_pixels
-        )
-    except NoModel as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    colorizer = PhotoColorizer.load(
+        args.model, workdir, args.engine, args.device, args.precision, max_pixels=args.max_pixels
+    )  # a NoModel: exit 2
     colorizer.size = args.size or colorizer.size
     colorizer.upscale_max = args.upscale_max
     failed = len(errors)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from model.inference import compose, predict
 from model.temporal import Stabilizer
 from storage.atomic import atomic_path, temp_name, write_json
+from storage.errors import ConfigError
 from storage.fetch import file_digest
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,9 @@ CRF = "16"
 FORMATS = {".mp4": "mp4", ".mkv": "matroska", ".mov": "mov"}
 
 
-class VideoError(Exception):
-    """The input cannot be read as a video, has no frames, or the output cannot be written: one line."""
+class VideoError(ConfigError):
+    """The input cannot be read as a video, has no frames, or the output cannot be written: one line,
+    exit 2."""
 
 
 def probe(src: Path) -> dict[str, Any]:
@@ -288,7 +290,8 @@ def load_model(
     """(network, its input size, what it resolved to) for ``--model``. The identity keys resumable
     chunks: a registry model is pinned to the version its alias names now, loaded as that version and
     identified by it and the digest of its artifact files; a stage folder by the digest of its files."""
-    from flows.colorize_images import DEFAULT_MODEL, NoModel, load_net
+    from flows.colorize_images import NoModel, load_net
+    from model.choices import DEFAULT_MODEL
     from model.colorizer import MODEL_FILE, SPEC_FILE
 
     target = spec or DEFAULT_MODEL

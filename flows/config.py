@@ -14,36 +14,32 @@ import json
 import warnings
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, create_model
 
+from flows.dag import SPECS, STAGES, stage_modules
 from storage import shard_runner, stage_store
 from storage.errors import ConfigError
 from storage.settings import Section
-from tasks import download as download_stage
-from tasks import evaluate as evaluate_stage
-from tasks import prepare as prepare_stage
-from tasks import register as register_stage
-from tasks import train as train_stage
-from tasks import upscale as upscale_stage
 
-STAGE_MODULES = (download_stage, upscale_stage, prepare_stage, train_stage, evaluate_stage, register_stage)
-STAGES = tuple(m.STAGE for m in STAGE_MODULES)
+STAGE_MODULES = stage_modules()
+assert tuple(m.STAGE for m in STAGE_MODULES) == STAGES, "flows/dag.py names a module for another stage"
 
 with warnings.catch_warnings():
     # pydantic notes that the field `register` shadows ABCMeta.register; harmless, and the section name
     # is part of the user-facing --set syntax.
     warnings.simplefilter("ignore", UserWarning)
-
-    class PipelineConfig(Section):
-        seed: int = Field(0, ge=0, lt=2**32, description="seeds the data split, crops and training")
-        download: download_stage.Settings = Field(default_factory=download_stage.Settings)
-        upscale: upscale_stage.Settings = Field(default_factory=upscale_stage.Settings)
-        prepare: prepare_stage.Settings = Field(default_factory=prepare_stage.Settings)
-        train: train_stage.Settings = Field(default_factory=train_stage.Settings)
-        evaluate: evaluate_stage.Settings = Field(default_factory=evaluate_stage.Settings)
-        register: register_stage.Settings = Field(default_factory=register_stage.Settings)
-        runner: shard_runner.Settings = Field(default_factory=shard_runner.Settings)
-        store: stage_store.Settings = Field(default_factory=stage_store.Settings)
+    # One section per stage of flows/dag.py, under the stage's name, then the flow's own sections.
+    PipelineConfig = create_model(
+        "PipelineConfig",
+        __base__=Section,
+        seed=(int, Field(0, ge=0, lt=2**32, description="seeds the data split, crops and training")),
+        **{
+            spec.name: (m.Settings, Field(default_factory=m.Settings))
+            for spec, m in zip(SPECS, STAGE_MODULES, strict=True)
+        },
+        runner=(shard_runner.Settings, Field(default_factory=shard_runner.Settings)),
+        store=(stage_store.Settings, Field(default_factory=stage_store.Settings)),
+    )
 
 
 # Presets are overrides on top of the defaults (which are the `demo` preset's values).

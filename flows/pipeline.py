@@ -228,8 +228,18 @@ def redact_overrides(overrides: list[str]) -> list[str]:
     return out
 
 
+# `colorize run` validates the settings and runs the preflight checks before Prefect starts, then calls
+# the flow, which must do both itself when a deployment runs it: in one process each is done once.
+_CONFIGURED: dict[tuple[str, tuple[str, ...]], PipelineConfig] = {}
+_PREFLIGHTED: set[str] = set()
+
+
 def preflight(cfg: PipelineConfig) -> None:
-    """Checks a stage can make before any work starts (each stage module's optional ``preflight``)."""
+    """Checks a stage can make before any work starts (each stage module's optional ``preflight``), the
+    Dask runner's and the stage store's probe; once per configuration in a process."""
+    done = digest(cfg.model_dump(mode="json"))
+    if done in _PREFLIGHTED:
+        return
     for module in STAGE_MODULES:
         check = getattr(module, "preflight", None)
         if check is not None:
@@ -237,14 +247,19 @@ def preflight(cfg: PipelineConfig) -> None:
     shard_runner.check(cfg.runner)
     if (store := StageStore.of(cfg.store)) is not None:
         store.check()
+    _PREFLIGHTED.add(done)
 
 
 def configure_run(
     dataset: str, preset: str, overrides: list[str] | None, path: str | None
 ) -> tuple[PipelineConfig, list[str]]:
-    """The config of one run: ``dataset`` and ``path`` are the download section's settings."""
+    """The config of one run: ``dataset`` and ``path`` are the download section's settings. Validated
+    once per process for the same arguments (a copy each time: callers may not share one)."""
     every = [*(overrides or []), f"download.dataset={dataset}"] + ([f"download.path={path}"] if path else [])
-    return build_config(preset, every), every
+    key = (preset, tuple(every))
+    if key not in _CONFIGURED:
+        _CONFIGURED[key] = build_config(preset, every)
+    return _CONFIGURED[key].model_copy(deep=True), every
 
 
 def train_name(variant: str, seed: int, named: bool) -> str:

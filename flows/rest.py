@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from flows.env import open_registry, project_pythonpath, start_server, stop_on_signals, stop_server
+from model.choices import DEFAULT_MODEL
 from storage.errors import ConfigError
 from storage.tracking import store_missing, tracking_uri
 
-DEFAULT_MODEL = "models:/colorizer@champion"
 MODEL_PATH_ENV = "COLORIZE_SERVE_MODEL_PATH"
 EXPECTED = "expected uint8 pixel values: whole numbers in 0..255, shape (B, H, W, 3) or (B, H, W)"
 _ARRAY_KEYS = ("inputs", "instances")

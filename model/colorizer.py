@@ -19,19 +19,19 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import nn
 from torchvision.models import densenet121, resnet50
 
+from model import fusion as fusions
+from model.choices import SIDE_MULTIPLE
 from model.pretrained import load_state_dict, locate
 from storage.atomic import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-Fusion = Literal["concat", "average", "max"]  # the one list of fusion variants; add one here and in FusionBlock
-FUSIONS: tuple[str, ...] = get_args(Fusion)
 MODEL_FILE, SPEC_FILE = "model.pt", "model.json"  # a trained colorizer on disk: state dict + spec
 GRAY_MEAN, GRAY_STD = 0.449, 0.226
 RESNET_CHANNELS = (256, 512, 1024, 2048)
@@ -42,7 +42,7 @@ DENSENET_CHANNELS = (256, 512, 1024, 1024)
 class ColorizerSpec:
     """Everything needed to rebuild the network around a saved state dict."""
 
-    fusion: Fusion = "concat"
+    fusion: str = "concat"  # a name in model.fusion.VARIANTS
     decoder_width: int = 64
     image_size: int = 64
 
@@ -116,26 +116,23 @@ def _conv_bn_relu(c_in: int, c_out: int, k: int = 3) -> nn.Sequential:
 
 
 class FusionBlock(nn.Module):
-    """Merge ResNet and DenseNet features of one scale. ``concat``: cat -> 1x1 conv -> BN -> ReLU.
-    ``average`` / ``max``: project each to ``width`` (1x1 conv + BN), then mean / max, then ReLU."""
+    """Merge ResNet and DenseNet features of one scale, as the variant ``mode`` of
+    :data:`model.fusion.VARIANTS` says: cat -> 1x1 conv -> BN -> ReLU, or each side projected to
+    ``width`` (1x1 conv + BN), merged element-wise, then ReLU. An unknown name fails here, at build."""
 
-    def __init__(self, mode: Fusion, c_res: int, c_dense: int, width: int) -> None:
+    def __init__(self, mode: str, c_res: int, c_dense: int, width: int) -> None:
         super().__init__()
-        self.mode = mode
-        if mode == "concat":
-            self.merge = _conv_bn_relu(c_res + c_dense, width, k=1)
-        elif mode in ("average", "max"):
+        self.mode, self.variant = mode, fusions.variant(mode)
+        if self.variant.project:
             self.proj_res = nn.Sequential(nn.Conv2d(c_res, width, 1, bias=False), nn.BatchNorm2d(width))
             self.proj_dense = nn.Sequential(nn.Conv2d(c_dense, width, 1, bias=False), nn.BatchNorm2d(width))
         else:
-            raise ValueError(f"unknown fusion {mode!r}; choose from {', '.join(FUSIONS)}")
+            self.merge = _conv_bn_relu(c_res + c_dense, width, k=1)
 
     def forward(self, r: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        if self.mode == "concat":
+        if not self.variant.project:
             return self.merge(torch.cat((r, d), dim=1))
-        a, b = self.proj_res(r), self.proj_dense(d)
-        merged = (a + b) * 0.5 if self.mode == "average" else torch.maximum(a, b)
-        return torch.relu(merged)
+        return torch.relu(self.variant.merge(self.proj_res(r), self.proj_dense(d)))
 
 
 class UpBlock(nn.Module):
@@ -175,8 +172,8 @@ class Colorizer(nn.Module):
         self.head = nn.Conv2d(max(w // 2, 8), 2, 1)
 
     def forward(self, l_norm: torch.Tensor) -> torch.Tensor:
-        if l_norm.shape[-1] % 32 or l_norm.shape[-2] % 32:
-            raise ValueError(f"input side must be a multiple of 32, got {tuple(l_norm.shape[-2:])}")
+        if l_norm.shape[-1] % SIDE_MULTIPLE or l_norm.shape[-2] % SIDE_MULTIPLE:
+            raise ValueError(f"input side must be a multiple of {SIDE_MULTIPLE}, got {tuple(l_norm.shape[-2:])}")
         x = (l_norm - GRAY_MEAN) / GRAY_STD
         f1, f2, f3, f4 = (fuse(r, d) for fuse, r, d in zip(self.fusions, self.resnet(x), self.densenet(x), strict=True))
         y = self.up16(f4, f3)

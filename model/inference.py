@@ -13,12 +13,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.choices import DEVICES, PRECISIONS
 from model.lab import AB_SCALE, L_SCALE, lab_to_rgb, rgb8_to_lab
 
 TILE_ROWS = 256
-DEVICES = ("auto", "cpu", "cuda")
 DEVICE_ENV = "COLORIZE_DEVICE"  # where the registered model's pyfunc puts its network when loaded
-PRECISIONS = ("fp32", "bf16")
 PRECISION_ENV = "COLORIZE_PRECISION"  # the arithmetic the registered model's pyfunc runs its network in
 
 

@@ -19,7 +19,6 @@ import mlflow.pyfunc
 import numpy as np
 
 ENTRY = "import mlflow.models\nfrom model.pyfunc import ColorizerModel\n\nmlflow.models.set_model(ColorizerModel())\n"
-ENGINES = ("auto", "torch", "onnx")
 NO_ONNX = "no_onnx_export"  # model_config key: why a version was registered without its ONNX export
 
 

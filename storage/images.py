@@ -20,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".jfif"}
 
+MAX_PIXELS = 80_000_000  # larger images are refused: decompression bombs, memory (every loader's default)
+
 
 class ImageError(ValueError):
     """A file that cannot be used as a photo; the message says why in one line."""
@@ -92,7 +94,7 @@ def png_data_shortfall(path: Path) -> tuple[int, int] | None:
     return (got, expected) if expected is not None and got < expected else None
 
 
-def load_photo(path: Path | str, max_pixels: int = 80_000_000) -> Photo:
+def load_photo(path: Path | str, max_pixels: int = MAX_PIXELS) -> Photo:
     path = Path(path)
     if not path.exists():
         raise ImageError(f"{path}: no such file")

@@ -29,10 +29,10 @@ from storage.archives import extract
 from storage.code_identity import code_version
 from storage.errors import ConfigError, DataError
 from storage.fetch import download
-from storage.images import IMAGE_SUFFIXES, ImageError, find_images, load_photo
+from storage.images import IMAGE_SUFFIXES, MAX_PIXELS, ImageError, find_images, load_photo
 from storage.redact import has_userinfo
 from storage.settings import Section
-from storage.shards import SPLITS, ShardWriter, encode_png
+from storage.shard_sets import HIGHRES, LOWRES
 from storage.stage import StageResult, digest, make_plan, run_stage
 
 log = logging.getLogger(__name__)
@@ -126,10 +126,13 @@ class _Writers:
 
     def __init__(self, folder: Path, maxcount: int) -> None:
         self.folder, self.maxcount = folder, maxcount
-        self.writers: dict[tuple[str, str], ShardWriter] = {}
+        self.writers: dict[tuple[str, str], Any] = {}
         self.counts: dict[str, dict[str, int]] = {}
 
     def write(self, set_name: str, split: str, key: str, rgb: np.ndarray, meta: dict[str, Any]) -> None:
+        # Here, not at the top: webdataset imports torch, and `colorize --help` reads SOURCES from this module.
+        from storage.shards import SPLITS, ShardWriter, encode_png
+
         w = self.writers.get((set_name, split))
         if w is None:
             w = self.writers[(set_name, split)] = ShardWriter(self.folder, f"{set_name}-{split}", self.maxcount)
@@ -162,9 +165,9 @@ def _sample(d: Settings, ctx: Context) -> dict[str, Any]:
         for i, crop in enumerate(
             lowres_crops(rgb, rng, d.lowres_crops_per_photo, d.lowres_size, d.lowres_crop_fraction)
         ):
-            writers.write("lowres", split, f"{name}-lo{i:05d}", crop, meta)
+            writers.write(LOWRES, split, f"{name}-lo{i:05d}", crop, meta)
         for i, crop in enumerate(highres_crops(rgb, rng, d.highres_crops_per_photo, d.highres_size)):
-            writers.write("highres", split, f"{name}-hi{i:05d}", crop, meta)
+            writers.write(HIGHRES, split, f"{name}-hi{i:05d}", crop, meta)
     return {"splits": splits, "photos": [p[0] for p in SAMPLE_PHOTOS]}
 
 
@@ -204,7 +207,7 @@ def _folder(d: Settings, ctx: Context) -> dict[str, Any]:
         shrink = small or (d.folder_lowres and split != "test")
         if not d.folder_crops_per_photo or small:
             image = _resize(center_square(rgb), d.lowres_size) if shrink else rgb
-            writers.write("lowres" if shrink else "highres", split, key, image, {"source": rel})
+            writers.write(LOWRES if shrink else HIGHRES, split, key, image, {"source": rel})
             continue
         # Several crops per photo (all in the photo's split): more signal per photo for a small corpus.
         # Seeded by the run's seed and the photo's path, so adding a photo leaves the others' crops alone.
@@ -213,9 +216,9 @@ def _folder(d: Settings, ctx: Context) -> dict[str, Any]:
         for j, crop in enumerate(highres_crops(scaled, rng, d.folder_crops_per_photo, d.highres_size)):
             meta = {"source": rel, "crop": j}
             if shrink:  # the same crops as without folder_lowres, shrunk (area filter)
-                writers.write("lowres", split, f"{key}-{j:03d}", _resize(crop, d.lowres_size), meta)
+                writers.write(LOWRES, split, f"{key}-{j:03d}", _resize(crop, d.lowres_size), meta)
             else:
-                writers.write("highres", split, f"{key}-{j:03d}", crop, meta)
+                writers.write(HIGHRES, split, f"{key}-{j:03d}", crop, meta)
     if n < 3:
         log.warning("only %d usable photos: all of them go to train, none to val/test", n)
     return {"splits": splits, "skipped": skipped, "skipped_count": len(skipped), "usable": n}
@@ -270,7 +273,7 @@ def _cifar10(d: Settings, ctx: Context) -> dict[str, Any]:
     for split, idx in parts.items():
         images = test if split == "test" else train
         for i in idx[: d.limit]:
-            writers.write("lowres", split, f"cifar-{split}-{int(i):05d}", images[i], {"source": f"cifar10/{int(i)}"})
+            writers.write(LOWRES, split, f"cifar-{split}-{int(i):05d}", images[i], {"source": f"cifar10/{int(i)}"})
     return {"archive_md5": d.cifar10_md5}
 
 
@@ -304,7 +307,7 @@ def _div2k(d: Settings, ctx: Context) -> dict[str, Any]:
         except ImageError as exc:
             skipped.append({"file": f.name, "reason": str(exc).split(": ", 1)[-1]})
             continue
-        writers.write("highres", split, f"div2k-{f.stem}", rgb, {"source": f"div2k/{f.name}"})
+        writers.write(HIGHRES, split, f"div2k-{f.stem}", rgb, {"source": f"div2k/{f.name}"})
     return {"archive_sha256": recorded, "skipped": skipped, "skipped_count": len(skipped)}
 
 
@@ -362,7 +365,7 @@ class Settings(Section):
         "trained on); test images stay full size, so every upscaling method is scored on the same photos",
     )
     limit: int | None = Field(None, ge=1, description="cifar10/div2k: at most this many images per split")
-    max_pixels: int = Field(80_000_000, ge=1)
+    max_pixels: int = Field(MAX_PIXELS, ge=1)
     cifar10_url: str = CIFAR10_URL
     cifar10_md5: str = CIFAR10_MD5
     div2k_train_url: str = DIV2K_TRAIN_URL

@@ -23,8 +23,9 @@ import torch
 from pydantic import Field
 from torch.utils.data import DataLoader
 
+from model.choices import DEVICES
 from model.colorizer import Colorizer, load_folder
-from model.inference import DEVICES, resolve_device
+from model.inference import resolve_device
 from model.lab import lab_norm_to_rgb
 from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE, Lpips, batch_metrics, gray_baseline, ssim
 from model.pretrained import locate

@@ -23,6 +23,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from model import samples
+from model.choices import side_problem
 from model.metrics import colorfulness
 from storage import locations
 from storage.atomic import write_json
@@ -30,6 +31,7 @@ from storage.code_identity import code_version
 from storage.errors import ConfigError
 from storage.settings import Section
 from storage.shard_runner import ShardJob, exchange, map_shards, run_exchanged, source
+from storage.shard_sets import HIGHRES, LOWRES, UPSCALED
 from storage.shards import SPLITS, ShardWriter, decode_png, iter_samples, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan
 
@@ -41,21 +43,21 @@ PARTS = "parts"  # under scratch: one converted part per input shard, joined int
 class Settings(Section):
     """The prepare section: the model's input size (a multiple of 32: five stride-2 stages)."""
 
-    image_size: int = Field(64, le=2048, description="model input side; a multiple of 32")
+    image_size: int = Field(64, description="model input side; a multiple of 32 up to 2048 (model.choices)")
     shard_maxcount: int = Field(1000, ge=1)
 
     @field_validator("image_size")
     @classmethod
     def _multiple_of_32(cls, v: int) -> int:
-        if v < 32 or v % 32:
-            raise ValueError(f"image_size must be a positive multiple of 32, got {v}")
+        if problem := side_problem(v):
+            raise ValueError(f"image_size {problem}")
         return v
 
 
 def plan(
     s: Settings, seed: int, download: dict[str, Any], upscaled: dict[str, Any] | None, workdir: Path
 ) -> dict[str, Any]:
-    inputs = {"download": download, "upscaled": upscaled}
+    inputs = {"download": download, UPSCALED: upscaled}
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), {"seed": seed})
 
 
@@ -78,10 +80,10 @@ def _sources(
 ) -> Iterator[tuple[str, dict[str, Any], Path]]:
     """The split's input shards: (which set, the manifest of the stage holding it, its path)."""
     if upscaled is not None:
-        yield from (("upscaled", upscaled, p) for p in shard_paths(upscaled, f"upscaled-{split}"))
+        yield from ((UPSCALED, upscaled, p) for p in shard_paths(upscaled, f"{UPSCALED}-{split}"))
     else:  # no upscale stage in this run: low-res images are resized directly
-        yield from (("lowres", download, p) for p in shard_paths(download, f"lowres-{split}"))
-    yield from (("highres", download, p) for p in shard_paths(download, f"highres-{split}"))
+        yield from ((LOWRES, download, p) for p in shard_paths(download, f"{LOWRES}-{split}"))
+    yield from ((HIGHRES, download, p) for p in shard_paths(download, f"{HIGHRES}-{split}"))
 
 
 def _flush(chunk: list[tuple[dict[str, Any], np.ndarray]], writer: ShardWriter, stats: dict[str, float]) -> None:
@@ -149,7 +151,7 @@ def run(
     through the stage ``store`` when there is one), then join each split's parts, in input order, into
     shards of ``shard_maxcount`` samples."""
     settings = Settings.model_validate(plan["config"])
-    download, upscaled = plan["inputs"]["download"], plan["inputs"]["upscaled"]
+    download, upscaled = plan["inputs"]["download"], plan["inputs"][UPSCALED]
 
     remote = exchange(runner, store, STAGE, plan["key"])
 

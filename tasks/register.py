@@ -30,7 +30,7 @@ from storage.atomic import write_bytes
 from storage.code_identity import code_version
 from storage.errors import disk_full
 from storage.settings import Section
-from storage.stage import StageResult, make_plan, run_stage
+from storage.stage import SCRATCH, StageResult, make_plan, run_stage
 from storage.tracking import Tracker, flatten, retry_locked, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -150,10 +150,10 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
         example = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
         images = Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))])  # any batch, any photo size
         signature = ModelSignature(inputs=images, outputs=images)
-        entry = out / "scratch" / "colorizer_model.py"
+        entry = out / SCRATCH / "colorizer_model.py"
         write_bytes(entry, pyfunc.ENTRY.encode())
-        code_paths = bundle.stage_code(out / "scratch" / "code")  # only what the model imports
-        onnx_path, onnx_report = _try_onnx(folder, out / "scratch")
+        code_paths = bundle.stage_code(out / SCRATCH / "code")  # only what the model imports
+        onnx_path, onnx_report = _try_onnx(folder, out / SCRATCH)
         artifacts = {"weights": str(folder / MODEL_FILE), "spec": str(folder / SPEC_FILE)}
         if onnx_path is not None:
             artifacts["onnx"] = str(onnx_path)

@@ -30,8 +30,8 @@ from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import pretrained
-from model.colorizer import FUSIONS, SPEC_FILE, Colorizer, ColorizerSpec, Fusion, build, save_trained
+from model import fusion, pretrained
+from model.colorizer import SPEC_FILE, Colorizer, ColorizerSpec, build, save_trained
 from model.lab import lab_norm_to_rgb
 from model.metrics import colorfulness_torch
 from model.preview import grid, save_loss_curve, save_png
@@ -69,7 +69,9 @@ class Settings(Section):
     """The train section. ``variants`` and ``concurrent`` are the flow's: which train stages to run and
     whether at once. Everything else is given to the stage and is in its key."""
 
-    variants: list[Fusion] = flow_setting(default_factory=lambda: list(FUSIONS))
+    variants: list[str] = flow_setting(
+        default_factory=lambda: list(fusion.names()), description="fusion variants to train (model.fusion.VARIANTS)"
+    )
     concurrent: bool = flow_setting(False, description="train variants at the same time (off: they share cores)")
     seeds: list[int] | None = flow_setting(
         None, description="training seeds: one train stage per variant and seed (default: the run's seed)"
@@ -138,6 +140,8 @@ class Settings(Section):
     def _variants(cls, v: list[str]) -> list[str]:
         if not v:
             raise ValueError("at least one variant is needed")
+        for name in v:
+            fusion.variant(name)  # an unknown name: one line naming the choices
         return list(dict.fromkeys(v))
 
     @model_validator(mode="after")

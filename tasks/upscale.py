@@ -28,6 +28,7 @@ from storage import locations
 from storage.code_identity import code_version
 from storage.settings import Section
 from storage.shard_runner import ShardJob, exchange, map_shards, run_exchanged, source
+from storage.shard_sets import LOWRES, UPSCALED
 from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
 from storage.stage import StageError, StageResult, make_plan, sha256_file
 
@@ -54,7 +55,7 @@ class Settings(Section):
 
 
 def has_lowres(download: dict[str, Any]) -> bool:
-    return any(download.get("sets", {}).get("lowres", {}).values())
+    return any(download.get("sets", {}).get(LOWRES, {}).values())
 
 
 def preflight(s: Settings) -> None:
@@ -125,7 +126,7 @@ def upscale_shard(job: UpscaleJob) -> dict[str, Any]:
     facts = job.plan["facts"]
     if c.threads:
         torch.set_num_threads(c.threads)
-    name = f"upscaled-{job.split}-{job.index:06d}.tar"
+    name = f"{UPSCALED}-{job.split}-{job.index:06d}.tar"
     target = locations.join(job.out, name)
     if locations.exists(target):
         with locations.local_copy(target) as done:
@@ -137,7 +138,7 @@ def upscale_shard(job: UpscaleJob) -> dict[str, Any]:
     with (
         locations.local_copy(job.shard, job.sha256) as shard,
         locations.writing_into(job.out) as out,
-        ShardWriter(out, f"upscaled-{job.split}", maxcount=10**9, start_index=job.index) as writer,
+        ShardWriter(out, f"{UPSCALED}-{job.split}", maxcount=10**9, start_index=job.index) as writer,
         tqdm(unit="img", desc=job.name, dynamic_ncols=True, leave=False) as bar,
     ):
         for batch in _batches(shard, c.batch_size):
@@ -166,7 +167,7 @@ def run(
     remote = exchange(runner, store, STAGE, plan["key"])
 
     def work(out: Path) -> dict[str, Any]:
-        shards = [(split, s) for split in SPLITS for s in shard_paths(download, f"lowres-{split}")]
+        shards = [(split, s) for split in SPLITS for s in shard_paths(download, f"{LOWRES}-{split}")]
         jobs = [
             UpscaleJob(plan, remote or str(out), split, **source(download, s, store if remote else None))
             for split, s in shards
@@ -185,7 +186,7 @@ def run(
             "method": c.method,
             "weights": plan["facts"]["weights"],
             "backend": backend,
-            "sets": {"upscaled": counts},
+            "sets": {UPSCALED: counts},
             "images_per_second": ips,
             "scale": SCALE,
         }

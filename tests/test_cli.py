@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from flows.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _exit_code(argv: list[str]) -> int:
@@ -79,3 +83,18 @@ def test_overrides_never_leak_into_the_presets() -> None:
     assert build_config("tiny", ["train.variants=max", "train.lr=0.5"]).train.variants == ["max"]
     assert json.dumps(PRESETS, sort_keys=True) == before
     assert build_config("tiny").train.variants == ["concat", "average", "max"]
+
+
+def test_help_lists_the_choices_without_importing_torch() -> None:
+    """`colorize --help` and `colorize run --help` read stages, variants, datasets, engines and devices
+    from light modules: no torch (seconds) before the first line of help."""
+    code = (
+        "import sys\nfrom flows.cli import main\n"
+        "for argv in (['--help'], ['run', '--help'], ['image', '--help']):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "print('torch' in sys.modules, file=sys.stderr)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.stderr.strip() == "False", out.stderr[-2000:]
+    for name in ("concat, average, max", "download, upscale, prepare", "sample", "--engine {auto,torch,onnx}"):
+        assert name in out.stdout, name

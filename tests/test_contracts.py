@@ -17,6 +17,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from flows.config import STAGE_MODULES, PipelineConfig, build_config
+from flows.dag import SPECS, STAGES
 from storage import shard_runner, stage_store
 from storage.code_identity import PACKAGES, code_version, imported_modules
 from storage.errors import UserFacingError
@@ -89,7 +90,9 @@ def _candidates(annotation: Any, default: Any, resources: dict[str, str]) -> Ite
     elif annotation is float:
         yield from (default * 2, default / 2, default + 0.05)
     elif annotation is str:
-        yield from (default + "x", "https://mirror.example/data/archive.tar.gz")
+        yield from ((default or "") + "x", "https://mirror.example/data/archive.tar.gz", *resources.values())
+    elif origin is dict or annotation is dict:
+        yield {"endpoint_url": "http://127.0.0.1:9"}
     elif origin is list:
         (item,) = args
         yield from ([v] for v in _candidates(item, 1 if item in (int, float) else None, resources))
@@ -147,9 +150,10 @@ def test_every_setting_changes_its_own_stages_key_and_no_other(tmp_path: Path, m
     photos = tmp_path / "photos"
     photos.mkdir()
     Image.new("RGB", (80, 80), (200, 30, 30)).save(photos / "red.png")
-    resources = {"folder": str(photos), "weights": offline().path}
+    resources = {"folder": str(photos), "weights": offline().path, "variant": "max"}
     base_cfg = build_config("demo")
     base = {stage: p["key"] for stage, p in _plans(base_cfg, tmp_path / "w").items()}
+    assert {s.split("-")[0] for s in base} == set(STAGES), "_plans must plan every stage of flows/dag.py"
     uses_seed = {stage for stage, p in _plans(base_cfg, tmp_path / "w").items() if "seed" in p["facts"]}
     assert {"download", "prepare", "train-concat"} <= uses_seed
 
@@ -211,12 +215,13 @@ def test_datasets_come_from_one_registry(capsys) -> None:
 
 
 def test_fusion_variants_metrics_and_splits_have_one_owner() -> None:
-    from model.colorizer import FUSIONS, Fusion
+    from model import fusion
     from model.metrics import HIGHER_IS_BETTER
     from storage.shards import SPLITS
 
-    assert typing.get_args(train.Settings.model_fields["variants"].annotation) == (Fusion,)
-    assert build_config("demo").train.variants == list(FUSIONS)
+    assert build_config("demo").train.variants == list(fusion.names())
+    with pytest.raises(UserFacingError, match="unknown fusion variant 'sum'; choose from concat, average, max"):
+        build_config("demo", ["train.variants=concat,sum"])
     assert set(typing.get_args(register.Settings.model_fields["metric"].annotation)) == set(HIGHER_IS_BETTER)
     assert SPLITS == ("train", "val", "test")
     for path in (ROOT / "tasks").glob("*.py"):
@@ -231,6 +236,57 @@ def test_import_contracts_hold() -> None:
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "2 kept, 0 broken" in out.stdout
+
+
+def test_the_independence_contract_lists_exactly_the_stages_of_the_dag() -> None:
+    import tomllib
+
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    (independent,) = [c for c in contracts if c["type"] == "independence"]
+    assert independent["modules"] == [spec.module for spec in SPECS]
+
+
+def test_a_new_stage_is_one_module_and_one_entry_in_the_dag(tmp_path: Path, monkeypatch) -> None:
+    """Adding a stage spec (here a dummy module) gives the config its section and --set its keys, and the
+    CLI its name, with no other edit."""
+    import importlib
+
+    from flows import dag
+
+    (tmp_path / "dummy_stage.py").write_text(
+        "from pydantic import Field\nfrom storage.settings import Section\nSTAGE = 'polish'\n"
+        "class Settings(Section):\n    strength: float = Field(0.5, ge=0, le=1)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(dag, "SPECS", (*dag.SPECS, dag.StageSpec("polish", "dummy_stage")))
+    monkeypatch.setattr(dag, "STAGES", (*dag.STAGES, "polish"))
+    import flows.config
+
+    try:
+        config = importlib.reload(flows.config)
+        assert config.build_config("tiny", ["polish.strength=0.9"]).polish.strength == 0.9
+        with pytest.raises(UserFacingError, match="polish.strength"):
+            config.build_config("tiny", ["polish.strength=2"])
+        from flows.cli import _check_stage
+
+        assert _check_stage("polish", "--until") == "polish"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(flows.config)
+
+
+def test_a_new_fusion_variant_is_one_entry_in_the_table(monkeypatch) -> None:
+    """A variant added to model.fusion.VARIANTS is accepted by the settings and builds and runs."""
+    import torch
+
+    from model import fusion
+    from model.colorizer import Colorizer, ColorizerSpec
+
+    monkeypatch.setitem(fusion.VARIANTS, "min", fusion.Variant(project=True, merge=lambda a, b: a.minimum(b)))
+    assert build_config("tiny", ["train.variants=min,max"]).train.variants == ["min", "max"]
+    net = Colorizer(ColorizerSpec(fusion="min", decoder_width=8)).eval()
+    with torch.no_grad():
+        assert net(torch.rand(1, 1, 32, 32)).shape == (1, 2, 32, 32)
 
 
 def test_importing_the_mlflow_model_module_does_no_work() -> None:

@@ -260,3 +260,41 @@ def test_store_options_holding_credentials_are_refused_without_echoing_them() ->
         assert "AKIAEXAMPLE" not in str(err.value) and "s3cr3t" not in str(err.value)
     cfg = build_config("tiny", ["store.url=s3://b/p", 'store.options={"client_kwargs": {"region_name": "eu-1"}}'])
     assert cfg.store.options == {"client_kwargs": {"region_name": "eu-1"}}
+
+
+def test_one_run_validates_its_settings_once_and_probes_the_store_once(
+    s3_server, s3_env, prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`colorize run` checks before Prefect starts and the flow would check again (a deployment has only
+    the flow): in one process the settings are validated once and the store's write probe runs once."""
+    from flows import config
+    from flows import pipeline as flow_module
+    from flows.cli import main
+
+    calls = {"validate": 0, "probe": 0}
+    real_build, real_check = config.build_config, StageStore.check
+
+    def counted_build(*args, **kw):
+        calls["validate"] += 1
+        return real_build(*args, **kw)
+
+    def counted_check(self):
+        calls["probe"] += 1
+        return real_check(self)
+
+    monkeypatch.setattr(flow_module, "build_config", counted_build)
+    monkeypatch.setattr(StageStore, "check", counted_check)
+    url = f"s3://{s3_server.bucket}/once-{tmp_path.name}"
+    argv = [
+        "run",
+        "--preset",
+        "tiny",
+        "--until",
+        "download",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--set",
+        f"store.url={url}",
+    ]
+    assert main(argv) == 0
+    assert calls == {"validate": 1, "probe": 1}

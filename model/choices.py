@@ -1,0 +1,20 @@
+"""What a user chooses among, and within, when running a model: engines, devices, arithmetic, the
+default model, image and network-input bounds. One owner for each, and light (no torch import): the
+CLI's help lists them without loading a network.
+"""
+
+from __future__ import annotations
+
+ENGINES = ("auto", "torch", "onnx")  # auto: onnxruntime on a CPU when the version has its ONNX export
+DEVICES = ("auto", "cpu", "cuda")  # auto: a GPU when one is visible, else the CPU
+PRECISIONS = ("fp32", "bf16")  # the torch engine's arithmetic
+DEFAULT_MODEL = "models:/colorizer@champion"  # what `colorize image|video|app|serve` run without --model
+SIDE_MULTIPLE = 32  # the encoders' five stride-2 stages: a network input side is a multiple of this
+MAX_SIDE = 2048  # the largest network input the pipeline trains at (prepare.image_size); 8192 needs ~100 GB
+
+
+def side_problem(side: int) -> str | None:
+    """Why ``side`` cannot be a network input side, or None."""
+    if side < SIDE_MULTIPLE or side % SIDE_MULTIPLE or side > MAX_SIDE:
+        return f"must be a multiple of {SIDE_MULTIPLE} up to {MAX_SIDE}, got {side}"
+    return None
