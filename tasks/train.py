@@ -14,7 +14,6 @@ only at the loop's boundaries are tasks.train_step's.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,7 +27,6 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from model import fusion, pretrained
 from model.colorizer import SPEC_FILE, Colorizer, ColorizerSpec, build, save_trained
@@ -38,17 +36,16 @@ from model.preview import grid, save_loss_curve, save_png
 from model.samples import decode_sample, decode_sample16, first_batch
 from storage.atomic import atomic_path, write_json
 from storage.code_identity import code_version
-from storage.errors import ConfigError, UserFacingError
-from storage.progress import report
+from storage.errors import ConfigError
 from storage.settings import Section, flow_setting
 from storage.shards import ShardDataset, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan, run_stage
-from storage.tracking import Tracker, flatten
-from tasks import distributed
-from tasks.distributed import RankFailed, World
+from storage.tracking import flatten
+from tasks import checkpoint, distributed
+from tasks.distributed import World
+from tasks.train_record import TrainRecord
 from tasks.train_step import (
     Criterion,
-    DivergedError,
     EagerStep,
     GraphSetting,
     LossLog,
@@ -61,7 +58,6 @@ from tasks.train_step import (
 
 log = logging.getLogger(__name__)
 STAGE = "train"
-CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"  # under scratch: the weights of the best validation so far (train.keep=best)
 
 
@@ -301,40 +297,241 @@ def train_one_epoch(
             return
 
 
-_CHECKPOINT_KEYS = {"model", "optimizer", "step", "torch_rng", "flip_rng", "history", "world"}
-
-
-def _read_checkpoint(path: Path, variant: str, world: int) -> dict[str, Any] | None:
-    """The resumable state, or None: absent, or unreadable (then reported and redone, never trusted)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not state.keys() >= _CHECKPOINT_KEYS:
-            raise ValueError("missing fields")
-        if state["world"] != world or len(state["torch_rng"]) != world:
-            raise ValueError(f"written by {state['world']} processes, not {world}")  # a keyed setting: defensive
-        return state
-    except Exception as exc:  # noqa: BLE001 - truncated, corrupt or foreign: all mean "start over"
-        log.warning("%s: checkpoint %s is unreadable (%s); starting this variant over", variant, path, exc)
-        return None
-
-
-def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
 def _world_size(s: Settings) -> int:
     return s.devices * s.nodes
+
+
+@dataclass
+class Setup:
+    """One variant's training, built: the network and its optimizer, the data, the step counts and the
+    generators whose states a checkpoint records."""
+
+    s: Settings
+    plan: dict[str, Any]
+    out: Path
+    world: World
+    spec: ColorizerSpec
+    net: Colorizer
+    weights: Any  # model.colorizer.build's report on the pretrained encoders
+    opt: torch.optim.Optimizer
+    graphs: bool  # the step is captured as a CUDA graph
+    bs: int  # the global batch
+    per_epoch: int
+    total: int
+    peak: float  # the rate after warm-up
+    dataset: ShardDataset
+    val_shards: list[Path]
+    flips: torch.Generator
+    loader_gen: torch.Generator
+
+    @property
+    def variant(self) -> str:
+        return self.plan["facts"]["variant"]
+
+    @property
+    def scratch(self) -> Path:
+        return self.out / SCRATCH
+
+
+def build_setup(out: Path, plan: dict[str, Any], world: World) -> Setup:
+    """Seed, build the network (pretrained encoders where available), its optimizer and the sharded
+    train set of this rank; refuse a train split too small for a batch."""
+    s = Settings.model_validate(plan["config"])
+    seed, prepared = plan["facts"]["seed"], plan["inputs"]["prepared"]
+    torch.manual_seed(seed)
+    random.seed(seed)
+    spec = ColorizerSpec(
+        fusion=plan["facts"]["variant"], decoder_width=s.decoder_width, image_size=prepared["image_size"]
+    )
+    # Ranks never download: the launching process fetched what was fetchable (see tasks.distributed).
+    net, weights = build(spec, s.pretrained, allow_download=world.size == 1)
+    net.freeze(s.freeze)
+    net = net.to(world.device, memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
+    net.train()
+    graphs = use_graphs(s.cuda_graphs, world.device, world.size)
+    opt = make_optimizer(net, s.lr, s.weight_decay, capturable=graphs)
+    n_train = prepared["counts"]["train"]
+    bs = min(s.batch_size, n_train) // world.size * world.size
+    if bs < 2 * world.size:
+        raise ConfigError(
+            f"the train split holds {n_train} image(s); training needs at least 2 per batch and process "
+            "(BatchNorm): add photos, or lower download.test_fraction / download.val_fraction"
+        )
+    per_epoch = n_train // bs
+    total = s.epochs * per_epoch if s.max_steps is None else min(s.epochs * per_epoch, s.max_steps)
+    dataset = ShardDataset(
+        shard_paths(prepared, "train"),
+        decode_sample16,
+        seed=seed,
+        buffer=max(256, 4 * bs),
+        rank=world.rank,
+        world=world.size,
+        batch=bs // world.size,
+    )
+    # Own generators: flips are drawn from `flips` (saved in the checkpoint); the DataLoader gets its own
+    # generator because every new iterator draws a seed, and a resumed run creates one more iterator.
+    flips, loader_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    return Setup(
+        s, plan, out, world, spec, net, weights, opt, graphs, bs, per_epoch, total, peak_lr(s, bs), dataset,
+        shard_paths(prepared, "val"), flips, loader_gen,
+    )  # fmt: skip
+
+
+def resume(t: Setup, state: dict[str, Any] | None) -> Progress:
+    """Where the loop starts: step 0, or the checkpoint's weights, optimizer, RNG states and record."""
+    if state is None:
+        return Progress()
+    t.net.load_state_dict(state["model"])
+    t.opt.load_state_dict(state["optimizer"])
+    checkpoint.set_rng_state(state["torch_rng"][t.world.rank], t.world.device)
+    t.flips.set_state(state["flip_rng"])
+    if t.world.main:
+        log.info("%s: resuming from step %d of %d", t.variant, state["step"], t.total)
+    return Progress(state["step"], state["history"], state.get("mlflow_run_id"))
+
+
+def start_record(t: Setup, progress: Progress, parent_run_id: str | None) -> TrainRecord | None:
+    """Rank 0's MLflow run (a new child of the pipeline's run, or the checkpoint's), None elsewhere."""
+    if not t.world.main:
+        return None
+    record = TrainRecord(Path(t.plan["workdir"]), t.variant, t.total, progress.step)
+    facts = t.plan["facts"]
+    params = {
+        **flatten("train", t.s.model_dump()),
+        **{"seed": facts["seed"], "variant": t.variant, "image_size": t.spec.image_size},
+        **{
+            "prepared_key": t.plan["inputs"]["prepared"]["key"],
+            "n_train": t.plan["inputs"]["prepared"]["counts"]["train"],
+        },
+        **{"pretrained_weights": t.weights.detail, "world_size": t.world.size, "accelerator": facts["accelerator"]},
+        **{"lr_peak": t.peak, "cuda_graphs_used": t.graphs},
+    }
+    tags = {"stage": STAGE, "variant": t.variant, "pretrained": str(t.weights.used)}
+    warning = None if t.weights.used else f"trained from scratch: {t.weights.detail}"
+    progress.run_id = record.start(progress.run_id, parent_run_id, tags, params, warning)
+    return record
+
+
+def save_checkpoint(t: Setup, progress: Progress) -> None:
+    """Every rank's RNG state gathered (a collective: all take part), then rank 0 writes the checkpoint."""
+    rng = t.world.gather(checkpoint.rng_state(t.world.device))
+    if t.world.main:
+        checkpoint.write(
+            t.scratch / checkpoint.CHECKPOINT,
+            {
+                **{"model": t.net.state_dict(), "optimizer": t.opt.state_dict(), "step": progress.step},
+                **{"epoch": progress.step // t.per_epoch, "world": t.world.size, "torch_rng": rng},
+                **{"flip_rng": t.flips.get_state(), "history": progress.history, "mlflow_run_id": progress.run_id},
+            },
+        )
+
+
+def run_epochs(
+    t: Setup,
+    progress: Progress,
+    record: TrainRecord | None,
+    on_step: Callable[[int], None] | None,
+    job_info: dict[str, Any] | None,
+) -> int:
+    """The epoch loop from ``progress.step`` to the end; returns the images it trained on. At each
+    boundary (``log_every``, checkpoints, epoch ends) the losses are read in one sync, rank 0 validates
+    at epoch ends (keeping the best weights with ``keep=best``), and a checkpoint is written."""
+    s, world, model = t.s, t.world, t.net
+    if world.size > 1:
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
+        # forward_sync_buffers: rank 0's BatchNorm running statistics are copied to every rank at each
+        # forward, so rank 0's buffers (the ones checkpointed and saved) are the job's.
+        model = torch.nn.parallel.DistributedDataParallel(t.net, device_ids=device_ids, forward_sync_buffers=True)
+    t_start, images = time.perf_counter(), 0
+    set_lr(t.opt, lr_at(s, progress.step, t.total, t.peak))
+    step_fn = make_step(
+        model, t.opt, loss_fn(s.loss, s.colour_weight), StepConfig(s.bf16, s.channels_last, s.grad_clip), t.graphs
+    )
+
+    def after_step() -> None:
+        nonlocal images
+        step, images = progress.step, images + t.bs
+        set_lr(t.opt, lr_at(s, step, t.total, t.peak))
+        if job_info is not None:
+            distributed.check_parent(job_info)
+        end_of_epoch = step % t.per_epoch == 0 or step == t.total
+        checkpoint_now = step % s.checkpoint_every == 0 or end_of_epoch
+        if record is not None:
+            record.step()
+        if checkpoint_now or step % s.log_every == 0:
+            read = progress.read_losses(world, s.lr)  # every rank, at the same steps: the one sync
+            if record is not None:
+                record.losses(read, step, s.log_every, images / (time.perf_counter() - t_start))
+                if end_of_epoch:
+                    _validated(t, progress, record, step)
+            if checkpoint_now:
+                save_checkpoint(t, progress)
+        if on_step is not None:
+            on_step(step)
+
+    workers, cuda = loader_workers(s, world.device), world.device.type == "cuda"
+    while progress.step < t.total:
+        epoch = progress.step // t.per_epoch
+        t.dataset.set_epoch(epoch, skip=(progress.step % t.per_epoch) * t.bs)
+        loader = DataLoader(
+            t.dataset,
+            batch_size=t.bs // world.size,
+            drop_last=True,  # every step the same shape: what a captured graph needs
+            generator=t.loader_gen,
+            pin_memory=cuda,
+            num_workers=workers,
+        )
+        train_one_epoch(
+            step_fn, loader, s, t.flips, progress, min(t.total, (epoch + 1) * t.per_epoch), after_step, world
+        )
+    return images
+
+
+def _validated(t: Setup, progress: Progress, record: TrainRecord, step: int) -> None:
+    """Rank 0 at an epoch end: the validation loss into the record and MLflow, and with ``keep=best``
+    the weights when they are the best so far (written before the checkpoint that records it)."""
+    val = validate(t.net, t.val_shards, t.bs, t.s.channels_last, t.world.device)
+    if val is None:
+        return
+    progress.history["val"].append((step, val[0]))
+    progress.history["val_gray"] = val[1]
+    record.validation(step, val, step / t.per_epoch)
+    if t.s.keep == "best" and val[0] < progress.history.get("best", (0, math.inf))[1]:
+        with atomic_path(t.scratch / BEST) as tmp:
+            torch.save(t.net.state_dict(), tmp)
+        progress.history["best"] = (step, val[0])
+
+
+def finish(t: Setup, progress: Progress, record: TrainRecord, images_per_second: float | None) -> dict[str, Any]:
+    """Rank 0 after the last step: keep the chosen weights, save the trained model, its history, preview
+    and loss curve into the stage folder and MLflow, and return the stage's manifest fields."""
+    history, out, variant = progress.history, t.out, t.variant
+    net = t.net.cpu()
+    kept = _keep(net, t.s, history, t.scratch / BEST, variant)
+    save_trained(net, out)
+    write_json(out / "history.json", history)
+    net.eval()
+    l_norm, ab = first_batch(t.val_shards or shard_paths(t.plan["inputs"]["prepared"], "train"), t.s.preview_images)
+    with torch.no_grad():
+        pred = net(l_norm)
+    save_png(grid(l_norm, [pred, ab]), out / "samples.png")
+    save_loss_curve(history["train"], history["val"], out / "loss_curve.png", f"{variant} fusion")
+    record.finish(out / name for name in ("samples.png", "loss_curve.png", SPEC_FILE))
+    return {
+        "variant": variant,
+        "steps": progress.step,
+        "spec": t.spec.as_dict(),
+        "mlflow_run_id": progress.run_id,
+        "final_train_loss": history["train"][-1][1] if history["train"] else None,
+        "val_loss": kept[1] if kept else None,
+        "kept_step": kept[0] if kept else None,
+        "val_loss_gray_baseline": history.get("val_gray"),
+        "pretrained": {"used": t.weights.used, "detail": t.weights.detail},
+        "images_per_second": round(images_per_second, 2) if images_per_second else None,
+        "seed": t.plan["facts"]["seed"],
+        "world_size": t.world.size,
+        "accelerator": t.plan["facts"]["accelerator"],
+    }
 
 
 def train_variant(
@@ -356,212 +553,24 @@ def train_variant(
     the global sample order."""
     s = Settings.model_validate(plan["config"])
     if world is None and _world_size(s) > 1:
-        return _launch(out, plan, parent_run_id)
+        return distributed.launch_training(out, plan, parent_run_id)
     world = world or World(device=torch.device("cuda" if plan["facts"]["accelerator"] == "cuda" else "cpu"))
-    seed, variant = plan["facts"]["seed"], plan["facts"]["variant"]
-    prepared = plan["inputs"]["prepared"]
     if s.threads:
         torch.set_num_threads(s.threads)
     if world.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # static shapes: each convolution's fastest kernel, found once
-    scratch = out / SCRATCH
-    scratch.mkdir(parents=True, exist_ok=True)
-    ckpt = scratch / CHECKPOINT
-    state = _read_checkpoint(ckpt, variant, world.size)  # before building: a damaged one means a fresh start
-    torch.manual_seed(seed)
-    random.seed(seed)
-    spec = ColorizerSpec(fusion=variant, decoder_width=s.decoder_width, image_size=prepared["image_size"])
-    # Ranks never download: the launching process fetched what was fetchable (see _launch).
-    net, weights = build(spec, s.pretrained, allow_download=world.size == 1)
-    net.freeze(s.freeze)
-    net = net.to(world.device, memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
-    net.train()
-    graphs = use_graphs(s.cuda_graphs, world.device, world.size)
-    opt = make_optimizer(net, s.lr, s.weight_decay, capturable=graphs)
-    criterion = loss_fn(s.loss, s.colour_weight)
-
-    n_train = prepared["counts"]["train"]
-    bs = min(s.batch_size, n_train) // world.size * world.size
-    if bs < 2 * world.size:
-        raise ConfigError(
-            f"the train split holds {n_train} image(s); training needs at least 2 per batch and process "
-            "(BatchNorm): add photos, or lower download.test_fraction / download.val_fraction"
-        )
-    per_epoch = n_train // bs
-    total = s.epochs * per_epoch if s.max_steps is None else min(s.epochs * per_epoch, s.max_steps)
-    peak = peak_lr(s, bs)
-    dataset = ShardDataset(
-        shard_paths(prepared, "train"),
-        decode_sample16,
-        seed=seed,
-        buffer=max(256, 4 * bs),
-        rank=world.rank,
-        world=world.size,
-        batch=bs // world.size,
-    )
-    val_shards = shard_paths(prepared, "val")
-
-    # Own generators: flips are drawn from `flips` (saved in the checkpoint); the DataLoader gets its own
-    # generator because every new iterator draws a seed, and a resumed run creates one more iterator.
-    flips = torch.Generator().manual_seed(seed)
-    loader_gen = torch.Generator().manual_seed(seed)
-    progress = Progress()
-    if state is not None:
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        _set_rng_state(state["torch_rng"][world.rank], world.device)
-        flips.set_state(state["flip_rng"])
-        progress = Progress(state["step"], state["history"], state.get("mlflow_run_id"))
-        if world.main:
-            log.info("%s: resuming from step %d of %d", variant, progress.step, total)
-    model: torch.nn.Module = net
-    if world.size > 1:
-        device_ids = [world.device.index] if world.device.type == "cuda" else None
-        # forward_sync_buffers: rank 0's BatchNorm running statistics are copied to every rank at each
-        # forward, so rank 0's buffers (the ones checkpointed and saved) are the job's.
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=True)
-
-    tracker = Tracker(Path(plan["workdir"])) if world.main else None
-    if tracker is not None and progress.run_id is None:
-        tags = {"stage": STAGE, "variant": variant, "pretrained": str(weights.used)}
-        progress.run_id = tracker.start_run(f"train-{variant}", parent_run_id, tags)
-        params = {
-            **flatten("train", s.model_dump()),
-            "seed": seed,
-            "variant": variant,
-            "image_size": spec.image_size,
-            "prepared_key": prepared["key"],
-            "n_train": n_train,
-            "pretrained_weights": weights.detail,
-            "world_size": world.size,
-            "accelerator": plan["facts"]["accelerator"],
-            "lr_peak": peak,
-            "cuda_graphs_used": graphs,
-        }
-        tracker.log_params(progress.run_id, params)
-        if not weights.used:
-            tracker.set_tags(progress.run_id, {"warning": f"trained from scratch: {weights.detail}"})
-    run_id = progress.run_id
-
-    def save_checkpoint() -> None:
-        rng = world.gather(_rng_state(world.device))  # a collective: every rank takes part
-        if not world.main:
-            return
-        with atomic_path(ckpt) as tmp:
-            torch.save(
-                {
-                    "model": net.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": progress.step,
-                    "epoch": progress.step // per_epoch,
-                    "world": world.size,
-                    "torch_rng": rng,
-                    "flip_rng": flips.get_state(),
-                    "history": progress.history,
-                    "mlflow_run_id": run_id,
-                },
-                tmp,
-            )
-
-    bar = tqdm(
-        total=total,
-        initial=progress.step,
-        desc=f"train {variant}",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not world.main,
-    )
-    t_start, images = time.perf_counter(), 0
-    set_lr(opt, lr_at(s, progress.step, total, peak))
-    step_fn = make_step(model, opt, criterion, StepConfig(s.bf16, s.channels_last, s.grad_clip), graphs)
-
-    def after_step() -> None:
-        nonlocal images
-        step = progress.step
-        images += bs
-        set_lr(opt, lr_at(s, step, total, peak))
-        if job_info is not None:
-            distributed.check_parent(job_info)
-        end_of_epoch = step % per_epoch == 0 or step == total
-        checkpoint = step % s.checkpoint_every == 0 or end_of_epoch
-        if tracker is not None:
-            bar.update(1)
-        if checkpoint or step % s.log_every == 0:
-            at_boundary(step, end_of_epoch, checkpoint)
-        if on_step is not None:
-            on_step(step)
-
-    def at_boundary(step: int, end_of_epoch: bool, checkpoint: bool) -> None:
-        read = progress.read_losses(world, s.lr)  # every rank, at the same steps: the one sync
-        if tracker is not None:
-            bar.set_postfix(loss=f"{read[-1][1]:.4f}", img_s=f"{images / (time.perf_counter() - t_start):.1f}")
-            report(step, total, f"{variant}: step {step} of {total}, loss {read[-1][1]:.4f}")
-            for at, value in read:
-                if at % s.log_every == 0 or at == total:
-                    tracker.log_metrics(run_id, {"train_loss": value}, at)
-            val = validate(net, val_shards, bs, s.channels_last, world.device) if end_of_epoch else None
-            if val is not None:
-                progress.history["val"].append((step, val[0]))
-                progress.history["val_gray"] = val[1]
-                metrics = {"val_loss": val[0], "val_loss_gray_baseline": val[1], "epoch": step / per_epoch}
-                tracker.log_metrics(run_id, metrics, step)
-                log.info("%s step %d: val MSE %.5f (grayscale baseline %.5f)", variant, step, *val)
-                if s.keep == "best" and val[0] < progress.history.get("best", (0, math.inf))[1]:
-                    with atomic_path(scratch / BEST) as tmp:  # before the checkpoint that records it
-                        torch.save(net.state_dict(), tmp)
-                    progress.history["best"] = (step, val[0])
-        if checkpoint:
-            save_checkpoint()
-
-    cuda = world.device.type == "cuda"
-    workers = loader_workers(s, world.device)
-    while progress.step < total:
-        epoch = progress.step // per_epoch
-        dataset.set_epoch(epoch, skip=(progress.step % per_epoch) * bs)
-        loader = DataLoader(
-            dataset,
-            batch_size=bs // world.size,
-            drop_last=True,  # every step the same shape: what a captured graph needs
-            generator=loader_gen,
-            pin_memory=cuda,
-            num_workers=workers,
-        )
-        epoch_end = min(total, (epoch + 1) * per_epoch)
-        train_one_epoch(step_fn, loader, s, flips, progress, epoch_end, after_step, world)
-    bar.close()
-    if tracker is None:
+    (out / SCRATCH).mkdir(parents=True, exist_ok=True)
+    # Read before building: a damaged checkpoint means a fresh start.
+    state = checkpoint.read(out / SCRATCH / checkpoint.CHECKPOINT, plan["facts"]["variant"], world.size)
+    t = build_setup(out, plan, world)
+    progress = resume(t, state)
+    record = start_record(t, progress, parent_run_id)
+    t_start = time.perf_counter()
+    images = run_epochs(t, progress, record, on_step, job_info)
+    if record is None:
         return None
-    ips = images / (time.perf_counter() - t_start) if images else None
-
-    history = progress.history
-    net = net.cpu()
-    kept = _keep(net, s, history, scratch / BEST, variant)
-    save_trained(net, out)
-    write_json(out / "history.json", history)
-    net.eval()
-    l_norm, ab = first_batch(val_shards or shard_paths(prepared, "train"), s.preview_images)
-    with torch.no_grad():
-        pred = net(l_norm)
-    save_png(grid(l_norm, [pred, ab]), out / "samples.png")
-    save_loss_curve(history["train"], history["val"], out / "loss_curve.png", f"{variant} fusion")
-    for name in ("samples.png", "loss_curve.png", SPEC_FILE):
-        tracker.log_artifact(run_id, out / name)
-    tracker.end_run(run_id)
-    return {
-        "variant": variant,
-        "steps": progress.step,
-        "spec": spec.as_dict(),
-        "mlflow_run_id": run_id,
-        "final_train_loss": history["train"][-1][1] if history["train"] else None,
-        "val_loss": kept[1] if kept else None,
-        "kept_step": kept[0] if kept else None,
-        "val_loss_gray_baseline": history.get("val_gray"),
-        "pretrained": {"used": weights.used, "detail": weights.detail},
-        "images_per_second": round(ips, 2) if ips else None,
-        "seed": seed,
-        "world_size": world.size,
-        "accelerator": plan["facts"]["accelerator"],
-    }
+    record.close()
+    return finish(t, progress, record, images / (time.perf_counter() - t_start) if images else None)
 
 
 def _keep(net: Colorizer, s: Settings, history: dict[str, Any], best: Path, variant: str) -> tuple[int, float] | None:
@@ -576,62 +585,6 @@ def _keep(net: Colorizer, s: Settings, history: dict[str, Any], best: Path, vari
     if s.keep == "best":
         log.warning("%s: train.keep=best without a validation split keeps the last weights", variant)
     return tuple(history["val"][-1]) if history["val"] else None
-
-
-JOB_DIR = "ddp"  # under scratch: the job file, rank 0's result and the ranks' error reports
-RESULT = "result.json"
-
-
-def _launch(out: Path, plan: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
-    """Run this variant as a torchrun job (see tasks.distributed) and return rank 0's result."""
-    s = Settings.model_validate(plan["config"])
-    if s.pretrained:  # fetch once here, not once per rank
-        for name in ("resnet50", "densenet121"):
-            pretrained.locate(name, allow_download=True)
-    job = out / SCRATCH / JOB_DIR / "job.json"
-    (job.parent / RESULT).unlink(missing_ok=True)
-    launch = distributed.Launch(nproc_per_node=s.devices, nnodes=s.nodes, rdzv_id=plan["key"][:32])
-    info = {"plan": plan, "out": str(out), "parent_run_id": parent_run_id}
-    what = f"train {plan['facts']['variant']}"
-    try:
-        distributed.launch(launch, job, info, what, {"DivergedError": DivergedError})
-    except RankFailed as exc:
-        step = _checkpoint_step(out / SCRATCH / CHECKPOINT)
-        then = f"a rerun resumes from step {step}" if step else "no checkpoint yet: a rerun starts over"
-        raise RankFailed(f"{exc} ({then})") from None
-    return json.loads((job.parent / RESULT).read_text())
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    """The step a checkpoint holds, read without loading its tensors (memory-mapped)."""
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
-    except Exception:  # noqa: BLE001 - absent or damaged: the rerun reports it and starts over
-        return None
-
-
-def worker_main(argv: list[str]) -> int:
-    """A rank's entry point (``python -m tasks.train_worker JOB``, started by torchrun)."""
-    job = Path(argv[0])
-    info = json.loads(job.read_text())
-    s = Settings.model_validate(info["plan"]["config"])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    world = distributed.join(info["plan"]["facts"]["accelerator"])
-    if not world.main:
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        with distributed.report_errors(job, world.rank):
-            if s.threads is None and world.device.type == "cpu":
-                # torchrun sets one thread per process; share this node's cores between its ranks instead
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // s.devices))
-            result = train_variant(Path(info["out"]), info["plan"], info["parent_run_id"], world=world, job_info=info)
-            if result is not None:
-                write_json(job.parent / RESULT, result)
-    except Exception as exc:  # noqa: BLE001 - recorded with its traceback for the stage, which reports it
-        return exc.exit_code if isinstance(exc, UserFacingError) else 1  # in one line; nothing printed here
-    finally:
-        distributed.leave()
-    return 0
 
 
 def run(

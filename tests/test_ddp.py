@@ -22,7 +22,8 @@ from flows.config import build_config
 from model.colorizer import load_folder
 from storage.errors import ConfigError, UserFacingError
 from storage.shards import ShardDataset, shard_paths, write_shards
-from tasks import distributed, download, prepare, train
+from tasks import checkpoint, distributed, download, prepare, train
+from tasks.train_step import DivergedError
 
 
 # ------------------------------------------------------------------ the sample split (no processes)
@@ -105,9 +106,9 @@ def test_a_ranks_recorded_error_becomes_one_line_of_the_right_kind(tmp_path: Pat
         }
 
     where = tmp_path / "error-rank0.json"
-    known = {"DivergedError": train.DivergedError}
+    known = {"DivergedError": DivergedError}
     err = distributed._rank_error(record("DivergedError", "training diverged", True, 2), 0, 2, known, where)
-    assert type(err) is train.DivergedError and err.exit_code == 2
+    assert type(err) is DivergedError and err.exit_code == 2
     err = distributed._rank_error(record("StageError", "a file blocks it", True, 3), 1, 2, known, where)
     assert isinstance(err, UserFacingError) and err.exit_code == 3 and str(err) == "a file blocks it"
     err = distributed._rank_error(record("KeyError", "'lab.npy'\n", False), 0, 2, known, where)
@@ -211,7 +212,7 @@ def test_a_killed_rank_is_one_line_and_the_rerun_ends_bitwise_equal_to_an_uninte
 
     # killed: rank 1 gets SIGKILL once a checkpoint exists
     plan = _plan(prepared, tmp_path / "b", 2)
-    ckpt = tmp_path / "b" / "train" / f"{plan['key']}.partial" / "scratch" / train.CHECKPOINT
+    ckpt = tmp_path / "b" / "train" / f"{plan['key']}.partial" / "scratch" / checkpoint.CHECKPOINT
 
     def kill_rank_1() -> None:
         while not ckpt.exists():
@@ -244,7 +245,7 @@ def test_a_killed_rank_is_one_line_and_the_rerun_ends_bitwise_equal_to_an_uninte
 def test_an_error_inside_a_rank_keeps_its_class_and_message(prepared: dict, tmp_path: Path, watchdog) -> None:
     cfg = build_config("tiny", [*_TRAIN, "train.devices=2", "train.lr=1e30", "train.grad_clip=null"])
     plan = train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path)
-    with pytest.raises(train.DivergedError, match="training diverged at step") as err:
+    with pytest.raises(DivergedError, match="training diverged at step") as err:
         train.run(plan)
     assert isinstance(err.value, UserFacingError) and err.value.exit_code == 2 and "\n" not in str(err.value)
 

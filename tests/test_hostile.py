@@ -38,13 +38,14 @@ def test_non_finite_settings_are_refused(setting: str, tmp_path: Path, capsys) -
 
 def test_a_diverging_loss_fails_training_and_caches_nothing(tmp_path: Path, monkeypatch) -> None:
     from tasks import download, prepare, train
+    from tasks.train_step import DivergedError
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     cfg = build_config("tiny", ["train.lr=1e30", "train.grad_clip=null", "train.max_steps=4"])
     dl = download.run(download.plan(cfg.download, cfg.seed, tmp_path)).manifest
     prep = prepare.run(prepare.plan(cfg.prepare, cfg.seed, dl, None, tmp_path)).manifest
     plan = train.plan(cfg.train, cfg.seed, "max", prep, tmp_path)
-    with pytest.raises(train.DivergedError, match="training diverged at step"):
+    with pytest.raises(DivergedError, match="training diverged at step"):
         train.run(plan)
     assert not (tmp_path / "train" / plan["key"]).exists()
     assert json.loads((tmp_path / "train" / "last.json").read_text())["state"] == "failed"

@@ -18,6 +18,7 @@ from model.colorizer import Colorizer, ColorizerSpec, ResNetEncoder, adapt_stem,
 from model.colorizer import load_folder as load_model
 from storage.shards import shard_paths
 from tasks import download, prepare, train
+from tasks.train_step import DivergedError
 
 
 @pytest.mark.parametrize("fusion", ["concat", "average", "max"])
@@ -235,7 +236,7 @@ def test_a_nan_at_step_k_stops_the_run_before_anything_diverged_is_written_and_t
         return poisoned
 
     monkeypatch.setattr(train, "loss_fn", nan_at_third_step)
-    with pytest.raises(train.DivergedError, match="training diverged at step 3: the loss is nan"):
+    with pytest.raises(DivergedError, match="training diverged at step 3: the loss is nan"):
         train.run(plan)
     assert calls["n"] == 4  # found at the next boundary, not at the step itself
     partial = tmp_path / "b" / "train" / f"{plan['key']}.partial"
