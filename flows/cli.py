@@ -8,11 +8,11 @@ torch, about 2-4 s); Prefect and MLflow are imported only after validation.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from storage.errors import ConfigError, UserFacingError
@@ -170,13 +170,13 @@ def _check_stage(name: str, flag: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.env import configure, require_prefect_api, stop_on_signals, stop_orphaned_servers
 
-    # Before Prefect is imported: it reads its settings (the temporary server's start timeout) once, then,
-    # and warns when the work dir that holds its home does not exist yet.
+    # Before Prefect is imported: it reads its settings (the temporary server's start timeout) once, then.
     configure(_workdir_path(args.workdir))
-    with contextlib.suppress(OSError):  # one that cannot be made is reported below, in one line
-        _workdir_path(args.workdir).mkdir(parents=True, exist_ok=True)
-
-    from flows.pipeline import configure_run
+    with warnings.catch_warnings():
+        # A first run's work dir, which holds Prefect's home, is made after the checks below (a refused run
+        # leaves nothing behind); Prefect's warning that it cannot make its home yet is noise.
+        warnings.filterwarnings("ignore", message="Failed to create the Prefect home directory")
+        from flows.pipeline import configure_run
     from tasks.download import SOURCES
 
     if args.dataset not in SOURCES:
@@ -195,8 +195,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         readers = ", ".join(n for n, s in SOURCES.items() if s.needs_path)
         raise ConfigError(f"--path is only for --dataset {readers}")
     path = str(Path(args.path).expanduser().resolve()) if args.path else None
-    cfg, _ = configure_run(args.dataset, preset, overrides, path)
-    from flows.pipeline import preflight, redact_overrides
+    cfg, every = configure_run(args.dataset, preset, overrides, path)
+    from flows.pipeline import hand_over, preflight, redact_overrides
 
     preflight(cfg)
     workdir = _workdir(args.workdir)
@@ -217,6 +217,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in ("prefect.flow_runs", "prefect.task_runs"):  # failures are reported below, in one line
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
+    hand_over(preset, every, cfg)  # checked above: the flow takes it instead of checking again
     result = pipeline(
         dataset=cfg.download.dataset,
         preset=preset,

@@ -1,6 +1,7 @@
 """The pipeline's stages, in order, declared once: each stage's name and the module that implements it
 (``STAGE``, ``Settings``, ``plan()``, ``run()``). The configuration's sections (flows.config), the CLI's
-stage choices, the import-linter independence contract and the contract tests all read this list.
+stage choices and the contract tests read this list; a test holds pyproject.toml's import-linter
+independence contract to it. The flow's wiring (which manifests each plan takes) is flows.pipeline's.
 
 Light on purpose: nothing here imports a stage (``colorize --help`` lists the names without torch).
 """

@@ -229,17 +229,14 @@ def redact_overrides(overrides: list[str]) -> list[str]:
 
 
 # `colorize run` validates the settings and runs the preflight checks before Prefect starts, then calls
-# the flow, which must do both itself when a deployment runs it: in one process each is done once.
-_CONFIGURED: dict[tuple[str, tuple[str, ...]], PipelineConfig] = {}
-_PREFLIGHTED: set[str] = set()
+# the flow, which must do both itself when a deployment runs it. The CLI hands its checked config to the
+# one flow call that follows (keyed by the arguments), which takes it instead of checking again.
+_CHECKED: dict[tuple[str, tuple[str, ...]], PipelineConfig] = {}
 
 
 def preflight(cfg: PipelineConfig) -> None:
     """Checks a stage can make before any work starts (each stage module's optional ``preflight``), the
-    Dask runner's and the stage store's probe; once per configuration in a process."""
-    done = digest(cfg.model_dump(mode="json"))
-    if done in _PREFLIGHTED:
-        return
+    Dask runner's and the stage store's probe."""
     for module in STAGE_MODULES:
         check = getattr(module, "preflight", None)
         if check is not None:
@@ -247,19 +244,35 @@ def preflight(cfg: PipelineConfig) -> None:
     shard_runner.check(cfg.runner)
     if (store := StageStore.of(cfg.store)) is not None:
         store.check()
-    _PREFLIGHTED.add(done)
 
 
 def configure_run(
     dataset: str, preset: str, overrides: list[str] | None, path: str | None
 ) -> tuple[PipelineConfig, list[str]]:
-    """The config of one run: ``dataset`` and ``path`` are the download section's settings. Validated
-    once per process for the same arguments (a copy each time: callers may not share one)."""
-    every = [*(overrides or []), f"download.dataset={dataset}"] + ([f"download.path={path}"] if path else [])
-    key = (preset, tuple(every))
-    if key not in _CONFIGURED:
-        _CONFIGURED[key] = build_config(preset, every)
-    return _CONFIGURED[key].model_copy(deep=True), every
+    """The config of one run: ``dataset`` and ``path`` are the download section's settings."""
+    every = _arguments(dataset, overrides, path)
+    return build_config(preset, every), every
+
+
+def _arguments(dataset: str, overrides: list[str] | None, path: str | None) -> list[str]:
+    return [*(overrides or []), f"download.dataset={dataset}"] + ([f"download.path={path}"] if path else [])
+
+
+def hand_over(preset: str, every: list[str], cfg: PipelineConfig) -> None:
+    """Give the flow call that follows in this process ``cfg``, validated and preflight-checked by the
+    caller, so that it does not check the same run twice."""
+    _CHECKED[(preset, tuple(every))] = cfg
+
+
+def _checked(dataset: str, preset: str, overrides: list[str], path: str | None) -> PipelineConfig:
+    """The run's config: the one handed over for these arguments (taken: used once), else validated
+    and preflight-checked now (a deployment's run, or a call from Python)."""
+    every = _arguments(dataset, overrides, path)
+    cfg = _CHECKED.pop((preset, tuple(every)), None)
+    if cfg is None:
+        cfg = build_config(preset, every)
+        preflight(cfg)
+    return cfg
 
 
 def train_name(variant: str, seed: int, named: bool) -> str:
@@ -281,12 +294,11 @@ def pipeline(
     """Run the stages up to ``until`` (or just ``only``); return what each did and where its output is."""
     run_page.stage_logs_at_info()
     real = [_REAL_OVERRIDES.get(item, item) for item in overrides or []]
-    cfg, _ = configure_run(dataset, preset, real, path)
-    preflight(cfg)
+    cfg = _checked(dataset, preset, real, path)
     wd = Path(workdir).resolve()
     run = Runner(wd, set(force or []), only, StageStore.of(cfg.store))
     stop = STAGES.index(only or until)
-    out: dict[str, Any] = {"workdir": str(wd), "stages": {}, "calls": []}
+    out: dict[str, Any] = {"workdir": str(wd), "flow_run_id": _flow_run_id(), "stages": {}, "calls": []}
 
     def done() -> dict[str, Any]:
         out["calls"] = [asdict(c) for c in run.calls]

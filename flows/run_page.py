@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -38,11 +38,11 @@ class ProgressArtifact:
     first report and updated at most every ``PROGRESS_EVERY_S`` seconds (and at 100%)."""
 
     def __init__(self, stage: str) -> None:
-        self.stage, self.id, self.last = stage, None, 0.0
+        self.stage, self.id, self.last, self.broken = stage, None, 0.0, False
 
     def __call__(self, fraction: float, what: str) -> None:
         now = time.monotonic()
-        if self.id is not None and fraction < 1.0 and now - self.last < PROGRESS_EVERY_S:
+        if self.broken or (self.id is not None and fraction < 1.0 and now - self.last < PROGRESS_EVERY_S):
             return
         self.last = now
         try:
@@ -53,7 +53,8 @@ class ProgressArtifact:
                 self.id = _uuid(create_progress_artifact(100 * fraction, description=description))
             else:
                 update_progress_artifact(self.id, 100 * fraction, description=description)
-        except Exception as exc:  # noqa: BLE001 - a view only: the stage goes on
+        except Exception as exc:  # noqa: BLE001 - a view only: the stage goes on, without it
+            self.broken = True
             log.debug("progress artifact for %s not written: %s", self.stage, exc)
 
 
@@ -63,12 +64,16 @@ def _uuid(value: Any) -> UUID:
 
 def evaluation(manifest: Mapping[str, Any]) -> None:
     """The evaluate stage's table (its ``metrics.md``) as the run's markdown artifact."""
-    table = Path(manifest["folder"]) / "metrics.md"
-    _markdown(EVALUATION_KEY, table.read_text(), "Test-split metrics of every variant and the grayscale baseline")
+    description = "Test-split metrics of every variant and the grayscale baseline"
+    _markdown(EVALUATION_KEY, lambda: (Path(manifest["folder"]) / "metrics.md").read_text(), description)
 
 
 def champion(registered: Mapping[str, Any]) -> None:
     """The registered champion as a markdown artifact: which model, where to load it from, and why."""
+    _markdown(CHAMPION_KEY, lambda: _champion_md(registered), "The model this run registered under the champion alias")
+
+
+def _champion_md(registered: Mapping[str, Any]) -> str:
     name, version = registered["model_name"], registered["version"]
     uri = f"models:/{name}@{registered['alias']}"
     sure = {True: "yes", False: "no"}.get(registered.get("beats_baseline_95ci"), "not tested")
@@ -86,13 +91,14 @@ def champion(registered: Mapping[str, Any]) -> None:
         "",
         f"Colorize with it: `colorize image photo.jpg --model {uri}`",
     ]
-    _markdown(CHAMPION_KEY, "\n".join(lines), "The model this run registered under the champion alias")
+    return "\n".join(lines)
 
 
-def _markdown(key: str, markdown: str, description: str) -> None:
+def _markdown(key: str, markdown: Callable[[], str], description: str) -> None:
+    """Publish ``markdown()`` under ``key``; any failure, composing it included, is a warning."""
     try:
         from prefect.artifacts import create_markdown_artifact
 
-        create_markdown_artifact(markdown, key=key, description=description)
+        create_markdown_artifact(markdown(), key=key, description=description)
     except Exception as exc:  # noqa: BLE001 - a view only: the run's outcome does not depend on it
         log.warning("could not publish the %s artifact to Prefect: %s", key, exc)

@@ -12,7 +12,7 @@ d. offline: the same network shipped as ncnn fp16 in the ``sr-vulkan-model-reale
 The network is spandrel's ESRGAN (the RRDBNet of Real-ESRGAN, old-arch layer names): spandrel reads the
 official state dict layout (``params_ema``, ``conv_first``/``body.N.rdbM``/``conv_up1``...) and detects its
 hyperparameters, and its forward is bitwise that of basicsr's ``RRDBNet`` on the same weights
-(``scripts/realesrgan_reference.py`` checks it where basicsr is installed). basicsr, last released in 2022,
+(``bench/upscale.py --write-reference`` checks it where basicsr is installed). basicsr, last released in 2022,
 is needed only by the benchmark against ``RealESRGANer`` (the ``bench`` extra).
 """
 
@@ -64,7 +64,8 @@ class WeightsInfo:
 
 
 def rrdbnet() -> torch.nn.Module:
-    """An untrained RRDBNet x4plus (64 filters, 23 blocks, 4x): the shape every weights file must fit."""
+    """An untrained RRDBNet x4plus (64 filters, 23 blocks, 4x), for random-weight benchmarks and tests;
+    weights files load through :func:`rrdbnet_from`, which also refuses any other shape."""
     from spandrel.architectures.ESRGAN import ESRGAN
 
     return ESRGAN(in_nc=3, out_nc=3, num_filters=64, num_blocks=23, scale=SCALE)

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from storage.atomic import TMP_MARK, fsync_dir, is_temp, temp_name, write_json
@@ -308,6 +308,10 @@ def install(
     bad = [rel for rel in manifest.get("files", {}) if not safe_relative(rel)]
     if bad:
         return None, f"its manifest names a file outside the stage folder: {bad[0]!r}"
+    names = set(manifest.get("files", {}))
+    folders = {str(parent) for rel in names for parent in PurePosixPath(rel).parents}
+    if clash := sorted(names & folders):
+        return None, f"its file names clash: {clash[0]!r} is both a file and a folder"
     final = plan_folder(plan)
     with _locked(final.parent / f"{plan['key']}.lock", f"{plan['stage']}/{plan['key']}"):
         if (done := finished(plan)) is not None:

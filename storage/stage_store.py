@@ -19,8 +19,8 @@ each PUT is atomic on its own, the manifest is the commit record, and a copy wou
 twice.
 
 A stage's objects move concurrently: one batched ``put`` (publish) or ``get`` (pull) of all its files,
-which s3fs runs as parallel requests (fsspec's ``gather_batch_size``, 128 by default), the manifest
-alone after them.
+which s3fs runs as ``TRANSFERS`` requests at a time (each in flight holds up to a file in memory: s3fs
+reads files under 100 MiB whole), the manifest alone after them.
 
 Credentials come from the usual AWS environment (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``,
 ``AWS_PROFILE``, ``~/.aws``; ``AWS_ENDPOINT_URL_S3`` for a non-AWS server) through s3fs/botocore; they
@@ -48,11 +48,13 @@ from fsspec.callbacks import Callback
 from pydantic import field_validator
 
 from storage.errors import ConfigError, TransientError
+from storage.redact import has_userinfo
 from storage.settings import Section, flow_setting
 from storage.stage import MANIFEST, install, self_checks, verify
 
 log = logging.getLogger(__name__)
 _SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_SESSION_TOKEN")
+TRANSFERS = 16  # files in flight at once in a stage's publish or pull
 
 
 class Settings(Section):
@@ -77,26 +79,31 @@ class Settings(Section):
         return options
 
 
-_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "passwd", "credential")
+_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "authorization")
 
 
-def _credential_keys(options: Mapping[str, Any], where: str = "") -> set[str]:
-    """The option names, at any depth, that could carry a secret (``key``, ``secret``,
-    ``aws_secret_access_key``, ``token``...); ``kwargs`` names such as ``client_kwargs`` are not."""
+def _credential_keys(options: Any, where: str = "") -> set[str]:
+    """Where, at any depth (mappings and lists), the options could carry a secret: a name such as
+    ``key``, ``secret``, ``aws_secret_access_key``, ``token`` or ``Authorization`` (``kwargs`` names such
+    as ``client_kwargs`` are not; nor is a KMS key id, which names a key without granting anything), or a
+    URL value with ``user:password@``."""
     found = set()
-    for name, value in options.items():
+    items = options.items() if isinstance(options, Mapping) else enumerate(options) if isinstance(options, list) else ()
+    for name, value in items:
         path = f"{where}{name}"
-        if any(word in str(name).lower().replace("kwargs", "") for word in _CREDENTIAL_WORDS):
+        lowered = str(name).lower().replace("kwargs", "")
+        named = "kms" not in lowered and any(word in lowered for word in _CREDENTIAL_WORDS)
+        if named or (isinstance(value, str) and has_userinfo(value)):
             found.add(path)
-        if isinstance(value, Mapping):
-            found |= _credential_keys(value, f"{path}.")
+        found |= _credential_keys(value, f"{path}.")
     return found
 
 
 def configure(url: str, options: Mapping[str, Any]) -> None:
     """Make ``options`` fsspec's configuration for ``url``'s protocol here and in child processes (see
-    the module docstring), so every file system opened on a store URL, by this process or a worker it
-    starts, uses the same endpoint and client settings."""
+    the module docstring): every file system of that protocol opened by this process or a worker it
+    starts uses the same endpoint and client settings (an ``s3://`` download URL too). Merged into any
+    fsspec configuration already there; nothing changes without options."""
     if not options:
         return
     import fsspec.config
@@ -224,7 +231,7 @@ class StageStore:
         names = list(local["files"])
         sources = [str(Path(folder) / rel) for rel in names]
         targets = [self._path(stage, key, rel) for rel in names]
-        self._call("uploading", self.fs.put, sources, targets, callback=_Progress(progress))
+        self._call("uploading", self.fs.put, sources, targets, callback=_Progress(progress), batch_size=TRANSFERS)
         self._call("uploading", self.fs.put_file, str(Path(folder) / MANIFEST), self._path(stage, key, MANIFEST))
         log.info("published %s/%s to %s (%d files)", stage, key, self.url, len(local["files"]))
         return True
@@ -240,7 +247,7 @@ class StageStore:
 
         def fetch(pairs: list[tuple[str, Path]]) -> None:
             sources = [self._path(stage, key, rel) for rel, _ in pairs]
-            self._call("downloading", self.fs.get, sources, [str(dest) for _, dest in pairs])
+            self._call("downloading", self.fs.get, sources, [str(dest) for _, dest in pairs], batch_size=TRANSFERS)
 
         try:
             manifest, problem = install(plan, remote, fetch)

@@ -57,7 +57,7 @@ class Settings(Section):
 def plan(
     s: Settings, seed: int, download: dict[str, Any], upscaled: dict[str, Any] | None, workdir: Path
 ) -> dict[str, Any]:
-    inputs = {"download": download, UPSCALED: upscaled}
+    inputs = {"download": download, "upscaled": upscaled}  # the plan's input names (in its key), not set names
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), {"seed": seed})
 
 
@@ -151,7 +151,7 @@ def run(
     through the stage ``store`` when there is one), then join each split's parts, in input order, into
     shards of ``shard_maxcount`` samples."""
     settings = Settings.model_validate(plan["config"])
-    download, upscaled = plan["inputs"]["download"], plan["inputs"][UPSCALED]
+    download, upscaled = plan["inputs"]["download"], plan["inputs"]["upscaled"]
 
     remote = exchange(runner, store, STAGE, plan["key"])
 

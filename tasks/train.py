@@ -1,7 +1,9 @@
 """Training stage: one fusion variant on the prepared train split, resumable, logged to MLflow.
 
-The loop reads like torchvision's classification reference: :func:`train_one_epoch`, :func:`validate`,
-and checkpointing in a few lines. Adam (constant or cosine-annealed rate), MSE on ab (optionally +L1 or
+The loop reads like torchvision's classification reference: :func:`train_variant` is build, resume,
+record, the epoch loop (:func:`train_one_epoch`, :func:`validate`) and finish; checkpoints are
+tasks.checkpoint's, rank 0's MLflow record tasks.train_record's, a torchrun job tasks.distributed's.
+Adam (constant or cosine-annealed rate), MSE on ab (optionally +L1 or
 +colourfulness), optional bf16 autocast, gradient clipping, channels_last; the last weights are kept, or
 the epoch end's with the lowest validation MSE. Every ``checkpoint_every`` steps the model, optimizer,
 step, data position and RNG state are written atomically to ``scratch/checkpoint.pt``; a killed run
@@ -432,8 +434,8 @@ def run_epochs(
     record: TrainRecord | None,
     on_step: Callable[[int], None] | None,
     job_info: dict[str, Any] | None,
-) -> int:
-    """The epoch loop from ``progress.step`` to the end; returns the images it trained on. At each
+) -> float | None:
+    """The epoch loop from ``progress.step`` to the end; returns its images per second. At each
     boundary (``log_every``, checkpoints, epoch ends) the losses are read in one sync, rank 0 validates
     at epoch ends (keeping the best weights with ``keep=best``), and a checkpoint is written."""
     s, world, model = t.s, t.world, t.net
@@ -484,7 +486,7 @@ def run_epochs(
         train_one_epoch(
             step_fn, loader, s, t.flips, progress, min(t.total, (epoch + 1) * t.per_epoch), after_step, world
         )
-    return images
+    return images / (time.perf_counter() - t_start) if images else None
 
 
 def _validated(t: Setup, progress: Progress, record: TrainRecord, step: int) -> None:
@@ -565,12 +567,11 @@ def train_variant(
     t = build_setup(out, plan, world)
     progress = resume(t, state)
     record = start_record(t, progress, parent_run_id)
-    t_start = time.perf_counter()
-    images = run_epochs(t, progress, record, on_step, job_info)
+    images_per_second = run_epochs(t, progress, record, on_step, job_info)
     if record is None:
         return None
     record.close()
-    return finish(t, progress, record, images / (time.perf_counter() - t_start) if images else None)
+    return finish(t, progress, record, images_per_second)
 
 
 def _keep(net: Colorizer, s: Settings, history: dict[str, Any], best: Path, variant: str) -> tuple[int, float] | None:

@@ -1,5 +1,5 @@
 """Real-ESRGAN: the weight resolution order, the real ncnn-derived network, both engines against RealESRGANer's
-own output (tests/data/realesrgan_reference.npz, written by scripts/realesrgan_reference.py)."""
+own output (tests/data/realesrgan_reference.npz, written by bench/upscale.py --write-reference)."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def reference(converted) -> tuple[np.ndarray, np.ndarray]:
     defaults), computed with basicsr on the same ncnn-derived weights: the reference both engines meet."""
     ref = np.load(REFERENCE)
     assert str(ref["weights_sha256"]) == converted[1].sha256, (
-        "the shipped ncnn weights changed: rerun scripts/realesrgan_reference.py (needs the bench extra)"
+        "the shipped ncnn weights changed: rerun bench/upscale.py --write-reference (the bench extra)"
     )
     return ref["inputs"], ref["reference"]
 

@@ -136,6 +136,10 @@ def test_a_manifest_naming_files_outside_its_folder_is_refused(tmp_path: Path) -
         got, why = install({**plan, "workdir": str(tmp_path / "w")}, hostile, lambda pairs: fetched.extend(pairs))
         assert got is None and "outside the stage folder" in why, name
     assert not fetched and not list(tmp_path.rglob("escaped.bin"))
+    clashing = {**manifest, "files": {"a": manifest["files"]["a.bin"], "a/b": manifest["files"]["a.bin"]}}
+    clashing["manifest_sha256"] = digest({k: v for k, v in clashing.items() if k != "manifest_sha256"})
+    got, why = install({**plan, "workdir": str(tmp_path / "w")}, clashing, lambda pairs: fetched.extend(pairs))
+    assert got is None and "'a' is both a file and a folder" in why and not fetched
 
 
 def test_the_stage_process_fetches_worker_outputs_only_by_names_inside_its_folder(tmp_path: Path) -> None:
@@ -254,12 +258,18 @@ def test_store_options_reach_the_store_and_the_processes_it_starts(
 def test_store_options_holding_credentials_are_refused_without_echoing_them() -> None:
     from flows.config import build_config
 
-    for options in ('{"key": "AKIAEXAMPLE"}', '{"client_kwargs": {"aws_secret_access_key": "s3cr3t"}}'):
+    for options in (
+        '{"key": "AKIAEXAMPLE"}',
+        '{"client_kwargs": {"aws_secret_access_key": "s3cr3t"}}',
+        '{"endpoint_url": "https://AKIAEXAMPLE:s3cr3t@minio.example:9000"}',
+        '{"client_kwargs": {"headers": [{"Authorization": "Bearer s3cr3t"}]}}',
+    ):
         with pytest.raises(ConfigError, match="store.options: must not hold credentials") as err:
             build_config("tiny", ["store.url=s3://b/p", f"store.options={options}"])
         assert "AKIAEXAMPLE" not in str(err.value) and "s3cr3t" not in str(err.value)
-    cfg = build_config("tiny", ["store.url=s3://b/p", 'store.options={"client_kwargs": {"region_name": "eu-1"}}'])
-    assert cfg.store.options == {"client_kwargs": {"region_name": "eu-1"}}
+    fine = {"client_kwargs": {"region_name": "eu-1"}, "s3_additional_kwargs": {"SSEKMSKeyId": "arn:aws:kms:k"}}
+    cfg = build_config("tiny", ["store.url=s3://b/p", f"store.options={json.dumps(fine)}"])
+    assert cfg.store.options == fine
 
 
 def test_one_run_validates_its_settings_once_and_probes_the_store_once(
