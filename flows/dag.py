@@ -1,7 +1,7 @@
 """The pipeline's stages, in order, declared once: each stage's name and the module that implements it
-(``STAGE``, ``Settings``, ``plan()``, ``run()``). The configuration's sections (flows.config), the CLI's
-stage choices and the contract tests read this list; a test holds pyproject.toml's import-linter
-independence contract to it. The flow's wiring (which manifests each plan takes) is flows.pipeline's.
+(``STAGE``, ``Settings``, ``plans()``, ``run()``) and what it takes from which earlier stages. The flow's
+wiring (flows.pipeline), the configuration's sections (flows.config), the CLI's stage choices and the
+contract tests read this list; a test holds pyproject.toml's import-linter independence contract to it.
 
 Light on purpose: nothing here imports a stage (``colorize --help`` lists the names without torch).
 """
@@ -15,17 +15,26 @@ from types import ModuleType
 
 @dataclass(frozen=True)
 class StageSpec:
+    """``name``: the stage (its settings section, its tasks' names); ``module``: its code, which gives
+    ``plans(settings, seed, inputs, workdir) -> {task name: plan}`` (none: skipped; several: one task
+    each); ``inputs``: the stages whose results its plans take (a manifest, a list of them for a stage of
+    several tasks, or None for a skipped one); ``uses``: what the flow gives it: ``network`` (retries on a
+    network failure), ``shards`` (where shard jobs run and meet), ``parent_run`` (the pipeline's MLflow
+    run, passed to its ``run``)."""
+
     name: str
     module: str
+    inputs: tuple[str, ...] = ()
+    uses: frozenset[str] = frozenset()
 
 
 SPECS: tuple[StageSpec, ...] = (
-    StageSpec("download", "tasks.download"),
-    StageSpec("upscale", "tasks.upscale"),
-    StageSpec("prepare", "tasks.prepare"),
-    StageSpec("train", "tasks.train"),
-    StageSpec("evaluate", "tasks.evaluate"),
-    StageSpec("register", "tasks.register"),
+    StageSpec("download", "tasks.download", uses=frozenset({"network"})),
+    StageSpec("upscale", "tasks.upscale", ("download",), frozenset({"shards"})),
+    StageSpec("prepare", "tasks.prepare", ("download", "upscale"), frozenset({"shards"})),
+    StageSpec("train", "tasks.train", ("prepare",), frozenset({"parent_run"})),
+    StageSpec("evaluate", "tasks.evaluate", ("prepare", "train"), frozenset({"parent_run"})),
+    StageSpec("register", "tasks.register", ("evaluate", "train")),
 )
 STAGES: tuple[str, ...] = tuple(s.name for s in SPECS)
 

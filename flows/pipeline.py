@@ -1,5 +1,10 @@
 """The Prefect DAG: download -> upscale -> prepare -> train x variants -> evaluate -> register.
 
+The wiring is flows/dag.py's list: each stage in order, its plans made from the results of the stages
+it names, run as one task per plan (a stage with no plan is skipped, one with several fans out and
+fails once all have ended). What the run reports beyond the stage folders (the test table, the
+champion) is in ``_REPORTS``.
+
 One cache: every stage runs through one Prefect task whose cache key is the stage plan's key (the
 stage's own settings, the facts resolved for this run, its inputs' content digests and the hash of
 every module it imports), scoped to the work dir. A cached result is reused only while the stage
@@ -14,28 +19,25 @@ import urllib.error
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from prefect import flow, task
 from prefect.context import get_run_context
 
 from flows import run_page
-from flows.config import STAGE_MODULES, STAGES, PipelineConfig, build_config
+from flows.config import STAGE_MODULES, PipelineConfig, build_config
+from flows.dag import SPECS, STAGES, StageSpec
 from storage import progress, shard_runner
 from storage.errors import TransientError, UserFacingError, disk_full
 from storage.redact import redact, redact_text
 from storage.stage import digest, finished, plan_folder, record
 from storage.stage_store import StageStore
 from storage.tracking import Tracker, flatten
-from tasks import download as download_stage
-from tasks import evaluate as evaluate_stage
-from tasks import prepare as prepare_stage
-from tasks import register as register_stage
-from tasks import train as train_stage
-from tasks import upscale as upscale_stage
 
 log = logging.getLogger(__name__)
 _RUN = {m.STAGE: m.run for m in STAGE_MODULES}
+_NETWORK = {spec.name for spec in SPECS if "network" in spec.uses}  # retried on a network failure
 _RESUME = "finished stages are kept: rerun the same command to resume"
 _TRANSIENT = (TransientError, urllib.error.URLError, ConnectionError, TimeoutError)
 
@@ -157,7 +159,7 @@ class Runner:
             raise StageFailed(
                 f"--only {self.only} needs a finished {stage} stage; run `colorize run --until {stage}` first", 2
             )
-        options = NETWORK_RETRIES if stage == download_stage.STAGE else {}
+        options = NETWORK_RETRIES if stage in _NETWORK else {}
         return stage_task.with_options(name=name, refresh_cache=not intact, **options).submit(
             plan=plan, force=forced, extra=extra or None
         )
@@ -191,17 +193,6 @@ class Runner:
             failure = self.failures[-1]
             raise StageFailed(f"{name} failed: {failure}", failure.exit_code, failure.rerun_helps)
         return manifest
-
-
-def _registered(workdir: Path, plan: dict[str, Any]) -> Callable[[], bool]:
-    """The register stage is intact only if the registry still has the version its manifest names, with
-    the model's files (a lost mlflow.db, or a moved work dir's stale locations, redo the registration)."""
-
-    def check() -> bool:
-        manifest = finished(plan)
-        return Tracker(workdir).version_intact(manifest["model_name"], manifest["alias"], manifest["version"])
-
-    return check
 
 
 def _flow_run_id() -> str:
@@ -275,11 +266,6 @@ def _checked(dataset: str, preset: str, overrides: list[str], path: str | None) 
     return cfg
 
 
-def train_name(variant: str, seed: int, named: bool) -> str:
-    """``train-max``, or ``train-max-seed1`` when the run trains several seeds (or another than its own)."""
-    return f"train-{variant}-seed{seed}" if named else f"train-{variant}"
-
-
 @flow(name="colorize-pipeline", log_prints=True, persist_result=True)
 def pipeline(
     dataset: str = "sample",
@@ -296,94 +282,127 @@ def pipeline(
     real = [_REAL_OVERRIDES.get(item, item) for item in overrides or []]
     cfg = _checked(dataset, preset, real, path)
     wd = Path(workdir).resolve()
-    run = Runner(wd, set(force or []), only, StageStore.of(cfg.store))
+    runner = Runner(wd, set(force or []), only, StageStore.of(cfg.store))
     stop = STAGES.index(only or until)
     out: dict[str, Any] = {"workdir": str(wd), "flow_run_id": _flow_run_id(), "stages": {}, "calls": []}
-
-    def done() -> dict[str, Any]:
-        out["calls"] = [asdict(c) for c in run.calls]
-        return out
-
-    dl = run("download", download_stage.plan(cfg.download, cfg.seed, wd))
-    out["stages"]["download"] = dl["folder"]
-    if stop == STAGES.index("download"):
-        return done()
-
-    up = None
     shard_options = {"runner": cfg.runner.model_dump(), "store": cfg.store.url}  # where shard jobs run and meet
-    if upscale_stage.has_lowres(dl):  # high-res-only sources skip Real-ESRGAN: the DAG decides
-        up = run("upscale", upscale_stage.plan(cfg.upscale, dl, wd), **shard_options)
-        out["stages"]["upscale"] = up["folder"]
-    if stop == STAGES.index("upscale"):
-        return done()
-
-    prep = run("prepare", prepare_stage.plan(cfg.prepare, cfg.seed, dl, up, wd), **shard_options)
-    out["stages"]["prepare"] = prep["folder"]
-    if stop == STAGES.index("prepare"):
-        return done()
-
-    tracker = Tracker(wd)
-    parent = tracker.start_run(
-        f"pipeline-{dataset}", tags={"prefect.flow_run_id": _flow_run_id(), "dataset": dataset, "preset": preset}
-    )
-    out["mlflow_parent_run_id"] = parent
-    status = "FAILED"
+    results: dict[str, Any] = {}
+    parent = ParentRun(wd, dataset, preset, cfg)
     try:
-        tracker.log_params(parent, {**flatten("", cfg.model_dump()), "dataset": dataset, "preset": preset})
-        seeds = cfg.train.seeds or [cfg.seed]  # the data split keeps the run's seed; these seed training
-        named = len(seeds) > 1 or seeds != [cfg.seed]
-        plans = {
-            train_name(v, s, named): train_stage.plan(cfg.train, s, v, prep, wd)
-            for v in cfg.train.variants
-            for s in seeds
-        }
-        trained, failed = [], []
-        pending = []
-        for name, plan in plans.items():
-            future = run.submit(name, plan, parent_run_id=parent)
-            pending.append((name, plan, future))
-            if not cfg.train.concurrent:  # on a CPU, variants would fight for the same cores
-                future.wait()
-        for name, plan, future in pending:
-            manifest = run.resolve(name, plan, future)
-            (trained.append((name, manifest)) if manifest is not None else failed.append(name.removeprefix("train-")))
-        for name, t in trained:
-            out["stages"][name] = t["folder"]
-            tracker.set_tags(parent, {f"train_run.{name.removeprefix('train-')}": t["mlflow_run_id"]})
-        trained = [t for _, t in trained]
-        if failed:
-            worst = max(run.failures, key=lambda f: f.exit_code)
-            raise StageFailed(
-                f"training failed for {', '.join(failed)}: " + "; ".join(str(f) for f in run.failures),
-                worst.exit_code,
-                all(f.rerun_helps for f in run.failures),
-            )
-        if stop == STAGES.index("train"):
-            status = "FINISHED"
-            return done()
-
-        ev = run("evaluate", evaluate_stage.plan(cfg.evaluate, prep, trained, wd), parent_run_id=parent)
-        out["stages"]["evaluate"] = ev["folder"]
-        out["metrics_md"] = str(Path(ev["folder"]) / "metrics.md")
-        run_page.evaluation(ev)
-        if stop == STAGES.index("evaluate"):
-            status = "FINISHED"
-            return done()
-
-        reg_plan = register_stage.plan(cfg.register, ev, trained, wd)
-        reg = run("register", reg_plan, intact_check=_registered(wd, reg_plan))
-        out["stages"]["register"] = reg["folder"]
-        out["registered"] = {
-            k: reg[k]
-            for k in (
-                *("model_name", "alias", "version", "variant", "seed", "n_seeds", "metric", "value"),
-                *("beats_baseline", "beats_baseline_95ci"),
-            )
-        }
-        out["registered"]["onnx_export"] = bool(reg.get("onnx", {}).get("attached", True))
-        run_page.champion(out["registered"])
-        tracker.set_tags(parent, {"champion": f"{reg['variant']} (version {reg['version']})"})
-        status = "FINISHED"
-        return done()
+        for spec, module in zip(SPECS, STAGE_MODULES, strict=True):
+            section = getattr(cfg, spec.name)
+            plans = module.plans(section, cfg.seed, {name: results.get(name) for name in spec.inputs}, wd)
+            extra: dict[str, Any] = dict(shard_options) if "shards" in spec.uses else {}
+            if "parent_run" in spec.uses:
+                extra["parent_run_id"] = parent.start()
+            concurrent = bool(getattr(section, "concurrent", False))
+            results[spec.name] = _run_stage(runner, spec, module, plans, extra, concurrent, out, parent)
+            if (report := _REPORTS.get(spec.name)) is not None:
+                report(results[spec.name], out, parent)
+            if STAGES.index(spec.name) == stop:
+                break
+        parent.status = "FINISHED"
+        if parent.id is not None:
+            out["mlflow_parent_run_id"] = parent.id
+        out["calls"] = [asdict(c) for c in runner.calls]
+        return out
     finally:
-        tracker.end_run(parent, status)
+        parent.end()
+
+
+class ParentRun:
+    """The pipeline's MLflow run, started when the first stage that logs under it is reached (a run that
+    stops before training has none): the config as params, the flow run's id as a tag."""
+
+    def __init__(self, workdir: Path, dataset: str, preset: str, cfg: PipelineConfig) -> None:
+        self.workdir, self.dataset, self.preset, self.cfg = workdir, dataset, preset, cfg
+        self.tracker: Tracker | None = None
+        self.id: str | None = None
+        self.status = "FAILED"
+
+    def start(self) -> str:
+        if self.id is None:
+            self.tracker = Tracker(self.workdir)
+            tags = {"prefect.flow_run_id": _flow_run_id(), "dataset": self.dataset, "preset": self.preset}
+            self.id = self.tracker.start_run(f"pipeline-{self.dataset}", tags=tags)
+            params = {**flatten("", self.cfg.model_dump()), "dataset": self.dataset, "preset": self.preset}
+            self.tracker.log_params(self.id, params)
+        return self.id
+
+    def tag(self, tags: dict[str, str]) -> None:
+        if self.id is not None:
+            self.tracker.set_tags(self.id, tags)
+
+    def end(self) -> None:
+        if self.id is not None:
+            self.tracker.end_run(self.id, self.status)
+
+
+def _run_stage(
+    runner: Runner,
+    spec: StageSpec,
+    module: ModuleType,
+    plans: dict[str, dict[str, Any]],
+    extra: dict[str, Any],
+    concurrent: bool,
+    out: dict[str, Any],
+    parent: ParentRun,
+) -> Any:
+    """One stage's tasks: its manifest (one plan under the stage's name), None (no plan: skipped), or
+    the list of its tasks' manifests (one per plan: a failure of any is raised once all have ended)."""
+    if not plans:
+        return None
+    check = getattr(module, "intact", None)
+    if list(plans) == [spec.name]:
+        plan = plans[spec.name]
+        manifest = runner(spec.name, plan, (lambda: check(plan)) if check else None, **extra)
+        out["stages"][spec.name] = manifest["folder"]
+        return manifest
+    pending = []
+    for name, plan in plans.items():
+        pending.append((name, plan, runner.submit(name, plan, None, **extra)))
+        if not concurrent:  # on a CPU, variants would fight for the same cores
+            pending[-1][2].wait()
+    done, failed = [], []
+    for name, plan, future in pending:
+        manifest = runner.resolve(name, plan, future)
+        (done.append((name, manifest)) if manifest is not None else failed.append(name.removeprefix(f"{spec.name}-")))
+    for name, manifest in done:
+        out["stages"][name] = manifest["folder"]
+        if "mlflow_run_id" in manifest:
+            parent.tag({f"{spec.name}_run.{name.removeprefix(f'{spec.name}-')}": manifest["mlflow_run_id"]})
+    if failed:
+        worst = max(runner.failures, key=lambda f: f.exit_code)
+        raise StageFailed(
+            f"{getattr(module, 'WHAT', spec.name)} failed for {', '.join(failed)}: "
+            + "; ".join(str(f) for f in runner.failures),
+            worst.exit_code,
+            all(f.rerun_helps for f in runner.failures),
+        )
+    return [manifest for _, manifest in done]
+
+
+def _report_evaluation(manifest: dict[str, Any], out: dict[str, Any], parent: ParentRun) -> None:
+    out["metrics_md"] = str(Path(manifest["folder"]) / "metrics.md")
+    run_page.evaluation(manifest)
+
+
+def _report_champion(reg: dict[str, Any], out: dict[str, Any], parent: ParentRun) -> None:
+    out["registered"] = {
+        k: reg[k]
+        for k in (
+            *("model_name", "alias", "version", "variant", "seed", "n_seeds", "metric", "value"),
+            *("beats_baseline", "beats_baseline_95ci"),
+        )
+    }
+    out["registered"]["onnx_export"] = bool(reg.get("onnx", {}).get("attached", True))
+    run_page.champion(out["registered"])
+    parent.tag({"champion": f"{reg['variant']} (version {reg['version']})"})
+
+
+# What the run reports beyond its stages' folders, after a stage has finished (a stage without an entry
+# reports nothing more).
+_REPORTS: dict[str, Callable[[Any, dict[str, Any], ParentRun], None]] = {
+    "evaluate": _report_evaluation,
+    "register": _report_champion,
+}

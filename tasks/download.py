@@ -16,7 +16,7 @@ import hashlib
 import io
 import logging
 import pickle
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -412,6 +412,11 @@ def plan(s: Settings, seed: int, workdir: Path) -> dict[str, Any]:
             raise ConfigError(f"--path {root}: no such folder")
         facts["fingerprint"] = folder_fingerprint(root, Path(workdir))
     return make_plan(workdir, STAGE, {}, s.for_stage(), code_version(__name__), facts)
+
+
+def plans(s: Settings, seed: int, inputs: Mapping[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The flow's view (flows/dag.py): one plan, under the stage's name; no inputs."""
+    return {STAGE: plan(s, seed, workdir)}
 
 
 def run(plan: dict[str, Any], force: bool = False) -> StageResult:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +76,11 @@ def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], w
     }
     inputs = {"prepared": prepared, "trained": trained}
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), facts)
+
+
+def plans(s: Settings, seed: int, inputs: Mapping[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The flow's view (flows/dag.py): one plan over the prepared test split and every trained model."""
+    return {STAGE: plan(s, inputs["prepare"], inputs["train"], workdir)}
 
 
 def score(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,11 @@ def plan(
 ) -> dict[str, Any]:
     inputs = {"download": download, "upscaled": upscaled}  # the plan's input names (in its key), not set names
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__), {"seed": seed})
+
+
+def plans(s: Settings, seed: int, inputs: Mapping[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The flow's view (flows/dag.py): one plan over the download and, when it ran, the upscale stage."""
+    return {STAGE: plan(s, seed, inputs["download"], inputs["upscale"], workdir)}
 
 
 def fit(rgb: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:

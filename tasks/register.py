@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,7 @@ from storage.atomic import write_bytes
 from storage.code_identity import code_version
 from storage.errors import disk_full
 from storage.settings import Section
-from storage.stage import SCRATCH, StageResult, make_plan, run_stage
+from storage.stage import SCRATCH, StageResult, finished, make_plan, run_stage
 from storage.tracking import Tracker, flatten, retry_locked, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,20 @@ class Settings(Section):
 def plan(s: Settings, evaluated: dict[str, Any], trained: list[dict[str, Any]], workdir: Path) -> dict[str, Any]:
     inputs = {"evaluated": evaluated, "trained": trained}
     return make_plan(workdir, STAGE, inputs, s.for_stage(), code_version(__name__))
+
+
+def plans(s: Settings, seed: int, inputs: Mapping[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The flow's view (flows/dag.py): one plan over the evaluation and the trained models."""
+    return {STAGE: plan(s, inputs["evaluate"], inputs["train"], workdir)}
+
+
+def intact(plan: dict[str, Any]) -> bool:
+    """A finished register stage is intact only if the registry still has the version its manifest
+    names, with the model's files (a lost mlflow.db, or a moved work dir's stale locations, redo it)."""
+    manifest = finished(plan)
+    return manifest is not None and Tracker(Path(plan["workdir"])).version_intact(
+        manifest["model_name"], manifest["alias"], manifest["version"]
+    )
 
 
 def choose(table: list[dict[str, Any]], metric: str, tie_breaker: str) -> dict[str, Any]:

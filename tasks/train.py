@@ -21,7 +21,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,6 +60,7 @@ from tasks.train_step import (
 
 log = logging.getLogger(__name__)
 STAGE = "train"
+WHAT = "training"  # the flow's word for it: "training failed for max"
 BEST = "best.pt"  # under scratch: the weights of the best validation so far (train.keep=best)
 
 
@@ -171,6 +172,19 @@ def plan(s: Settings, seed: int, variant: str, prepared: dict[str, Any], workdir
     if facts["accelerator"] == "cuda" and s.devices > torch.cuda.device_count():
         raise ConfigError(f"train.devices={s.devices} but {torch.cuda.device_count()} CUDA device(s) are visible")
     return make_plan(workdir, STAGE, {"prepared": prepared}, s.for_stage(), code_version(__name__), facts)
+
+
+def task_name(variant: str, seed: int, named: bool) -> str:
+    """``train-max``, or ``train-max-seed1`` when the run trains several seeds (or another than its own)."""
+    return f"{STAGE}-{variant}-seed{seed}" if named else f"{STAGE}-{variant}"
+
+
+def plans(s: Settings, seed: int, inputs: Mapping[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The flow's view (flows/dag.py): one plan per variant and training seed (the run's seed unless
+    ``train.seeds`` says otherwise; the data split keeps the run's seed)."""
+    seeds = s.seeds or [seed]
+    named = len(seeds) > 1 or seeds != [seed]
+    return {task_name(v, x, named): plan(s, x, v, inputs["prepare"], workdir) for v in s.variants for x in seeds}
 
 
 def peak_lr(s: Settings, batch: int) -> float:

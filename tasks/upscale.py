@@ -12,7 +12,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -73,6 +73,12 @@ def plan(s: Settings, download: dict[str, Any], workdir: Path) -> dict[str, Any]
     else:
         facts = {"backend": choose_backend(s.backend), "weights": resolve_weights(s.weights).as_dict()}
     return make_plan(workdir, STAGE, {"download": download}, s.for_stage(), code_version(__name__), facts)
+
+
+def plans(s: Settings, seed: int, inputs: Mapping[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
+    """The flow's view (flows/dag.py): one plan when the download holds low-res crops, none otherwise
+    (a high-res-only source skips Real-ESRGAN)."""
+    return {STAGE: plan(s, inputs["download"], workdir)} if has_lowres(inputs["download"]) else {}
 
 
 def _batches(shard: Path, size: int) -> Iterator[list[dict[str, Any]]]:

@@ -246,30 +246,59 @@ def test_the_independence_contract_lists_exactly_the_stages_of_the_dag() -> None
     assert independent["modules"] == [spec.module for spec in SPECS]
 
 
-def test_a_new_stage_is_one_module_and_one_entry_in_the_dag(tmp_path: Path, monkeypatch) -> None:
-    """Adding a stage spec (here a dummy module) gives the config its section and --set its keys, and the
-    CLI its name, with no other edit."""
+DUMMY_STAGE = """
+from pydantic import Field
+from storage.settings import Section
+from storage.stage import make_plan, run_stage
+
+STAGE = "polish"
+
+
+class Settings(Section):
+    strength: float = Field(0.5, ge=0, le=1)
+
+
+def plans(s, seed, inputs, workdir):
+    return {STAGE: make_plan(workdir, STAGE, {"download": inputs["download"]}, s.for_stage(), "polish-v1")}
+
+
+def run(plan, force=False):
+    def work(out):
+        (out / "polished.txt").write_text(str(plan["config"]["strength"]))
+        return {}
+
+    return run_stage(plan, work, force=force)
+"""
+
+
+def test_a_new_stage_is_one_module_and_one_entry_in_the_dag(prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    """A stage module and its StageSpec (here after download, taking its manifest) are all the flow, the
+    config (--set polish.strength) and the CLI need: the flow plans it from its input and runs it."""
     import importlib
 
-    from flows import dag
-
-    (tmp_path / "dummy_stage.py").write_text(
-        "from pydantic import Field\nfrom storage.settings import Section\nSTAGE = 'polish'\n"
-        "class Settings(Section):\n    strength: float = Field(0.5, ge=0, le=1)\n"
-    )
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(dag, "SPECS", (*dag.SPECS, dag.StageSpec("polish", "dummy_stage")))
-    monkeypatch.setattr(dag, "STAGES", (*dag.STAGES, "polish"))
     import flows.config
+    from flows import dag
+    from flows import pipeline as flow_module
+    from flows.cli import _check_stage
 
+    (tmp_path / "dummy_stage.py").write_text(DUMMY_STAGE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    specs = (dag.SPECS[0], dag.StageSpec("polish", "dummy_stage", ("download",)), *dag.SPECS[1:])
+    monkeypatch.setattr(dag, "SPECS", specs)
+    monkeypatch.setattr(dag, "STAGES", tuple(spec.name for spec in specs))
     try:
         config = importlib.reload(flows.config)
-        assert config.build_config("tiny", ["polish.strength=0.9"]).polish.strength == 0.9
+        for name in ("SPECS", "STAGES", "STAGE_MODULES"):
+            monkeypatch.setattr(flow_module, name, getattr(config if name == "STAGE_MODULES" else dag, name))
+        monkeypatch.setattr(flow_module, "_RUN", {m.STAGE: m.run for m in config.STAGE_MODULES})
+        assert _check_stage("polish", "--until") == "polish"
         with pytest.raises(UserFacingError, match="polish.strength"):
             config.build_config("tiny", ["polish.strength=2"])
-        from flows.cli import _check_stage
-
-        assert _check_stage("polish", "--until") == "polish"
+        result = flow_module.pipeline(
+            preset="tiny", workdir=str(tmp_path / "w"), until="polish", overrides=["polish.strength=0.9"]
+        )
+        assert [c["stage"] for c in result["calls"]] == ["download", "polish"]
+        assert (Path(result["stages"]["polish"]) / "polished.txt").read_text() == "0.9"
     finally:
         monkeypatch.undo()
         importlib.reload(flows.config)

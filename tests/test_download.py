@@ -273,6 +273,25 @@ def test_div2k_end_to_end_from_local_server(tmp_path: Path, http_server) -> None
     assert img.shape == (90, 120, 3)
 
 
+def test_a_high_res_only_source_skips_the_upscale_stage_in_the_flow(
+    prefect_harness, tmp_path: Path, http_server
+) -> None:
+    """DIV2K has no low-res crops: the flow plans no upscale task and prepare takes the download alone."""
+    from flows.pipeline import pipeline
+
+    train = _zip({f"DIV2K_train_HR/{i:04d}.png": _png_bytes(90, 120, i) for i in range(1, 11)})
+    valid = _zip({f"DIV2K_valid_HR/{i:04d}.png": _png_bytes(90, 120, i) for i in range(801, 804)})
+    urls = [
+        f"download.div2k_train_url={http_server.add('/t.zip', train)}",
+        f"download.div2k_valid_url={http_server.add('/v.zip', valid)}",
+    ]
+    result = pipeline(dataset="div2k", preset="tiny", overrides=urls, workdir=str(tmp_path / "w"), until="prepare")
+    assert [c["stage"] for c in result["calls"]] == ["download", "prepare"]
+    assert set(result["stages"]) == {"download", "prepare"}
+    prepared = json.loads((Path(result["stages"]["prepare"]) / "manifest.json").read_text())
+    assert prepared["counts"]["train"] > 0
+
+
 @pytest.mark.parametrize("name", ["../evil.png", "/abs/evil.png", "a/../../evil.png"])
 def test_zip_with_escaping_entries_is_rejected(tmp_path: Path, name: str) -> None:
     archive = tmp_path / "bad.zip"
