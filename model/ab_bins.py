@@ -45,6 +45,31 @@ def nearest(ab: torch.Tensor) -> torch.Tensor:
     return torch.cdist(ab.float(), bins(ab.device)).argmin(dim=1)
 
 
+@functools.lru_cache(maxsize=1)
+def _grid_index() -> tuple[torch.Tensor, int]:
+    """A table from grid cell (round(a/10), round(b/10)), offset to start at 0, to its bin's index."""
+    cells = torch.round(_bins() / GRID).to(torch.int64)
+    offset = int(cells.abs().max()) + 1
+    table = torch.full((2 * offset + 1, 2 * offset + 1), -1, dtype=torch.int64)
+    table[cells[:, 0] + offset, cells[:, 1] + offset] = torch.arange(len(cells))
+    return table, offset
+
+
+def histogram(ab: torch.Tensor) -> torch.Tensor:
+    """How many of the ``(..., 2, H, W)`` ab pixels fall in each bin, ``(Q,)`` int64: the empirical prior
+    the rebalancing weights are made from. A pixel is counted in the bin of its grid cell (the nearest
+    centre); the rare one whose cell is not a bin (not an 8-bit sRGB colour) goes to the nearest bin."""
+    table, offset = _grid_index()
+    a, b = ab.movedim(-3, 0).reshape(2, -1).float()
+    ia = (torch.round(a / GRID).to(torch.int64) + offset).clamp(0, table.shape[0] - 1)
+    ib = (torch.round(b / GRID).to(torch.int64) + offset).clamp(0, table.shape[1] - 1)
+    index = table.to(ab.device)[ia, ib]
+    outside = index < 0
+    if outside.any():
+        index[outside] = nearest(torch.stack((a[outside], b[outside]), dim=1))
+    return torch.bincount(index, minlength=len(_bins())).cpu()
+
+
 def soft_encode(ab: torch.Tensor) -> torch.Tensor:
     """``(N, 2)`` ab -> ``(N, Q)`` targets: the ``NEIGHBOURS`` nearest bins weighted by a Gaussian of
     their distance (sigma ``SIGMA``), summing to 1; every other bin 0."""

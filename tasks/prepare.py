@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from pydantic import Field, field_validator
 
-from model import samples
+from model import ab_bins, samples
 from model.choices import side_problem
 from model.metrics import colorfulness
 from storage import locations
@@ -91,9 +91,13 @@ def _sources(
     yield from ((HIGHRES, download, p) for p in shard_paths(download, f"{HIGHRES}-{split}"))
 
 
-def _flush(chunk: list[tuple[dict[str, Any], np.ndarray]], writer: ShardWriter, stats: dict[str, float]) -> None:
+def _flush(chunk: list[tuple[dict[str, Any], np.ndarray]], writer: ShardWriter, stats: dict[str, Any]) -> None:
     rgb = torch.from_numpy(np.stack([img for _, img in chunk])).permute(0, 3, 1, 2)
     lab, encoded = samples.encode_batch(rgb)
+    if "ab_counts" in stats:  # the train split's: the ab prior a classification head is rebalanced by
+        stats["ab_counts"] = [
+            x + int(y) for x, y in zip(stats["ab_counts"], ab_bins.histogram(lab[:, 1:]), strict=True)
+        ]
     stats["a"] += float(lab[:, 1].mean(dim=(1, 2)).sum())
     stats["b"] += float(lab[:, 2].mean(dim=(1, 2)).sum())
     for (meta, img), field in zip(chunk, encoded, strict=True):
@@ -124,7 +128,9 @@ def prepare_part(job: PartJob) -> dict[str, float]:
     if locations.exists(done := locations.join(folder, stats_name)):
         return json.loads(locations.read_bytes(done))
     size, seed = Settings.model_validate(job.plan["config"]).image_size, job.plan["facts"]["seed"]
-    stats = {"n": 0, "a": 0.0, "b": 0.0, "colorfulness": 0.0}
+    stats: dict[str, Any] = {"n": 0, "a": 0.0, "b": 0.0, "colorfulness": 0.0}
+    if job.split == "train":
+        stats["ab_counts"] = [0] * len(ab_bins.bins())
     chunk: list[tuple[dict[str, Any], np.ndarray]] = []
     with (
         locations.local_copy(job.shard, job.sha256) as shard,
@@ -189,7 +195,11 @@ def run(
                 }
         if not counts["train"]:
             raise ConfigError("the train split is empty: the dataset has too few images for the requested splits")
+        train_parts = [stats for job, stats in zip(jobs, parts, strict=True) if job.split == "train"]
+        ab_counts = [sum(column) for column in zip(*(stats["ab_counts"] for stats in train_parts), strict=True)]
         return {
+            # The train split's pixels per quantized-ab bin (model.ab_bins, in the order of its bins).
+            "ab_prior": {"grid": ab_bins.GRID, "bins": len(ab_counts), "counts": ab_counts},
             "image_size": settings.image_size,
             "counts": counts,
             "stats": stats_out,

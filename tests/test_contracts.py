@@ -50,6 +50,7 @@ def _stage_keys(tree: Path) -> dict[str, str]:
         # prepare calls its colorfulness, train its differentiable form (the mse+colourfulness loss)
         ("model/metrics.py", {"prepare", "train", "evaluate", "register"}),
         ("model/study.py", {"evaluate"}),  # register reads what evaluate computed, not the module
+        ("model/ab_bins.py", {"prepare"}),  # the bins of the ab prior in prepare's manifest
         ("storage/archives.py", {"download"}),
         ("model/inference.py", {"evaluate", "register"}),  # the registered model runs it; evaluate its devices
         ("storage/stage.py", {"download", "upscale", "prepare", "train", "evaluate", "register"}),

@@ -89,6 +89,21 @@ def test_prepared_samples_are_normalized_lab_at_model_size(staged) -> None:
     assert set(prep["stats"]) == {"train", "val", "test"} and prep["stats"]["train"]["colorfulness"] > 0
 
 
+def test_the_train_splits_ab_prior_is_in_the_prepare_manifest(staged) -> None:
+    """Every train pixel counted once, in the bin of its own ab (recounted here from the samples), for
+    the rebalancing weights of a classification head."""
+    from model import ab_bins
+
+    prep = staged["prepared"]
+    prior = prep["ab_prior"]
+    assert prior["grid"] == ab_bins.GRID and prior["bins"] == len(ab_bins.bins()) == len(prior["counts"])
+    ab = torch.stack([decode_sample(s)[1] for s in iter_samples(shard_paths(prep, "train"))]).float() * 110
+    assert sum(prior["counts"]) == ab[:, 0].numel() == prep["counts"]["train"] * prep["image_size"] ** 2
+    recount = ab_bins.histogram(ab)  # from the stored float16 ab: a pixel on a cell's edge may move
+    assert (recount - torch.tensor(prior["counts"])).abs().sum() <= 0.01 * sum(prior["counts"])
+    assert prior["counts"][int(ab_bins.nearest(torch.zeros(1, 2)))] == max(prior["counts"])  # grey is commonest
+
+
 def test_prepared_lab_matches_skimage_on_the_fitted_image(staged) -> None:
     """The stored Lab is the fitted RGB image's Lab (to float16 precision), not some other normalization."""
     prep, up_m = staged["prepared"], staged["upscaled"]
