@@ -258,10 +258,9 @@ def hand_over(preset: str, every: list[str], cfg: PipelineConfig) -> None:
 def _checked(dataset: str, preset: str, overrides: list[str], path: str | None) -> PipelineConfig:
     """The run's config: the one handed over for these arguments (taken: used once), else validated
     and preflight-checked now (a deployment's run, or a call from Python)."""
-    every = _arguments(dataset, overrides, path)
-    cfg = _CHECKED.pop((preset, tuple(every)), None)
+    cfg = _CHECKED.pop((preset, tuple(_arguments(dataset, overrides, path))), None)
     if cfg is None:
-        cfg = build_config(preset, every)
+        cfg, _ = configure_run(dataset, preset, overrides, path)
         preflight(cfg)
     return cfg
 

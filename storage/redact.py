@@ -11,6 +11,10 @@ What counts as a secret:
   ``&``, ``;`` or ``#`` (``#access_token=`` fragments of OAuth redirects);
 - a setting whose own name looks like a credential (``token``, ``secret``, ``password``, ``api_key``).
 
+Client options handed to a library (the stage store's ``store.options``) are held to a stricter rule,
+:func:`credential_paths`: there any ``key`` or ``Authorization`` is a credential, and they are refused,
+not redacted.
+
 Each becomes ``***``. Where a URL must still be told apart from another (a stage's manifest), it is
 stored redacted with a digest of the full text, never the text itself (:func:`redact_config`).
 """
@@ -70,6 +74,26 @@ def redact_config(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [redact_config(v) for v in obj]
     return obj
+
+
+# In client options (boto's aws_access_key_id, fsspec's key/secret/token, HTTP headers): any of these
+# in a name; "kwargs" names (client_kwargs) and KMS key ids (they name a key, grant nothing) are not.
+_CREDENTIAL_OPTION = re.compile(r"key|secret|token|passw(or)?d|credential|authorization", re.IGNORECASE)
+
+
+def credential_paths(options: Any, where: str = "") -> set[str]:
+    """Where, at any depth (mappings and lists), client options could carry a secret: a name matching
+    :data:`_CREDENTIAL_OPTION`, or a string value with a URL's ``user:password@``."""
+    found = set()
+    items = options.items() if isinstance(options, dict) else enumerate(options) if isinstance(options, list) else ()
+    for name, value in items:
+        path = f"{where}{name}"
+        lowered = str(name).lower().replace("kwargs", "")
+        named = "kms" not in lowered and bool(_CREDENTIAL_OPTION.search(lowered))
+        if named or (isinstance(value, str) and has_userinfo(value)):
+            found.add(path)
+        found |= credential_paths(value, f"{path}.")
+    return found
 
 
 def has_userinfo(url: str) -> bool:

@@ -48,7 +48,7 @@ from fsspec.callbacks import Callback
 from pydantic import field_validator
 
 from storage.errors import ConfigError, TransientError
-from storage.redact import has_userinfo
+from storage.redact import credential_paths
 from storage.settings import Section, flow_setting
 from storage.stage import MANIFEST, install, self_checks, verify
 
@@ -73,30 +73,10 @@ class Settings(Section):
     @field_validator("options")
     @classmethod
     def _no_credentials(cls, options: dict[str, Any]) -> dict[str, Any]:
-        found = sorted(_credential_keys(options))
+        found = sorted(credential_paths(options))
         if found:
             raise ValueError(f"must not hold credentials ({', '.join(found)}): set them in the environment (AWS_...)")
         return options
-
-
-_CREDENTIAL_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "authorization")
-
-
-def _credential_keys(options: Any, where: str = "") -> set[str]:
-    """Where, at any depth (mappings and lists), the options could carry a secret: a name such as
-    ``key``, ``secret``, ``aws_secret_access_key``, ``token`` or ``Authorization`` (``kwargs`` names such
-    as ``client_kwargs`` are not; nor is a KMS key id, which names a key without granting anything), or a
-    URL value with ``user:password@``."""
-    found = set()
-    items = options.items() if isinstance(options, Mapping) else enumerate(options) if isinstance(options, list) else ()
-    for name, value in items:
-        path = f"{where}{name}"
-        lowered = str(name).lower().replace("kwargs", "")
-        named = "kms" not in lowered and any(word in lowered for word in _CREDENTIAL_WORDS)
-        if named or (isinstance(value, str) and has_userinfo(value)):
-            found.add(path)
-        found |= _credential_keys(value, f"{path}.")
-    return found
 
 
 def configure(url: str, options: Mapping[str, Any]) -> None:
