@@ -125,19 +125,22 @@ class _Writers:
     """One shard writer per (set, split), opened on first use; counts per set and split."""
 
     def __init__(self, folder: Path, maxcount: int) -> None:
-        self.folder, self.maxcount = folder, maxcount
+        # Imported here, once per stage, not at the top: webdataset imports torch, and `colorize --help`
+        # reads SOURCES from this module.
+        from storage import shards
+
+        self.shards, self.folder, self.maxcount = shards, folder, maxcount
         self.writers: dict[tuple[str, str], Any] = {}
         self.counts: dict[str, dict[str, int]] = {}
 
     def write(self, set_name: str, split: str, key: str, rgb: np.ndarray, meta: dict[str, Any]) -> None:
-        # Here, not at the top: webdataset imports torch, and `colorize --help` reads SOURCES from this module.
-        from storage.shards import SPLITS, ShardWriter, encode_png
-
         w = self.writers.get((set_name, split))
         if w is None:
-            w = self.writers[(set_name, split)] = ShardWriter(self.folder, f"{set_name}-{split}", self.maxcount)
-        w.write({"__key__": key, "png": encode_png(rgb), "json": {**meta, "split": split}})
-        self.counts.setdefault(set_name, dict.fromkeys(SPLITS, 0))[split] += 1
+            w = self.writers[(set_name, split)] = self.shards.ShardWriter(
+                self.folder, f"{set_name}-{split}", self.maxcount
+            )
+        w.write({"__key__": key, "png": self.shards.encode_png(rgb), "json": {**meta, "split": split}})
+        self.counts.setdefault(set_name, dict.fromkeys(self.shards.SPLITS, 0))[split] += 1
 
     def close(self) -> None:
         for w in self.writers.values():
