@@ -92,10 +92,10 @@ def engines(sides: list[int], rounds: int, workdir: str | None) -> None:
     from model.onnx_engine import OnnxColorizer, export
 
     if workdir:
-        from flows.colorize_images import load_net
+        from flows.colorize_images import Running, load_net
 
-        eager, _ = load_net(None, Path(workdir), "torch")
-        onnx, _ = load_net(None, Path(workdir), "onnx")
+        eager, _ = load_net(None, Path(workdir), Running("torch"))
+        onnx, _ = load_net(None, Path(workdir), Running("onnx"))
     else:
         eager = load(None, 64)
         path = Path(tempfile.mkdtemp()) / "model.onnx"

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 from skimage import color
 
-from flows.colorize_images import load_net
+from flows.colorize_images import Running, load_net
 from flows.colorize_video import VideoColorizer, frames
 from model.inference import device_of
 from model.temporal import Stabilizer, to_gray8, warping_error
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--clips", default="vtest,tree,Megamind")
     ap.add_argument("--strip", help="write a strip (original | per-frame | stabilized) of the first clip here")
     args = ap.parse_args()
-    net, size = load_net(args.model, Path(args.workdir), args.engine, args.device)
+    net, size = load_net(args.model, Path(args.workdir), Running(args.engine, args.device))
     where = f"on {device_of(net)}"
     print(f"engine {type(net).__name__} {where}, network input {size} px, first {args.frames} frames of each clip")
     print(

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flows.colorize_images import PhotoColorizer, model_summary, save
+from flows.colorize_images import PhotoColorizer, Running, model_summary, save
+from model.choices import DEFAULT_VIVIDNESS, VIVIDNESS_RANGE
 from storage.images import ImageError
 
 Pair = tuple[np.ndarray, np.ndarray]  # (before, after) of one photo
@@ -30,9 +31,11 @@ def colorize_uploads(
     upscale: bool,
     out_dir: Path,
     progress: Callable[[float, str], None] | None = None,
+    vividness: float | None = None,
 ) -> tuple[list[tuple[np.ndarray, str]], list[str], str, list[Pair]]:
     """(gallery of before/after images, PNG paths to download, a status line per file, the before/after
-    pairs for the slider); ``progress(fraction, what)`` is told before each photo."""
+    pairs for the slider); ``progress(fraction, what)`` is told before each photo; ``vividness``: a
+    classification model's decoding temperature for these photos (None: the model's)."""
     gallery: list[tuple[np.ndarray, str]] = []
     outputs: list[str] = []
     notes: list[str] = []
@@ -45,7 +48,7 @@ def colorize_uploads(
             step = "upscaling (Real-ESRGAN), then colorizing" if upscale else "colorizing"
             progress(i / len(files), f"{step} {name} ({i + 1} of {len(files)})")
         try:
-            before, after, alpha = colorizer.colorize_file(path, upscale)
+            before, after, alpha = colorizer.colorize_file(path, upscale, vividness)
         except (ImageError, OSError) as exc:
             notes.append(f"**{name}**: {str(exc).removeprefix(str(path) + ': ')}")
             continue
@@ -64,6 +67,13 @@ def colorize_uploads(
     return gallery, outputs, "\n\n".join(notes), pairs
 
 
+def vividness_slider(colorizer: PhotoColorizer) -> tuple[bool, float]:
+    """(whether the page shows a vividness slider: only a classification model has one, where it starts)."""
+    spec = colorizer.net.spec
+    classifies = getattr(spec, "head", "regression") == "classification"
+    return classifies, getattr(colorizer.net, "temperature", None) or getattr(spec, "temperature", DEFAULT_VIVIDNESS)
+
+
 def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
     # Imported here: serve() points GRADIO_TEMP_DIR at its own folder first. No postponed annotations in
     # this module: Gradio reads the handlers' annotations (gr.SelectData) as objects.
@@ -76,6 +86,17 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
             with gr.Column():
                 files = gr.File(file_count="multiple", label="Photos (grayscale or colour)", elem_id="photos")
                 upscale = gr.Checkbox(label="Upscale small photos first (Real-ESRGAN x4)", elem_id="upscale")
+                shown, start = vividness_slider(colorizer)
+                low, high = VIVIDNESS_RANGE
+                vivid = gr.Slider(
+                    low,
+                    high,
+                    value=start,
+                    step=0.01,
+                    label="Vividness: decoding temperature (1 = muted mean colour, lower = more vivid)",
+                    visible=shown,
+                    elem_id="vividness",
+                )
                 go = gr.Button("Colorize", variant="primary", elem_id="go")
                 status = gr.Markdown(elem_id="status")
             with gr.Column():
@@ -84,18 +105,20 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
                 downloads = gr.File(label="Download (PNG)", file_count="multiple", elem_id="downloads")
         pairs = gr.State([])
 
-        def run(chosen: list[Any] | None, up: bool, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
+        def run(chosen: list[Any] | None, up: bool, t: float, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
             def tell(fraction: float, what: str) -> None:
                 progress(fraction, desc=what)
 
-            pictures, paths, text, done = colorize_uploads(colorizer, chosen, up, out_dir, tell)
+            pictures, paths, text, done = colorize_uploads(
+                colorizer, chosen, up, out_dir, tell, vividness=float(t) if shown else None
+            )
             return pictures, paths or None, text, done, (done[0] if done else None)
 
         def pick(done: list[Pair], evt: gr.SelectData) -> Any:
             """A gallery item (before or after of photo k) puts photo k on the slider."""
             return done[evt.index // 2] if done and evt.index is not None else None
 
-        go.click(run, [files, upscale], [gallery, downloads, status, pairs, slider])
+        go.click(run, [files, upscale, vivid], [gallery, downloads, status, pairs, slider])
         gallery.select(pick, pairs, slider)
     return page
 
@@ -103,17 +126,15 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
 def serve(
     workdir: Path,
     model: str | None,
-    engine: str,
+    how: Running,
     host: str,
     port: int,
-    device: str = "auto",
-    precision: str = "fp32",
 ) -> int:
     """Run the page until Ctrl-C, SIGTERM or SIGHUP; its temporary folder (results and uploads) goes with it."""
     from flows.env import stop_on_signals
     from flows.ui import exposure_warning
 
-    colorizer = PhotoColorizer.load(model, workdir, engine, device, precision)
+    colorizer = PhotoColorizer.load(model, workdir, how)
     warning = exposure_warning(host, "the app")
     if warning:
         print(warning)

@@ -71,6 +71,24 @@ def _side(text: str) -> int:
     return value
 
 
+def _vividness(text: str) -> float:
+    from model.choices import vividness_problem
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if problem := vividness_problem(value):
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+VIVIDNESS_HELP = (
+    "a classification-head model's colour: the decoding temperature, 1 = the mean (muted) down to 0.01 "
+    "(the most likely colour, most vivid); default: the temperature it was evaluated at"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     # Light modules only: the help must not wait for torch.
     from flows.dag import STAGES
@@ -119,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--engine", choices=ENGINES, default="auto", help="auto: onnxruntime on a CPU when exported")
     i.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     i.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    i.add_argument("--vividness", type=_vividness, default=None, help=VIVIDNESS_HELP)
     i.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
 
     vid = sub.add_parser("video", help="colorize a video with temporally stable colour")
@@ -132,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--size", type=_side, default=None, help="network input size (default: the model's)")
     vid.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     vid.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    vid.add_argument("--vividness", type=_vividness, default=None, help=VIVIDNESS_HELP)
     vid.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
 
     a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
@@ -139,6 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--engine", choices=ENGINES, default="auto")
     a.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     a.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
+    a.add_argument(
+        "--vividness", type=_vividness, default=None, help=VIVIDNESS_HELP + " (the page's slider starts there)"
+    )
     a.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
     a.add_argument("--port", type=_positive, default=7860)
     a.add_argument("--workdir")
@@ -296,6 +319,7 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
+    from flows.colorize_images import Running
     from flows.colorize_video import VideoColorizer, check_output, load_model, probe
     from flows.env import configure
 
@@ -304,7 +328,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     configure(workdir)
     info = probe(src)  # a bad input or output is refused (VideoError, exit 2) before the model loads
     check_output(src, dest, info)
-    net, size, identity = load_model(args.model, workdir, args.engine, args.device, args.precision)
+    net, size, identity = load_model(args.model, workdir, Running.from_args(args))
     colorizer = VideoColorizer(net, args.size or size, args.temporal == "on", args.batch, args.chunk)
     stats = colorizer.run(src, dest, identity, info)
     replaced = " (replaced the existing file)" if stats["replaced"] else ""
@@ -321,8 +345,9 @@ def cmd_app(args: argparse.Namespace) -> int:
     configure(workdir)
     open_registry(workdir)  # a moved or copied work dir serves its own files
     from flows.app import serve
+    from flows.colorize_images import Running
 
-    return serve(workdir, args.model, args.engine, args.host, args.port, args.device, args.precision)
+    return serve(workdir, args.model, Running.from_args(args), args.host, args.port)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +44,32 @@ class UsageError(ConfigError):
     """The command line asks for something that cannot be done safely (exit 2, nothing written)."""
 
 
-def load_net(
-    spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto", precision: str = "fp32"
-) -> tuple[Any, int]:
-    """(network, its input size) from a models:/ or runs:/ URI, or a trained stage folder. ``engine``:
-    ``torch``, ``onnx`` (the registered ONNX export on onnxruntime, a float32 CPU engine), or ``auto``
-    (torch on a GPU or in bf16; on a CPU onnx when the model has an export, torch otherwise); a stage
-    folder has no export and runs on torch. ``device``: ``auto`` (CUDA when visible), ``cpu`` or ``cuda``.
-    ``precision``: ``fp32`` or ``bf16`` (autocast, the torch engine's)."""
+@dataclass(frozen=True)
+class Running:
+    """How a model runs, as the commands' options say: ``engine`` ``torch``, ``onnx`` (the registered
+    ONNX export on onnxruntime, a float32 CPU engine) or ``auto`` (torch on a GPU or in bf16; on a CPU
+    onnx when the model has an export, torch otherwise; a stage folder has no export and runs on torch);
+    ``device`` ``auto`` (CUDA when visible), ``cpu`` or ``cuda``; ``precision`` ``fp32`` or ``bf16``
+    (autocast, the torch engine's); ``vividness`` a classification model's decoding temperature (None:
+    its own; refused for a regression model)."""
+
+    engine: str = "auto"
+    device: str = "auto"
+    precision: str = "fp32"
+    vividness: float | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Running:
+        return cls(args.engine, args.device, args.precision, getattr(args, "vividness", None))
+
+
+def load_net(spec: str | None, workdir: Path, how: Running = Running()) -> tuple[Any, int]:  # noqa: B008 - frozen
+    """(network, its input size) from a models:/ or runs:/ URI, or a trained stage folder, run ``how``."""
     import torch
 
-    from model.inference import DEVICE_ENV, PRECISION_ENV, resolve_device, with_precision
+    from model.inference import DEVICE_ENV, PRECISION_ENV, resolve_device, with_precision, with_vividness
 
+    engine, device, precision = how.engine, how.device, how.precision
     try:
         where = resolve_device(device)
     except ValueError as exc:
@@ -68,7 +83,10 @@ def load_net(
     net, size = _load_net(spec, workdir, "torch" if where.type != "cpu" or precision != "fp32" else engine)
     if isinstance(net, torch.nn.Module):
         net = with_precision(net.to(where), precision)
-    return net, size
+    try:
+        return with_vividness(net, how.vividness), size
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _load_net(spec: str | None, workdir: Path, engine: str) -> tuple[Any, int]:
@@ -133,6 +151,7 @@ def model_summary(spec: str | None, workdir: Path, colorizer: PhotoColorizer) ->
     )
     return (
         f"Model: **{name}** version **{version.version}** (alias `{alias}`, {tags.get('variant', '?')} fusion, "
+        f"{tags.get('head', 'regression')} head, "
         f"engine {engine}). Test metrics: {metrics or 'none recorded'}; beats the grayscale baseline: "
         f"{tags.get('beats_baseline', '?')}."
     )
@@ -151,23 +170,24 @@ class PhotoColorizer:
         cls,
         spec: str | None,
         workdir: Path,
-        engine: str = "auto",
-        device: str = "auto",
-        precision: str = "fp32",
+        how: Running = Running(),  # noqa: B008 - frozen
         **kw: Any,
     ) -> PhotoColorizer:
-        net, size = load_net(spec, workdir, engine, device, precision)
+        net, size = load_net(spec, workdir, how)
         return cls(net, size, **kw)
 
-    def colorize_file(self, src: Path, upscale: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(the photo as read, its colour version, its alpha or None)."""
-        from model.inference import colorize
+    def colorize_file(
+        self, src: Path, upscale: bool, vividness: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(the photo as read, its colour version, its alpha or None); ``vividness`` for this photo only
+        (a classification model's; the page's slider), else the loaded network's."""
+        from model.inference import colorize, with_vividness
 
         photo = load_photo(src, self.max_pixels)
         rgb, alpha = photo.rgb, photo.alpha
         if upscale and max(rgb.shape[:2]) <= self.upscale_max:
             rgb, alpha = _upscale(self.upscaler(), rgb, alpha)
-        return rgb, colorize(self.net, rgb, self.size), alpha
+        return rgb, colorize(with_vividness(self.net, vividness), rgb, self.size), alpha
 
     def upscaler(self) -> Any:
         if self._upscaler is None:
@@ -259,8 +279,8 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
     if not files:
         return 1 if errors else 2
     colorizer = PhotoColorizer.load(
-        args.model, workdir, args.engine, args.device, args.precision, max_pixels=args.max_pixels
-    )  # a NoModel: exit 2
+        args.model, workdir, Running.from_args(args), max_pixels=args.max_pixels
+    )  # a NoModel or a vividness for a regression model: exit 2
     colorizer.size = args.size or colorizer.size
     colorizer.upscale_max = args.upscale_max
     failed = len(errors)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flows.colorize_images import Running
 from model.inference import compose, predict
 from model.temporal import Stabilizer
 from storage.atomic import atomic_path, temp_name, write_json
@@ -284,12 +285,16 @@ def _registry_version(target: str, workdir: Path) -> tuple[str, str] | None:
         return None
 
 
-def load_model(
-    spec: str | None, workdir: Path, engine: str = "auto", device: str = "auto", precision: str = "fp32"
-) -> tuple[Any, int, dict[str, Any]]:
-    """(network, its input size, what it resolved to) for ``--model``. The identity keys resumable
-    chunks: a registry model is pinned to the version its alias names now, loaded as that version and
-    identified by it and the digest of its artifact files; a stage folder by the digest of its files."""
+def load_model(spec: str | None, workdir: Path, how: Running = Running()) -> tuple[Any, int, dict[str, Any]]:  # noqa: B008
+    """(network, its input size, what it resolved to) for ``--model``, run ``how``. The identity keys
+    resumable chunks: a registry model is pinned to the version its alias names now, loaded as that
+    version and identified by it and the digest of its artifact files; a stage folder by the digest of
+    its files; a ``--vividness`` other than the model's own is part of it (other colours)."""
+    net, size, identity = _load_model(spec, workdir, how)
+    return net, size, identity if how.vividness is None else {**identity, "vividness": how.vividness}
+
+
+def _load_model(spec: str | None, workdir: Path, how: Running) -> tuple[Any, int, dict[str, Any]]:
     from flows.colorize_images import NoModel, load_net
     from model.choices import DEFAULT_MODEL
     from model.colorizer import MODEL_FILE, SPEC_FILE
@@ -297,15 +302,15 @@ def load_model(
     target = spec or DEFAULT_MODEL
     local = Path(target).expanduser()
     if local.is_dir() or local.suffix == ".pt":
-        net, size = load_net(spec, workdir, engine, device, precision)
+        net, size = load_net(spec, workdir, how)
         folder = (local if local.is_dir() else local.parent).resolve()
         return net, size, {"folder": str(folder), "digest": _files_digest(folder, [MODEL_FILE, SPEC_FILE])}
     pinned = _registry_version(target, workdir)
     if pinned is None:
-        net, size = load_net(spec, workdir, engine, device, precision)  # its own message when there is no such model
+        net, size = load_net(spec, workdir, how)  # its own message when there is no such model
         return net, size, {"model": target}
     name, version = pinned
-    net, size = load_net(f"models:/{name}/{version}", workdir, engine, device, precision)
+    net, size = load_net(f"models:/{name}/{version}", workdir, how)
     import mlflow
 
     try:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 
-from model.lab import rgb8_to_lab
+from model.lab import AB_SCALE, rgb8_to_lab
 
 GRID = 10.0  # the bin size in ab units
 NEIGHBOURS, SIGMA = 5, 5.0  # soft encoding: the 5 nearest bins, a Gaussian of sigma 5 (the paper's values)
@@ -70,26 +71,41 @@ def histogram(ab: torch.Tensor) -> torch.Tensor:
     return torch.bincount(index, minlength=len(_bins())).cpu()
 
 
-def soft_encode(ab: torch.Tensor) -> torch.Tensor:
+def soft_encode(ab: torch.Tensor, centres: torch.Tensor | None = None) -> torch.Tensor:
     """``(N, 2)`` ab -> ``(N, Q)`` targets: the ``NEIGHBOURS`` nearest bins weighted by a Gaussian of
-    their distance (sigma ``SIGMA``), summing to 1; every other bin 0."""
-    dist = torch.cdist(ab.float(), bins(ab.device))
+    their distance (sigma ``SIGMA``), summing to 1; every other bin 0. ``centres``: the bins, already on
+    ``ab``'s device (default :func:`bins`)."""
+    dist = torch.cdist(ab.float(), bins(ab.device) if centres is None else centres)
     near, index = dist.topk(NEIGHBOURS, dim=1, largest=False)
     weight = torch.exp(-(near**2) / (2 * SIGMA**2))
     weight = weight / weight.sum(dim=1, keepdim=True)
     return torch.zeros_like(dist).scatter_(1, index, weight)
 
 
+def smoothed_prior(prior: torch.Tensor) -> torch.Tensor:
+    """The empirical ab prior ``(Q,)`` (counts or probabilities) as probabilities smoothed by a Gaussian of
+    sigma ``SIGMA`` over the bins (the paper's p-tilde), float64."""
+    p = prior.double() / prior.double().sum()
+    centres = bins(prior.device).double()
+    smooth = torch.exp(-(torch.cdist(centres, centres) ** 2) / (2 * SIGMA**2)) @ p
+    return smooth / smooth.sum()
+
+
+def prior_logits(prior: torch.Tensor, floor: float = 1e-4) -> torch.Tensor:
+    """Logits whose softmax is the smoothed prior mixed with ``floor`` of the uniform: the classification
+    head's starting bias. An untrained (or unsure) head then predicts the colours photos have, whose
+    mean is a muted brown, instead of all 261 in-gamut colours alike, whose mean is a pink; and no
+    colour starts impossible."""
+    p = (1.0 - floor) * smoothed_prior(prior) + floor / len(prior)
+    return torch.log(p).float()
+
+
 def rebalance_weights(prior: torch.Tensor, lam: float = 0.5) -> torch.Tensor:
     """Class-rebalancing weights from the empirical ab prior ``(Q,)`` (counts or probabilities): the
     prior smoothed by a Gaussian of sigma ``SIGMA`` over the bins, mixed with the uniform by ``lam``,
     inverted, and scaled so that the expected weight under the smoothed prior is 1 (the paper's eq. 4)."""
-    p = prior.double() / prior.double().sum()
-    centres = bins(prior.device).double()
-    kernel = torch.exp(-(torch.cdist(centres, centres) ** 2) / (2 * SIGMA**2))
-    smooth = kernel @ p
-    smooth = smooth / smooth.sum()
-    w = 1.0 / ((1.0 - lam) * smooth + lam / len(p))
+    smooth = smoothed_prior(prior)
+    w = 1.0 / ((1.0 - lam) * smooth + lam / len(smooth))
     return (w / (smooth * w).sum()).float()
 
 
@@ -103,3 +119,34 @@ def annealed_mean(probs: torch.Tensor, temperature: float, dim: int = 1) -> torc
     tempered = torch.softmax(logp, dim=dim)
     centres = bins(probs.device).to(probs.dtype)  # (Q, 2)
     return torch.tensordot(tempered.movedim(dim, -1), centres, dims=1).movedim(-1, dim)
+
+
+class RebalancedLoss:
+    """The classification head's training loss (the paper's eq. 2 with eq. 3's weights): cross-entropy
+    between the predicted distribution and the soft-encoded truth, each pixel weighted by the rebalancing
+    weight of its target's most likely bin, averaged over pixels.
+
+    The logits may be smaller than the truth (the head predicts at S/2): the targets are soft-encoded at
+    the truth's resolution and then average-pooled to the logits' (each target the mixture of its pixels'
+    distributions, so an edge between red and green keeps both colours rather than their brown mean).
+    The bins and weights are copied to the logits' device at the first call and kept there: a captured
+    CUDA graph replays the later calls without any host-to-device copy. Callable as the train step's
+    criterion: ``(logits, true normalized ab, L) -> loss``."""
+
+    def __init__(self, centres: torch.Tensor, prior: torch.Tensor, lam: float = 0.5) -> None:
+        self.centres, self.weights = centres.float(), rebalance_weights(prior, lam)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, logits: torch.Tensor, ab_norm: torch.Tensor, _l: torch.Tensor | None = None) -> torch.Tensor:
+        device = logits.device
+        if device not in self._on:
+            self._on[device] = (self.centres.to(device), self.weights.to(device))
+        centres, weights = self._on[device]
+        b, _, h, w = ab_norm.shape
+        pixels = (ab_norm.float() * AB_SCALE).permute(0, 2, 3, 1).reshape(-1, 2)
+        target = soft_encode(pixels, centres).view(b, h, w, -1).permute(0, 3, 1, 2)
+        if target.shape[-2:] != logits.shape[-2:]:
+            target = F.adaptive_avg_pool2d(target, logits.shape[-2:])
+        weight = weights[target.argmax(dim=1)]
+        cross_entropy = -(target * torch.log_softmax(logits.float(), dim=1)).sum(dim=1)
+        return (weight * cross_entropy).mean()

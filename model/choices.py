@@ -18,3 +18,19 @@ def side_problem(side: int) -> str | None:
     if side < SIDE_MULTIPLE or side % SIDE_MULTIPLE or side > MAX_SIDE:
         return f"must be a multiple of {SIDE_MULTIPLE} up to {MAX_SIDE}, got {side}"
     return None
+
+
+HEADS = ("regression", "classification")  # ab directly (MSE-trained), or a distribution over quantized ab
+DEFAULT_VIVIDNESS = 0.38  # the annealed-mean temperature a classification model decodes at (Zhang et al.'s)
+VIVIDNESS_RANGE = (0.01, 1.0)  # 1: the distribution's mean (the greyest); towards 0: its mode (the most vivid)
+
+
+def vividness_problem(value: float) -> str | None:
+    """Why ``value`` cannot be a decoding temperature, or None."""
+    low, high = VIVIDNESS_RANGE
+    if not low <= value <= high:  # also refuses NaN
+        return (
+            f"must be between {low:g} and {high:g} (1: the mean colour; lower: more vivid; "
+            f"{DEFAULT_VIVIDNESS:g} is the paper's), got {value:g}"
+        )
+    return None

@@ -5,8 +5,17 @@ Shapes for an input of side S (a multiple of 32)::
     L (B,1,S,S) -> grey-normalized -> ResNet50 taps   256@S/4  512@S/8  1024@S/16  2048@S/32
                                    -> DenseNet121 taps 256@S/4  512@S/8  1024@S/16  1024@S/32
     fusion per scale (concat | average | max)          w@S/4    2w@S/8   4w@S/16    8w@S/32
-    decoder: from S/32 up, x2 per block, skip from the fusion block of the same scale, to S/1
-    -> 1x1 conv -> tanh -> ab/110 (B,2,S,S)
+    decoder: from S/32 up, x2 per block, skip from the fusion block of the same scale, to S/2
+    regression head:     -> one more block to S/1 -> 1x1 conv -> tanh -> ab/110 (B,2,S,S)
+    classification head: -> 1x1 conv -> logits over Q ab bins (B,Q,S/2,S/2) -> annealed mean at T
+                         -> ab (B,2,S/2,S/2) -> bilinear x2 -> ab/110 (B,2,S,S)
+
+The classification head (Zhang, Isola & Efros 2016, model.ab_bins) predicts at half the input side: its
+Q = 261 channels at S/2 cost less than the regression head's last full-size block they replace, and
+colour is smooth (inference upsamples ab to a photo's size anyway, keeping the photo's own L). Its
+bin centres are a buffer of the state dict, so a loaded model decodes with the bins it was trained on.
+Both heads return ab/110 at S from ``forward``, so everything downstream (inference, ONNX, evaluation)
+takes either; ``forward(..., raw=True)`` gives what the training loss reads (ab, or the logits).
 
 One-channel stems are the pretrained RGB stems summed over their input channels (timm's
 ``adapt_input_conv``): for a grey image fed as R=G=B, the summed kernel gives exactly the same response.
@@ -25,8 +34,10 @@ import torch
 from torch import nn
 from torchvision.models import densenet121, resnet50
 
+from model import ab_bins
 from model import fusion as fusions
-from model.choices import SIDE_MULTIPLE
+from model.choices import DEFAULT_VIVIDNESS, HEADS, SIDE_MULTIPLE
+from model.lab import AB_SCALE
 from model.pretrained import load_state_dict, locate
 from storage.atomic import atomic_path, write_json
 
@@ -45,6 +56,13 @@ class ColorizerSpec:
     fusion: str = "concat"  # a name in model.fusion.VARIANTS
     decoder_width: int = 64
     image_size: int = 64
+    head: str = "regression"  # a name in model.choices.HEADS
+    classes: int = 0  # the classification head's number of ab bins (Q)
+    temperature: float = DEFAULT_VIVIDNESS  # the classification head's decoding when none is asked for
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ValueError(f"unknown head {self.head!r}: choose from {', '.join(HEADS)}")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -151,9 +169,18 @@ class UpBlock(nn.Module):
 
 
 class Colorizer(nn.Module):
-    def __init__(self, spec: ColorizerSpec, resnet_state: dict | None = None, densenet_state: dict | None = None):
+    def __init__(
+        self,
+        spec: ColorizerSpec,
+        resnet_state: dict | None = None,
+        densenet_state: dict | None = None,
+        bins: torch.Tensor | None = None,
+    ):
+        """``bins``: the classification head's ab bin centres, (Q, 2); by default model.ab_bins' (a few
+        seconds to compute, once per process), or a placeholder a state dict is about to overwrite."""
         super().__init__()
         self.spec = spec
+        self.temperature = spec.temperature  # the decoding when forward is given none (evaluate sets it)
         w = spec.decoder_width
         widths = (w, 2 * w, 4 * w, 8 * w)
         self.resnet = ResNetEncoder(resnet_state)
@@ -168,10 +195,26 @@ class Colorizer(nn.Module):
         self.up8 = UpBlock(widths[2], widths[1], widths[1])  # -> S/8, skip fusion 2
         self.up4 = UpBlock(widths[1], widths[0], widths[0])  # -> S/4, skip fusion 1
         self.up2 = UpBlock(widths[0], 0, max(w // 2, 8))  # -> S/2
-        self.up1 = UpBlock(max(w // 2, 8), 0, max(w // 2, 8))  # -> S
-        self.head = nn.Conv2d(max(w // 2, 8), 2, 1)
+        if spec.head == "classification":
+            centres = ab_bins.bins() if bins is None else bins
+            if spec.classes and len(centres) != spec.classes:
+                raise ValueError(f"the spec says {spec.classes} ab bins, the bins given are {len(centres)}")
+            self.register_buffer("bins", centres.clone().float())
+            self.head = nn.Conv2d(max(w // 2, 8), len(centres), 1)
+        else:
+            self.up1 = UpBlock(max(w // 2, 8), 0, max(w // 2, 8))  # -> S
+            self.head = nn.Conv2d(max(w // 2, 8), 2, 1)
 
-    def forward(self, l_norm: torch.Tensor) -> torch.Tensor:
+    @property
+    def classifies(self) -> bool:
+        return self.spec.head == "classification"
+
+    def forward(
+        self, l_norm: torch.Tensor, temperature: float | torch.Tensor | None = None, raw: bool = False
+    ) -> torch.Tensor:
+        """ab/110 (B,2,S,S) from L/100 (B,1,S,S). ``temperature``: the classification head's decoding
+        (default ``self.temperature``; ignored by regression). ``raw``: the training loss's input instead,
+        the regression head's ab or the classification head's logits (B,Q,S/2,S/2)."""
         if l_norm.shape[-1] % SIDE_MULTIPLE or l_norm.shape[-2] % SIDE_MULTIPLE:
             raise ValueError(f"input side must be a multiple of {SIDE_MULTIPLE}, got {tuple(l_norm.shape[-2:])}")
         x = (l_norm - GRAY_MEAN) / GRAY_STD
@@ -179,8 +222,21 @@ class Colorizer(nn.Module):
         y = self.up16(f4, f3)
         y = self.up8(y, f2)
         y = self.up4(y, f1)
-        y = self.up1(self.up2(y))
-        return torch.tanh(self.head(y))
+        y = self.up2(y)
+        if not self.classifies:
+            return torch.tanh(self.head(self.up1(y)))
+        logits = self.head(y)
+        return logits if raw else self.decode(logits, temperature)
+
+    def decode(self, logits: torch.Tensor, temperature: float | torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B,Q,h,w) -> ab/110 (B,2,2h,2w): the annealed mean (model.ab_bins.annealed_mean, here as
+        ``softmax(logits / T)``, the same distribution: ``p^(1/T)`` renormalized is the softmax of the
+        logits over T) in float32, then upsampled to the input's side."""
+        t = self.temperature if temperature is None else temperature
+        with torch.autocast(logits.device.type, enabled=False):  # bf16 would round ab to ~0.5 units
+            tempered = torch.softmax(logits.float() / t, dim=1)
+            ab = torch.einsum("bqhw,qc->bchw", tempered, self.bins.float()) / AB_SCALE
+            return nn.functional.interpolate(ab, scale_factor=2, mode="bilinear", align_corners=False)
 
     def encoder_stems(self) -> list[nn.Module]:
         return [self.resnet.stem, self.densenet.stem]
@@ -204,7 +260,8 @@ class Colorizer(nn.Module):
 def load_trained(spec_path: Path | str, weights_path: Path | str) -> Colorizer:
     """A trained colorizer in eval mode from its spec JSON and state dict (``weights_only`` load): the one
     loader for stage folders and for the registered MLflow model's artifacts."""
-    net = Colorizer(ColorizerSpec(**json.loads(Path(spec_path).read_text())))
+    spec = ColorizerSpec(**json.loads(Path(spec_path).read_text()))
+    net = Colorizer(spec, bins=torch.zeros(spec.classes, 2))  # the bins are the state dict's
     net.load_state_dict(torch.load(weights_path, map_location="cpu", weights_only=True))
     return net.eval()
 

@@ -8,12 +8,14 @@ for large photos (the only full-size float buffer is the upsampled ab: 8 bytes p
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.choices import DEVICES, PRECISIONS
+from model.choices import DEVICES, PRECISIONS, vividness_problem
 from model.lab import AB_SCALE, L_SCALE, lab_to_rgb, rgb8_to_lab
 
 TILE_ROWS = 256
@@ -50,9 +52,9 @@ class Bf16Net(torch.nn.Module):
         super().__init__()
         self.net, self.spec = net, net.spec
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return self.net(x).float()
+            return self.net(x, temperature).float()
 
 
 def with_precision(net: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -62,6 +64,36 @@ def with_precision(net: torch.nn.Module, precision: str) -> torch.nn.Module:
     if precision == "fp32" or isinstance(net, Bf16Net):
         return net
     return Bf16Net(net)
+
+
+class Vivid(torch.nn.Module):
+    """An engine (the torch network, its bf16 wrapper, or onnxruntime) that decodes a classification
+    model at a given temperature: a wrapper per call, so concurrent requests with different
+    vividness never share a setting."""
+
+    def __init__(self, net: Any, temperature: float) -> None:
+        super().__init__()
+        self.net, self.spec, self.temperature = net, net.spec, temperature
+
+    def forward(self, x: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        return self.net(x, self.temperature if temperature is None else temperature)
+
+
+def with_vividness(net: Any, vividness: float | None) -> Any:
+    """``net`` decoding at ``vividness`` (the annealed-mean temperature; None: the model's own default).
+    ValueError, for the caller to say in one line, outside the range or for a regression model, which
+    predicts ab directly and has nothing to decode."""
+    if vividness is None:
+        return net
+    problem = vividness_problem(vividness)
+    if problem:
+        raise ValueError(f"--vividness {problem}")
+    if getattr(net.spec, "head", "regression") != "classification":
+        raise ValueError(
+            "--vividness: this model predicts ab directly (regression head); only a model trained with "
+            "train.head=classification has a vividness to set"
+        )
+    return Vivid(net, vividness)
 
 
 def lightness_input(rgb: np.ndarray) -> torch.Tensor:

@@ -15,6 +15,11 @@ baseline. The two the literature reports are computed as it does, so numbers can
 
 Colourfulness is Hasler & Suesstrunk (2003) on 8-bit-scaled RGB (their paper's units).
 
+``ab_hist`` rewards the right colours, not just the right amount of colour: the intersection of the
+image's ab histogram with the truth's, both over 10x10 cells of ab (model.ab_bins' grid) as fractions of
+the pixels, so 1 means the same colours in the same proportions (wherever they are). A grey prediction
+scores the share of the truth's pixels that are grey; a vivid one in the wrong hue scores less than that.
+
 Two paths, one definition: :func:`image_metrics` scores one image in numpy (the reference), and
 :func:`batch_metrics` scores a whole batch of tensors on their device in float64 (the evaluate stage,
 which then needs no per-image copy to the host but for SSIM); a test pins them to each other.
@@ -24,6 +29,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
+AB_CELL, AB_CELLS = 10.0, 27  # ab_hist's cells: 10 Lab units, 27 x 27 of them over ab in [-135, 135]
+AB_UNITS = 110.0  # normalized ab x this = Lab units (model.lab.AB_SCALE)
 
 
 def colorfulness(rgb: np.ndarray) -> float:
@@ -55,10 +63,34 @@ HIGHER_IS_BETTER = {
     "ssim": True,
     "lpips": False,
     "colorfulness_gap": False,
+    "ab_hist": True,
 }
 RANKABLE = tuple(HIGHER_IS_BETTER)
 # The columns of an evaluation table, in order.
-COLUMNS = ("ab_mse", "rgb_mse", "psnr", "ssim", "lpips", "colorfulness", "colorfulness_truth", "colorfulness_gap")
+COLUMNS = (
+    *("ab_mse", "rgb_mse", "psnr", "ssim", "lpips"),
+    *("colorfulness", "colorfulness_truth", "colorfulness_gap", "ab_hist"),
+)
+
+
+def _cells(ab_norm: torch.Tensor) -> torch.Tensor:
+    """The ab_hist cell of every pixel of normalized ab ``(B, 2, H, W)`` -> ``(B, H*W)``."""
+    half = AB_CELLS // 2
+    c = torch.round(ab_norm.double() * AB_UNITS / AB_CELL).clamp(-half, half).to(torch.int64) + half
+    return (c[:, 0] * AB_CELLS + c[:, 1]).flatten(1)
+
+
+def ab_hist_torch(true_ab: torch.Tensor, pred_ab: torch.Tensor) -> torch.Tensor:
+    """Per image, the intersection of the predicted and true ab histograms (see the module's notes):
+    ``(B,)`` float64 in [0, 1], NaN for an image with a NaN prediction."""
+    b, n, cells = true_ab.shape[0], true_ab[0, 0].numel(), AB_CELLS * AB_CELLS
+    offsets = torch.arange(b, device=true_ab.device)[:, None] * cells
+
+    def hist(ab: torch.Tensor) -> torch.Tensor:
+        return torch.bincount((_cells(torch.nan_to_num(ab)) + offsets).flatten(), minlength=b * cells).view(b, cells)
+
+    inter = torch.minimum(hist(true_ab), hist(pred_ab)).sum(1).double() / n
+    return torch.where(pred_ab.isnan().flatten(1).any(1), torch.nan, inter)
 
 
 def gray_baseline(l_norm: torch.Tensor) -> torch.Tensor:
@@ -93,6 +125,19 @@ def ssim(true_rgb: np.ndarray, pred_rgb: np.ndarray) -> float:
     )
 
 
+def _ab_hist(true_ab: np.ndarray, pred_ab: np.ndarray) -> float:
+    """:func:`ab_hist_torch` for one image in numpy, ab ``(2, H, W)``: the reference it is tested against."""
+    if np.isnan(pred_ab).any():
+        return float("nan")
+    half = AB_CELLS // 2
+
+    def hist(ab: np.ndarray) -> np.ndarray:
+        c = np.clip(np.round(ab * AB_UNITS / AB_CELL), -half, half).astype(np.int64) + half
+        return np.bincount((c[0] * AB_CELLS + c[1]).ravel(), minlength=AB_CELLS * AB_CELLS)
+
+    return float(np.minimum(hist(true_ab), hist(pred_ab)).sum() / true_ab[0].size)
+
+
 def image_metrics(
     true_rgb: np.ndarray, pred_rgb: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray
 ) -> dict[str, float]:
@@ -107,6 +152,7 @@ def image_metrics(
         "colorfulness": c_pred,
         "colorfulness_truth": c_true,
         "colorfulness_gap": abs(c_pred - c_true),
+        "ab_hist": _ab_hist(np.asarray(true_ab, np.float64), np.asarray(pred_ab, np.float64)),
     }
 
 
@@ -128,6 +174,7 @@ def batch_metrics(
         "colorfulness": c_pred,
         "colorfulness_truth": c_true,
         "colorfulness_gap": (c_pred - c_true).abs(),
+        "ab_hist": ab_hist_torch(true_ab, pred_ab),
     }
     stacked = torch.stack(list(out.values())).cpu().tolist()
     return dict(zip(out, stacked, strict=True))

@@ -47,6 +47,7 @@ OPSET = 17
 RGB_TOLERANCE = 1  # uint8 levels in the colorized photo
 AB_TOLERANCE = 2e-3  # normalized ab (x110 = Lab units)
 ONNX_FILE = "model.onnx"
+TEMPERATURE = "temperature"  # a classification model's second graph input
 
 
 class ExportMismatch(RuntimeError):
@@ -70,12 +71,14 @@ def check_photos(b: int, h: int, w: int, seed: int) -> list[np.ndarray]:
     return [np.asarray(Image.fromarray(c).resize((w, h), Image.Resampling.BICUBIC)) for c in coarse]
 
 
-def compare(engine: Any, net: torch.nn.Module, photos: list[np.ndarray]) -> tuple[float, int]:
+def compare(
+    engine: Any, net: torch.nn.Module, photos: list[np.ndarray], temperature: float | None = None
+) -> tuple[float, int]:
     """(max |ab| difference, normalized; max RGB difference in uint8 levels) between two engines on the
-    same photos, each run at the photo's own size."""
+    same photos, each run at the photo's own size (a classification model decoded at ``temperature``)."""
     x = torch.cat([lightness_input(p) for p in photos])
     with torch.inference_mode():
-        ab_a, ab_b = engine(x).float(), net(x).float()
+        ab_a, ab_b = engine(x, temperature).float(), net(x, temperature).float()
         rgb = [
             np.abs(compose(p, a).astype(np.int16) - compose(p, b).astype(np.int16)).max()
             for p, a, b in zip(photos, ab_a, ab_b, strict=True)
@@ -83,14 +86,23 @@ def compare(engine: Any, net: torch.nn.Module, photos: list[np.ndarray]) -> tupl
     return float((ab_a - ab_b).abs().max()), int(max(rgb))
 
 
-def check(engine: Any, net: torch.nn.Module, size: int) -> dict[str, float]:
-    """Compare ``engine`` with eager ``net`` at :func:`check_shapes`; raises :class:`ExportMismatch`
-    with every measured difference when either tolerance is exceeded."""
+def check_temperatures(net: Colorizer) -> list[float | None]:
+    """The decodings an export is checked at: the model's own, and for a classification model also the
+    plain mean (T = 1). Not the low end of the vividness range: there the decoding nears the mode, which
+    jumps between two near-tied bins at float noise, in any two engines."""
+    return [None, 1.0] if net.classifies else [None]
+
+
+def check(engine: Any, net: Colorizer, size: int) -> dict[str, float]:
+    """Compare ``engine`` with eager ``net`` at :func:`check_shapes` (and :func:`check_temperatures`);
+    raises :class:`ExportMismatch` with every measured difference when either tolerance is exceeded."""
     report: dict[str, float] = {}
     for i, (b, h, w) in enumerate(check_shapes(size)):
-        ab, rgb = compare(engine, net, check_photos(b, h, w, seed=i))
-        report[f"max_ab_diff_{b}x{h}x{w}"] = ab
-        report[f"max_rgb_diff_{b}x{h}x{w}"] = rgb
+        for t in check_temperatures(net):
+            ab, rgb = compare(engine, net, check_photos(b, h, w, seed=i), t)
+            at = "" if t is None else f"_t{t:g}"
+            report[f"max_ab_diff_{b}x{h}x{w}{at}"] = ab
+            report[f"max_rgb_diff_{b}x{h}x{w}{at}"] = rgb
     report["max_ab_diff"] = max(v for k, v in report.items() if k.startswith("max_ab_diff_"))
     report["max_rgb_diff"] = max(v for k, v in report.items() if k.startswith("max_rgb_diff_"))
     if not (report["max_ab_diff"] <= AB_TOLERANCE and report["max_rgb_diff"] <= RGB_TOLERANCE):
@@ -102,18 +114,37 @@ def check(engine: Any, net: torch.nn.Module, size: int) -> dict[str, float]:
     return report
 
 
+class _Decoding(torch.nn.Module):
+    """A classification model with its temperature as a graph input: one export serves every vividness."""
+
+    def __init__(self, net: Colorizer) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, l_norm: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        return self.net(l_norm, temperature)
+
+
 def write_onnx(net: Colorizer, path: Path) -> None:
-    """The ONNX graph of ``net`` at ``path``, batch and sides dynamic (no check: see :func:`export`)."""
+    """The ONNX graph of ``net`` at ``path``, batch and sides dynamic (no check: see :func:`export`). A
+    classification model's graph carries its decoding, with the temperature as a second input (a float32
+    tensor of shape (1,)), not baked in: ``--vividness`` needs no other export."""
     net = net.eval().to(memory_format=torch.contiguous_format)
     example = torch.rand(1, 1, net.spec.image_size, net.spec.image_size)
     dims = {0: "batch", 2: "height", 3: "width"}
+    module, args, names = net, (example,), ["l_norm"]
+    if net.classifies:
+        # eval() too: the exporter restores the wrapper's mode afterwards, and a new module's is training,
+        # which would leave the network itself in training mode (BatchNorm on batch statistics)
+        module = _Decoding(net).eval()
+        args, names = (example, torch.tensor([net.spec.temperature])), [*names, TEMPERATURE]
     with torch.no_grad():
         torch.onnx.export(
-            net,
-            (example,),
+            module,
+            args,
             str(path),
             opset_version=OPSET,
-            input_names=["l_norm"],
+            input_names=names,
             output_names=["ab"],
             dynamic_axes={"l_norm": dims, "ab": dims},
             dynamo=False,
@@ -143,10 +174,15 @@ class OnnxColorizer:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.spec = spec
+        self.decodes = TEMPERATURE in {i.name for i in self.session.get_inputs()}
 
-    def __call__(self, l_norm: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(l_norm.detach().float().cpu().numpy())
-        return torch.from_numpy(self.session.run(["ab"], {"l_norm": x})[0])
+    def __call__(self, l_norm: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+        """As the network's forward: a classification model decoded at ``temperature`` (default its spec's)."""
+        feed = {"l_norm": np.ascontiguousarray(l_norm.detach().float().cpu().numpy())}
+        if self.decodes:
+            t = self.spec.temperature if temperature is None else float(temperature)
+            feed[TEMPERATURE] = np.array([t], dtype=np.float32)
+        return torch.from_numpy(self.session.run(["ab"], feed)[0])
 
     def eval(self) -> OnnxColorizer:
         return self

@@ -7,12 +7,13 @@ the class.
 
 Input: a uint8 array ``(B, H, W, 3)`` (RGB; only its lightness is used) or ``(B, H, W)`` grayscale.
 Output: uint8 ``(B, H, W, 3)``, same size as the input. ``mlflow models serve`` accepts the same
-payload as JSON (``{"inputs": [[[[r, g, b], ...]]]}``).
+payload as JSON (``{"inputs": [[[[r, g, b], ...]]]}``). A classification-head model takes the parameter
+``vividness`` (``params={"vividness": 0.2}``, or ``"params"`` beside ``"inputs"`` in the JSON): its
+decoding temperature, default the one it was evaluated at.
 """
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import mlflow.pyfunc
@@ -20,80 +21,89 @@ import numpy as np
 
 ENTRY = "import mlflow.models\nfrom model.pyfunc import ColorizerModel\n\nmlflow.models.set_model(ColorizerModel())\n"
 NO_ONNX = "no_onnx_export"  # model_config key: why a version was registered without its ONNX export
+VIVIDNESS = "vividness"  # a classification model's parameter: the decoding temperature (``params``)
 
 
 class EngineError(RuntimeError):
     """The engine asked for cannot run this model (no ONNX export, no onnxruntime)."""
 
 
-with warnings.catch_warnings():
-    # MLflow suggests type hints on predict for its own input validation; the explicit signature set at
-    # logging time already describes the input, so the suggestion is noise here.
-    warnings.simplefilter("ignore", UserWarning)
+class ColorizerModel(mlflow.pyfunc.PythonModel):
+    # MLflow wraps predict for its type-hint validation and, finding no hints, warns on every load (from
+    # inside its own warning filter, so a filter here cannot silence it). The signature set at logging
+    # time already describes the input; this is the switch MLflow's own ChatModel subclasses use.
+    _skip_type_hint_validation = True
 
-    class ColorizerModel(mlflow.pyfunc.PythonModel):
-        def load_context(self, context: Any) -> None:
-            import os
+    def load_context(self, context: Any) -> None:
+        import os
 
-            from model.colorizer import load_trained
-            from model.inference import DEVICE_ENV, PRECISION_ENV, resolve_device, with_precision
+        from model.colorizer import load_trained
+        from model.inference import DEVICE_ENV, PRECISION_ENV, resolve_device, with_precision
 
-            # $COLORIZE_DEVICE (auto: a GPU when visible) and $COLORIZE_PRECISION (fp32 or bf16), set by
-            # `colorize serve --device/--precision` and the CLI
-            device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))
-            net = load_trained(context.artifacts["spec"], context.artifacts["weights"]).to(device)
-            self.spec = net.spec
-            self.net = with_precision(net, os.environ.get(PRECISION_ENV, "fp32"))
-            self.onnx_path = context.artifacts.get("onnx")
-            self.no_onnx_reason = (getattr(context, "model_config", None) or {}).get(NO_ONNX)
-            self._onnx = None
+        # $COLORIZE_DEVICE (auto: a GPU when visible) and $COLORIZE_PRECISION (fp32 or bf16), set by
+        # `colorize serve --device/--precision` and the CLI
+        device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))
+        net = load_trained(context.artifacts["spec"], context.artifacts["weights"]).to(device)
+        self.spec = net.spec
+        self.net = with_precision(net, os.environ.get(PRECISION_ENV, "fp32"))
+        self.onnx_path = context.artifacts.get("onnx")
+        self.no_onnx_reason = (getattr(context, "model_config", None) or {}).get(NO_ONNX)
+        self._onnx = None
 
-        def engine(self, name: str = "auto") -> Any:
-            """The network to run: PyTorch, or onnxruntime on the registered ONNX export. ``auto`` takes
-            onnxruntime when the network is on the CPU in float32 and the export is there (1.5-2x faster
-            there), PyTorch otherwise (on a GPU, or in bf16)."""
-            import importlib.util
+    def engine(self, name: str = "auto") -> Any:
+        """The network to run: PyTorch, or onnxruntime on the registered ONNX export. ``auto`` takes
+        onnxruntime when the network is on the CPU in float32 and the export is there (1.5-2x faster
+        there), PyTorch otherwise (on a GPU, or in bf16)."""
+        import importlib.util
 
-            from model.inference import Bf16Net, device_of
+        from model.inference import Bf16Net, device_of
 
-            has_onnx = self.onnx_path is not None and importlib.util.find_spec("onnxruntime") is not None
-            if name == "onnx" and not has_onnx:
-                if self.onnx_path is None:
-                    why = "this model version has no ONNX export" + (
-                        f" (registered without one: {self.no_onnx_reason})" if self.no_onnx_reason else ""
-                    )
-                else:
-                    why = "onnxruntime is not installed"
-                raise EngineError(f"--engine onnx: {why}; use --engine torch or auto")
-            torch_fits = device_of(self.net).type != "cpu" or isinstance(self.net, Bf16Net)
-            if name == "torch" or (name == "auto" and (not has_onnx or torch_fits)):
-                return self.net
-            if self._onnx is None:
-                from model.onnx_engine import OnnxColorizer
-
-                self._onnx = OnnxColorizer(self.onnx_path, self.spec)
-            return self._onnx
-
-        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow infers from hints
-            from model.inference import colorize
-
-            batch = np.asarray(model_input)
-            if batch.ndim == 3:  # grayscale batch
-                batch = np.repeat(batch[..., None], 3, axis=-1)
-            if batch.ndim != 4 or batch.shape[-1] != 3:
-                raise ValueError(f"expected images of shape (B, H, W, 3) or (B, H, W), got {batch.shape}")
-            if batch.dtype.kind not in "iu" or (batch.size and (batch.min() < 0 or batch.max() > 255)):
-                # clipping and casting would answer garbage for floats in 0..1 or 120.7: refuse instead
-                from mlflow.exceptions import MlflowException
-                from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-
-                found = str(batch.dtype)
-                if batch.size and batch.dtype.kind in "iuf":
-                    found += f" in {batch.min()}..{batch.max()}"
-                raise MlflowException(
-                    f"expected uint8 pixel values (whole numbers in 0..255), got {found}",
-                    error_code=INVALID_PARAMETER_VALUE,
+        has_onnx = self.onnx_path is not None and importlib.util.find_spec("onnxruntime") is not None
+        if name == "onnx" and not has_onnx:
+            if self.onnx_path is None:
+                why = "this model version has no ONNX export" + (
+                    f" (registered without one: {self.no_onnx_reason})" if self.no_onnx_reason else ""
                 )
-            batch = batch.astype(np.uint8)
-            net = self.engine("auto")
-            return np.stack([colorize(net, img, self.spec.image_size) for img in batch])
+            else:
+                why = "onnxruntime is not installed"
+            raise EngineError(f"--engine onnx: {why}; use --engine torch or auto")
+        torch_fits = device_of(self.net).type != "cpu" or isinstance(self.net, Bf16Net)
+        if name == "torch" or (name == "auto" and (not has_onnx or torch_fits)):
+            return self.net
+        if self._onnx is None:
+            from model.onnx_engine import OnnxColorizer
+
+            self._onnx = OnnxColorizer(self.onnx_path, self.spec)
+        return self._onnx
+
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow infers from hints
+        from model.inference import colorize, with_vividness
+
+        batch = np.asarray(model_input)
+        if batch.ndim == 3:  # grayscale batch
+            batch = np.repeat(batch[..., None], 3, axis=-1)
+        if batch.ndim != 4 or batch.shape[-1] != 3:
+            raise ValueError(f"expected images of shape (B, H, W, 3) or (B, H, W), got {batch.shape}")
+        if batch.dtype.kind not in "iu" or (batch.size and (batch.min() < 0 or batch.max() > 255)):
+            # clipping and casting would answer garbage for floats in 0..1 or 120.7: refuse instead
+            found = str(batch.dtype)
+            if batch.size and batch.dtype.kind in "iuf":
+                found += f" in {batch.min()}..{batch.max()}"
+            raise _invalid(f"expected uint8 pixel values (whole numbers in 0..255), got {found}")
+        batch = batch.astype(np.uint8)
+        net = self.engine("auto")
+        vividness = (params or {}).get(VIVIDNESS)
+        if vividness is not None and vividness != self.spec.temperature:
+            try:
+                net = with_vividness(net, float(vividness))
+            except ValueError as exc:  # out of range, or a regression model
+                raise _invalid(str(exc).replace("--vividness", "vividness")) from None
+        return np.stack([colorize(net, img, self.spec.image_size) for img in batch])
+
+
+def _invalid(message: str) -> Exception:
+    """MLflow's error for a bad request: the scoring server answers it with a 400 and this message."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)

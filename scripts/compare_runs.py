@@ -1,25 +1,32 @@
-"""Compare one variant between two evaluated runs (a setting changed between them, e.g. the loss) with the
-study's paired statistics: per-image differences on the same test images, two-level bootstrap interval
-over images and seeds, Wilcoxon p beside it (model/study.py).
+"""Compare one variant across evaluated runs (a setting changed between them: the loss, the head, the
+decoding temperature) with the study's paired statistics: per-image differences on the same test
+images, two-level bootstrap interval over images and seeds, Wilcoxon p beside it (model/study.py).
 
-    .venv/bin/python scripts/compare_runs.py WORK/evaluate/<keyA> WORK/evaluate/<keyB> --variant max \
-        [--labels mse mse+colourfulness] [--metrics rgb_mse colorfulness_gap colorfulness]
+    .venv/bin/python scripts/compare_runs.py WORK/evaluate/<keyA> WORK/evaluate/<keyB> [more runs] \
+        --variant max [--labels mse classification] [--metrics rgb_mse colorfulness_gap ab_hist] \
+        [--grid grid.png --grid-images 8 --grid-stride 8]
 
-The two runs must have scored the same test images: their grayscale-baseline rows must agree image by
-image, or the script refuses.
+Prints each run's mean +- std over seeds beside the grayscale baseline, then every later run against the
+first and every run against the baseline. ``--grid`` draws gray | each run's lowest seed | truth on the
+first test images, each run decoded as it was evaluated (a classification head at its run's
+temperature). The runs must have scored the same test images: their grayscale-baseline rows must agree
+image by image, or the script refuses.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from model.metrics import BASELINE
-from model.study import aggregate, paired
+from model.study import Comparison, aggregate, paired
+
+METRICS = ["rgb_mse", "psnr", "ssim", "colorfulness_gap", "ab_hist"]
 
 
 def per_image(folder: Path, metric: str) -> dict[str, dict[int | None, list[float]]]:
@@ -34,39 +41,91 @@ def per_image(folder: Path, metric: str) -> dict[str, dict[int | None, list[floa
     return out
 
 
+def _row(c: Comparison) -> str:
+    return (
+        f"| {c.a} - {c.b} | {c.metric} | {c.mean_diff:+.5g} | [{c.ci_low:+.4g}, {c.ci_high:+.4g}] "
+        f"| {c.p_wilcoxon:.3g} | {'yes' if c.significant else 'no'} |"
+    )
+
+
+def draw_grid(runs: list[Path], variant: str, dest: Path, images: int, stride: int = 1) -> None:
+    """gray | each run's lowest-seed model of ``variant`` | truth, on the first test images (every
+    ``stride``-th: a photo's crops are consecutive, so a stride of crops per photo shows other photos)."""
+    import torch
+
+    from model.colorizer import load_folder
+    from model.preview import grid, save_png
+    from model.samples import first_batch
+    from storage.shards import shard_paths
+    from storage.stage import load_manifest
+
+    def inputs(run: Path, name: str) -> list[dict]:
+        """An evaluate stage's input manifests (its manifest holds references: stage and key)."""
+        refs = json.loads((run / "manifest.json").read_text())["inputs"][name]
+        workdir = run.parent.parent
+        return [
+            load_manifest(workdir / ref["stage"] / ref["key"]) for ref in (refs if isinstance(refs, list) else [refs])
+        ]
+
+    l_norm, ab = first_batch(shard_paths(inputs(runs[0], "prepared")[0], "test"), images * stride)
+    l_norm, ab = l_norm[::stride], ab[::stride]
+    cols = []
+    for run in runs:
+        trained = min((t for t in inputs(run, "trained") if t["variant"] == variant), key=lambda t: t["seed"])
+        net = load_folder(trained["folder"])
+        net.temperature = json.loads((run / "manifest.json").read_text())["config"].get("temperature", net.temperature)
+        with torch.no_grad():
+            cols.append(net(l_norm).float())
+    save_png(grid(l_norm, [*cols, ab]), dest)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("a", type=Path)
-    ap.add_argument("b", type=Path)
+    ap.add_argument("runs", type=Path, nargs="+", help="evaluate stage folders; the first is the reference")
     ap.add_argument("--variant", required=True)
-    ap.add_argument("--labels", nargs=2, default=["A", "B"])
-    ap.add_argument("--metrics", nargs="+", default=["rgb_mse", "ab_mse", "colorfulness_gap", "colorfulness"])
+    ap.add_argument("--labels", nargs="+", default=None, help="one per run (default A, B, C...)")
+    ap.add_argument("--metrics", nargs="+", default=METRICS)
+    ap.add_argument("--grid", type=Path, default=None, help="also draw the runs' pictures side by side here")
+    ap.add_argument("--grid-images", type=int, default=8)
+    ap.add_argument("--grid-stride", type=int, default=1, help="every Nth test image (N = crops per photo)")
     args = ap.parse_args(argv)
-    for folder in (args.a, args.b):
+    labels = args.labels or [chr(ord("A") + i) for i in range(len(args.runs))]
+    if len(args.runs) < 2 or len(labels) != len(args.runs):
+        print("error: give at least two runs and one label per run", file=sys.stderr)
+        return 2
+    for folder in args.runs:
         if not (folder / "per_image.csv").is_file():
             print(f"error: {folder} has no per_image.csv (an evaluate stage folder is expected)", file=sys.stderr)
             return 2
     first = args.metrics[0]
-    if per_image(args.a, first)[BASELINE] != per_image(args.b, first)[BASELINE]:
-        print("error: the two runs scored different test images (their baselines differ)", file=sys.stderr)
+    if any(per_image(run, first)[BASELINE] != per_image(args.runs[0], first)[BASELINE] for run in args.runs[1:]):
+        print("error: the runs scored different test images (their baselines differ)", file=sys.stderr)
         return 2
-    la, lb = args.labels
-    print(f"{args.variant}: {la} - {lb}, paired by test image")
-    print("| metric | baseline | " + la + " | " + lb + " | difference | 95% interval | Wilcoxon p | significant |")
-    print("|---|---|---|---|---|---|---|---|")
-    for metric in args.metrics:
-        a, b = per_image(args.a, metric), per_image(args.b, metric)
-        if args.variant not in a or args.variant not in b:
-            print(f"error: variant {args.variant!r} is not in both runs", file=sys.stderr)
-            return 2
-        base = aggregate(a[BASELINE], BASELINE, metric).mean
-        ga, gb = aggregate(a[args.variant], la, metric), aggregate(b[args.variant], lb, metric)
-        c = paired(a[args.variant], b[args.variant], (la, lb), metric)
-        print(
-            f"| {metric} | {base:.5g} | {ga.mean:.5g} ± {ga.std:.2g} | {gb.mean:.5g} ± {gb.std:.2g} "
-            f"| {c.mean_diff:+.5g} | [{c.ci_low:+.4g}, {c.ci_high:+.4g}] | {c.p_wilcoxon:.3g} "
-            f"| {'yes' if c.significant else 'no'} |"
-        )
+    data = {m: [per_image(run, m) for run in args.runs] for m in args.metrics}
+    if any(args.variant not in d for runs in data.values() for d in runs):
+        print(f"error: variant {args.variant!r} is not in every run", file=sys.stderr)
+        return 2
+
+    print(f"{args.variant}, mean ± std over seeds; grayscale baseline first")
+    print("| model | " + " | ".join(args.metrics) + " |")
+    print("|---|" + "---|" * len(args.metrics))
+    base = [aggregate(data[m][0][BASELINE], BASELINE, m).mean for m in args.metrics]
+    print(f"| {BASELINE} | " + " | ".join(f"{v:.5g}" for v in base) + " |")
+    for i, label in enumerate(labels):
+        cells = [aggregate(data[m][i][args.variant], label, m) for m in args.metrics]
+        print(f"| {label} | " + " | ".join(f"{g.mean:.5g} ± {g.std:.2g}" for g in cells) + " |")
+    print("\nPaired by test image (two-level bootstrap over images and seeds, 95%)")
+    print("| A - B | metric | difference | 95% interval | Wilcoxon p | significant |")
+    print("|---|---|---|---|---|---|")
+    for m in args.metrics:
+        ref = data[m][0][args.variant]
+        for i, label in enumerate(labels[1:], start=1):
+            print(_row(paired(data[m][i][args.variant], ref, (label, labels[0]), m)))
+        for i, label in enumerate(labels):
+            print(_row(paired(data[m][i][args.variant], data[m][i][BASELINE], (label, "grey"), m)))
+    if args.grid is not None:
+        draw_grid(args.runs, args.variant, args.grid, args.grid_images, args.grid_stride)
+        print(f"\ngrid: {args.grid} (gray | {' | '.join(labels)} | truth)")
     return 0
 
 

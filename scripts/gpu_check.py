@@ -8,6 +8,8 @@ is reported in one line with its log kept, and the others go on):
   ms/step, img/s, model TFLOP/s, share of the measured bf16 matrix rate, the loader's share.
 - ``train_tiny``: the train stage end to end on the device at the tiny preset (captured step, checkpoint,
   MLflow run, stage folder).
+- ``train_classification``: the same with ``train.head=classification`` (the rebalanced loss inside the
+  captured step), then evaluated.
 - ``pipeline``: a CIFAR-10-sized stand-in (``--crops`` 32x32 crops cut from the sample photos) through
   upscale (Real-ESRGAN when its weights are here, else bicubic, said in the report), prepare at 224 px,
   one variant x one epoch of the ``gpu`` preset, and evaluate on the device; each stage's seconds.
@@ -179,6 +181,17 @@ class Check:
         t = result["train"]
         part.figures = {"seconds": result["seconds"], "steps": t["steps"], "accelerator": t["accelerator"]}
         part.summary = f"{t['steps']} steps on {t['accelerator']}; stages {result['seconds']}"
+
+    def train_classification(self, part: Part) -> None:
+        """The classification head's step (the rebalanced loss included) captured as a CUDA graph."""
+        needs("pydantic", "webdataset", "mlflow", "skimage", "pandas", "matplotlib")
+        sets = [f"train.accelerator={self.device}", "train.pretrained=false", "train.variants=max"]
+        sets += ["train.head=classification", "train.max_steps=8", "download.lowres_crops_per_photo=0"]
+        sets += [f"evaluate.device={self.device}", "evaluate.lpips=false"]
+        result = self._stages(self.work / "classification", "tiny", sets)
+        t, row = result["train"], result["evaluate"]["table"][-1]
+        part.figures = {"seconds": result["seconds"], "steps": t["steps"], "rgb_mse": row["rgb_mse"]}
+        part.summary = f"{t['steps']} steps on {t['accelerator']}; test rgb_mse {row['rgb_mse']:.4f}"
 
     def pipeline(self, part: Part) -> None:
         needs("pydantic", "webdataset", "mlflow", "skimage", "pandas", "matplotlib")
@@ -400,7 +413,17 @@ def main() -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     check = Check(args)
     os.environ.setdefault("TORCH_HOME", str(check.work / "torch"))  # nothing fetched, nothing left behind
-    parts = ["env", "train_sweep", "train_tiny", "pipeline", "colorize_image", "colorize_video", "upscale", "ddp"]
+    parts = [
+        "env",
+        "train_sweep",
+        "train_tiny",
+        "train_classification",
+        "pipeline",
+        "colorize_image",
+        "colorize_video",
+        "upscale",
+        "ddp",
+    ]
     chosen = ["env", *[p for p in args.parts.split(",") if p != "env"]] if args.parts else parts
     for name in chosen:
         check.run(name, getattr(check, name))

@@ -21,10 +21,10 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch.utils.data import DataLoader
 
-from model.choices import DEVICES
+from model.choices import DEFAULT_VIVIDNESS, DEVICES, vividness_problem
 from model.colorizer import Colorizer, load_folder
 from model.inference import resolve_device
 from model.lab import lab_norm_to_rgb
@@ -55,6 +55,19 @@ class Settings(Section):
     device: Literal[DEVICES] = Field(  # type: ignore[valid-type]
         "auto", description="where the networks predict: auto (a GPU when visible), cpu or cuda"
     )
+    temperature: float = Field(
+        DEFAULT_VIVIDNESS,
+        description="the annealed-mean temperature classification-head models are decoded at (1: the mean, "
+        "lower: more vivid); the registered model's default vividness",
+    )
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        problem = vividness_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 def preflight(s: Settings) -> None:
@@ -117,7 +130,7 @@ def _fmt(v: float | str) -> str:
     return "missing" if math.isnan(v) else f"{v:.5f}" if abs(v) < 1 else f"{v:.3f}"
 
 
-def markdown(table: list[dict[str, Any]], lpips_missing: str | None) -> str:
+def markdown(table: list[dict[str, Any]], lpips_missing: str | None, temperature: float | None = None) -> str:
     head = ["variant", "seed", *COLUMNS, "n_images"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table:
@@ -129,8 +142,10 @@ def markdown(table: list[dict[str, Any]], lpips_missing: str | None) -> str:
         "RGB rebuilt from the true L and the predicted ab; PSNR over the whole RGB image in [0,1]; SSIM as "
         "Wang et al. (2004): 11x11 Gaussian window, sigma 1.5, population covariances, data range 1; "
         "ab_mse in normalized units (ab/110); colourfulness: Hasler & Suesstrunk (2003), "
-        "gap = |pred - truth| per image.",
+        "gap = |pred - truth| per image; ab_hist: intersection of the ab histograms (10x10 cells) with the truth's.",
     ]
+    if any(row.get("head") == "classification" for row in table):
+        notes.append(f"Classification-head models decoded by the annealed mean at T = {temperature:g}.")
     if lpips_missing:
         notes.append(f"LPIPS missing: {lpips_missing}")
     return "\n".join(lines + notes) + "\n"
@@ -216,9 +231,10 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         first: dict[str, Colorizer] = {}  # each variant's lowest-seed model, for the picture grid
         for t in sorted(trained, key=lambda t: (t["variant"], t["seed"])):
             net = load_folder(t["folder"]).to(device)
+            net.temperature = e.temperature  # a classification head's decoding; regression has none
             first.setdefault(t["variant"], net)
             means, rows = score(net, prepared, lpips, e.batch_size, device)
-            table.append({"variant": t["variant"], "seed": t["seed"], **means})
+            table.append({"variant": t["variant"], "seed": t["seed"], "head": net.spec.head, **means})
             for m in COLUMNS:
                 per_image[m].setdefault(t["variant"], {})[t["seed"]] = [r[m] for r in rows]
             label = model_label(t, multi_seed)
@@ -243,7 +259,7 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         frame = pd.DataFrame(table)
         write_bytes(out / "metrics.csv", frame.to_csv(index=False).encode())
         write_bytes(out / "per_image.csv", pd.DataFrame(per_image_rows).to_csv(index=False).encode())
-        md = markdown(table, lpips.missing) + "\n" + study_markdown(variant_table, comparisons)
+        md = markdown(table, lpips.missing, e.temperature) + "\n" + study_markdown(variant_table, comparisons)
         write_bytes(out / "metrics.md", md.encode())
         write_json(
             out / "metrics.json",
@@ -272,6 +288,7 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
             "comparisons": comparisons,
             "lpips_missing": lpips.missing,
             "variants": variants,
+            "temperature": e.temperature,
         }
 
     return run_stage(plan, work, force=force)

@@ -15,6 +15,7 @@ so; whether the paired 95% interval against the baseline excludes zero is tagged
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -25,9 +26,9 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from model.colorizer import MODEL_FILE, SPEC_FILE, load_folder
+from model.colorizer import MODEL_FILE, SPEC_FILE, load_trained
 from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE
-from storage.atomic import write_bytes
+from storage.atomic import write_bytes, write_json
 from storage.code_identity import code_version
 from storage.errors import disk_full
 from storage.settings import Section
@@ -111,7 +112,18 @@ def _recreate_run(tracker: Tracker, trained: dict[str, Any], row: dict[str, Any]
     return run_id
 
 
-def _try_onnx(folder: Path, scratch: Path) -> tuple[Path | None, dict[str, Any]]:
+def _model_spec(folder: Path, temperature: float | None, scratch: Path) -> tuple[Path, dict[str, Any]]:
+    """The spec the version ships (path, content): the trained one, a classification model's default
+    decoding set to the temperature it was evaluated at, so that what users get without ``--vividness``
+    is what the registered test metrics describe."""
+    spec = json.loads((folder / SPEC_FILE).read_text())
+    if spec.get("head") == "classification" and temperature is not None:
+        spec["temperature"] = temperature
+    write_json(scratch / SPEC_FILE, spec)
+    return scratch / SPEC_FILE, spec
+
+
+def _try_onnx(folder: Path, spec: Path, scratch: Path) -> tuple[Path | None, dict[str, Any]]:
     """The champion's ONNX export and its check report, or ``(None, report with the reason)``: ONNX is an
     optional engine, so neither a failed parity check nor an exporter that raises (an operator it cannot
     handle) stops the registration; the torch engine serves that version. A full disk still does."""
@@ -119,7 +131,7 @@ def _try_onnx(folder: Path, scratch: Path) -> tuple[Path | None, dict[str, Any]]
 
     path = scratch / ONNX_FILE  # stored with the registered version, not in the stage folder
     try:
-        return path, {"attached": True, **export(load_folder(folder), path)}
+        return path, {"attached": True, **export(load_trained(spec, folder / MODEL_FILE), path)}
     except Exception as exc:  # noqa: BLE001 - any exporter failure leaves the torch engine, said once
         if disk_full(exc):
             raise
@@ -137,7 +149,7 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
     def work(out: Path) -> dict[str, Any]:
         import mlflow
         from mlflow.models import ModelSignature
-        from mlflow.types import Schema, TensorSpec
+        from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
         from model import bundle, pyfunc  # imports mlflow: only when registering, not when composing settings
 
@@ -164,12 +176,15 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
         size = winner["spec"]["image_size"]
         example = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
         images = Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))])  # any batch, any photo size
-        signature = ModelSignature(inputs=images, outputs=images)
+        spec_path, spec = _model_spec(folder, evaluated.get("temperature"), out / SCRATCH)
+        classifies = spec.get("head") == "classification"
+        params = ParamSchema([ParamSpec(pyfunc.VIVIDNESS, "double", spec["temperature"])]) if classifies else None
+        signature = ModelSignature(inputs=images, outputs=images, params=params)
         entry = out / SCRATCH / "colorizer_model.py"
         write_bytes(entry, pyfunc.ENTRY.encode())
         code_paths = bundle.stage_code(out / SCRATCH / "code")  # only what the model imports
-        onnx_path, onnx_report = _try_onnx(folder, out / SCRATCH)
-        artifacts = {"weights": str(folder / MODEL_FILE), "spec": str(folder / SPEC_FILE)}
+        onnx_path, onnx_report = _try_onnx(folder, spec_path, out / SCRATCH)
+        artifacts = {"weights": str(folder / MODEL_FILE), "spec": str(spec_path)}
         if onnx_path is not None:
             artifacts["onnx"] = str(onnx_path)
         tracker = Tracker(workdir)
@@ -205,6 +220,8 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
         )
         for k, v in {
             "variant": best["variant"],
+            "head": spec.get("head", "regression"),
+            **({"vividness": spec["temperature"]} if classifies else {}),
             "seed": winner["seed"],
             "n_seeds": best["n_seeds"],
             "metric": r.metric,
@@ -224,6 +241,8 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
             "alias": r.alias,
             "version": int(version.version),
             "variant": best["variant"],
+            "head": spec.get("head", "regression"),
+            **({"vividness": spec["temperature"]} if classifies else {}),
             "seed": winner["seed"],
             "n_seeds": best["n_seeds"],
             "metric": r.metric,

@@ -4,7 +4,8 @@ The loop reads like torchvision's classification reference: :func:`train_variant
 record, the epoch loop (:func:`train_one_epoch`, :func:`validate`) and finish; checkpoints are
 tasks.checkpoint's, rank 0's MLflow record tasks.train_record's, a torchrun job tasks.distributed's.
 Adam (constant or cosine-annealed rate), MSE on ab (optionally +L1 or
-+colourfulness), optional bf16 autocast, gradient clipping, channels_last; the last weights are kept, or
++colourfulness) or, with ``head=classification``, the rebalanced cross-entropy over quantized ab
+(model.ab_bins), optional bf16 autocast, gradient clipping, channels_last; the last weights are kept, or
 the epoch end's with the lowest validation MSE. Every ``checkpoint_every`` steps the model, optimizer,
 step, data position and RNG state are written atomically to ``scratch/checkpoint.pt``; a killed run
 resumes from there and, with the same seed, ends with the same weights as an uninterrupted run (the
@@ -30,7 +31,8 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch.utils.data import DataLoader
 
-from model import fusion, pretrained
+from model import ab_bins, fusion, pretrained
+from model.choices import HEADS
 from model.colorizer import SPEC_FILE, Colorizer, ColorizerSpec, build, save_trained
 from model.lab import lab_norm_to_rgb
 from model.metrics import colorfulness_torch
@@ -86,7 +88,17 @@ class Settings(Section):
     )
     epochs: int = Field(6, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (across epochs)")
-    loss: Literal["mse", "l1", "mse+l1", "mse+colourfulness"] = "mse"
+    head: Literal[HEADS] = Field(  # type: ignore[valid-type]
+        "regression",
+        description="regression: ab directly (train.loss); classification: a distribution over quantized ab "
+        "(rebalanced cross-entropy), decoded at evaluate.temperature",
+    )
+    rebalance: float = Field(
+        0.5, ge=0, le=1, description="classification head: the ab prior's mix with the uniform (1: no rebalancing)"
+    )
+    loss: Literal["mse", "l1", "mse+l1", "mse+colourfulness"] = Field(
+        "mse", description="the regression head's loss on ab"
+    )
     colour_weight: float = Field(
         0.5, ge=0, le=100, description="weight of the colourfulness term (loss=mse+colourfulness)"
     )
@@ -142,6 +154,15 @@ class Settings(Section):
         for name in v:
             fusion.variant(name)  # an unknown name: one line naming the choices
         return list(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _head_loss(self) -> Settings:
+        if self.head == "classification" and self.loss != "mse":
+            raise ValueError(
+                f"train.loss={self.loss} is the regression head's; the classification head's loss is the "
+                "rebalanced cross-entropy (tune it with train.rebalance)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _split_batch(self) -> Settings:
@@ -221,6 +242,14 @@ def loader_workers(s: Settings, device: torch.device) -> int:
     if s.loader_workers is not None:
         return s.loader_workers
     return min(8, max(1, (os.cpu_count() or 2) - 1)) if device.type == "cuda" else 0
+
+
+def criterion(s: Settings, prepared: Mapping[str, Any], bins: torch.Tensor | None) -> Criterion:
+    """The run's loss: the regression head's (:func:`loss_fn`), or the classification head's rebalanced
+    cross-entropy with the weights made from the train split's ab prior (recorded by prepare)."""
+    if s.head == "regression" or bins is None:
+        return loss_fn(s.loss, s.colour_weight)
+    return ab_bins.RebalancedLoss(bins, torch.tensor(prepared["ab_prior"]["counts"]), s.rebalance)
 
 
 def loss_fn(kind: str, colour_weight: float = 0.5) -> Criterion:
@@ -356,11 +385,21 @@ def build_setup(out: Path, plan: dict[str, Any], world: World) -> Setup:
     seed, prepared = plan["facts"]["seed"], plan["inputs"]["prepared"]
     torch.manual_seed(seed)
     random.seed(seed)
+    bins = ab_bins.bins() if s.head == "classification" else None
+    if bins is not None and prepared.get("ab_prior", {}).get("bins") != len(bins):
+        raise ConfigError(f"the prepared data has no ab prior over these {len(bins)} bins: rerun the prepare stage")
     spec = ColorizerSpec(
-        fusion=plan["facts"]["variant"], decoder_width=s.decoder_width, image_size=prepared["image_size"]
+        fusion=plan["facts"]["variant"],
+        decoder_width=s.decoder_width,
+        image_size=prepared["image_size"],
+        head=s.head,
+        classes=0 if bins is None else len(bins),
     )
     # Ranks never download: the launching process fetched what was fetchable (see tasks.distributed).
     net, weights = build(spec, s.pretrained, allow_download=world.size == 1)
+    if bins is not None:  # the head starts from the train split's colours (model.ab_bins.prior_logits)
+        with torch.no_grad():
+            net.head.bias.copy_(ab_bins.prior_logits(torch.tensor(prepared["ab_prior"]["counts"])))
     net.freeze(s.freeze)
     net = net.to(world.device, memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
     net.train()
@@ -460,9 +499,8 @@ def run_epochs(
         model = torch.nn.parallel.DistributedDataParallel(t.net, device_ids=device_ids, forward_sync_buffers=True)
     t_start, images = time.perf_counter(), 0
     set_lr(t.opt, lr_at(s, progress.step, t.total, t.peak))
-    step_fn = make_step(
-        model, t.opt, loss_fn(s.loss, s.colour_weight), StepConfig(s.bf16, s.channels_last, s.grad_clip), t.graphs
-    )
+    loss = criterion(s, t.plan["inputs"]["prepared"], t.net.bins if t.net.classifies else None)
+    step_fn = make_step(model, t.opt, loss, StepConfig(s.bf16, s.channels_last, s.grad_clip), t.graphs)
 
     def after_step() -> None:
         nonlocal images

@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 
 GraphSetting = Literal["auto", "on", "off"]
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (PyTorch's recipe: lets cuDNN pick kernels)
-Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (pred ab, true ab, L) -> loss
+# (the network's raw output: ab or logits, true ab, L) -> loss
+Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DivergedError(ConfigError):
@@ -106,7 +107,7 @@ class EagerStep:
         if self.cfg.channels_last:
             l_norm = l_norm.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.bf16, cache_enabled=self.cache_casts):
-            pred = self.model(l_norm)
+            pred = self.model(l_norm, raw=True)  # ab, or the classification head's logits
         loss = self.criterion(pred.float(), ab, l_norm)
         loss.backward()
         if self.cfg.grad_clip:

@@ -68,3 +68,44 @@ def test_annealed_mean_is_the_mean_at_t1_and_the_mode_as_t_goes_to_0() -> None:
     assert torch.allclose(ab_bins.annealed_mean(maps, 0.38), centres[picks[2]].view(1, 2, 1, 1).expand(2, 2, 4, 4))
     with pytest.raises(ValueError, match="above 0"):
         ab_bins.annealed_mean(probs, 0.0)
+
+
+def test_the_rebalanced_loss_is_the_soft_cross_entropy_weighted_by_the_targets_bin() -> None:
+    """Uniform weights (lambda 1) leave the plain cross-entropy with the soft targets; a prior where one
+    colour dominates down-weights the pixels of that colour; targets are pooled to the logits' side."""
+    centres = ab_bins.bins()
+    q = len(centres)
+    ab = torch.zeros(1, 2, 4, 4)
+    ab[0, :, :, 2:] = torch.tensor([40.0, 20.0]).view(2, 1, 1)  # left half grey, right half a colour
+    ab_norm = ab / 110
+    logits = torch.randn(1, q, 4, 4, generator=torch.Generator().manual_seed(0))
+    plain = ab_bins.RebalancedLoss(centres, torch.ones(q), lam=1.0)(logits, ab_norm)
+    target = ab_bins.soft_encode(ab.permute(0, 2, 3, 1).reshape(-1, 2)).view(1, 4, 4, q).permute(0, 3, 1, 2)
+    expected = -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+    assert torch.allclose(plain, expected, atol=1e-5)
+
+    grey = ab_bins.nearest(torch.zeros(1, 2))
+    prior = torch.ones(q)
+    prior[grey] = 1000.0
+    loss = ab_bins.RebalancedLoss(centres, prior, lam=0.5)
+    per_pixel = -(target * torch.log_softmax(logits, 1)).sum(1)[0]
+    w = ab_bins.rebalance_weights(prior, 0.5)
+    assert torch.allclose(loss(logits, ab_norm), (w[target.argmax(1)[0]] * per_pixel).mean(), atol=1e-5)
+    assert w[target.argmax(1)[0, 0, 0]] < w[target.argmax(1)[0, 0, 3]]  # grey pixels count less
+
+    small = torch.randn(1, q, 2, 2, generator=torch.Generator().manual_seed(1))  # the head's S/2 logits
+    pooled = torch.nn.functional.avg_pool2d(target, 2)
+    assert torch.allclose(pooled.sum(1), torch.ones(1, 2, 2), atol=1e-6)  # a mixture: still sums to 1
+    expected = -(pooled * torch.log_softmax(small, 1)).sum(1).mean()
+    assert torch.allclose(ab_bins.RebalancedLoss(centres, torch.ones(q), lam=1.0)(small, ab_norm), expected, atol=1e-5)
+
+
+def test_the_heads_starting_bias_predicts_the_smoothed_prior_and_rules_out_no_colour() -> None:
+    q = len(ab_bins.bins())
+    prior = torch.zeros(q)
+    prior[ab_bins.nearest(torch.tensor([[0.0, 0.0], [20.0, 10.0]]))] = torch.tensor([700.0, 300.0])
+    p = torch.softmax(ab_bins.prior_logits(prior), 0)
+    assert torch.allclose(p.double(), 0.9999 * ab_bins.smoothed_prior(prior) + 1e-4 / q, atol=1e-6)
+    assert p.min() > 0  # every colour stays reachable
+    mean = ab_bins.annealed_mean(p[None], 1.0)[0]
+    assert (mean - torch.tensor([6.0, 3.0])).norm() < 1.5  # the prior's own mean colour, not the gamut's

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import main
+from storage.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,3 +99,14 @@ def test_help_lists_the_choices_without_importing_torch() -> None:
     assert out.stderr.strip() == "False", out.stderr[-2000:]
     for name in ("concat, average, max", "download, upscale, prepare", "sample", "--engine {auto,torch,onnx}"):
         assert name in out.stdout, name
+
+
+def test_the_classification_head_takes_no_regression_loss() -> None:
+    from flows.config import build_config
+
+    assert build_config("tiny", ["train.head=classification"]).train.head == "classification"
+    with pytest.raises(ConfigError, match="regression head's") as err:
+        build_config("tiny", ["train.head=classification", "train.loss=l1"])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="between 0.01 and 1"):
+        build_config("tiny", ["evaluate.temperature=0"])

@@ -50,7 +50,8 @@ def _stage_keys(tree: Path) -> dict[str, str]:
         # prepare calls its colorfulness, train its differentiable form (the mse+colourfulness loss)
         ("model/metrics.py", {"prepare", "train", "evaluate", "register"}),
         ("model/study.py", {"evaluate"}),  # register reads what evaluate computed, not the module
-        ("model/ab_bins.py", {"prepare"}),  # the bins of the ab prior in prepare's manifest
+        # the bins of the ab prior in prepare's manifest; the classification head (colorizer) of the others
+        ("model/ab_bins.py", {"prepare", "train", "evaluate", "register"}),
         ("storage/archives.py", {"download"}),
         ("model/inference.py", {"evaluate", "register"}),  # the registered model runs it; evaluate its devices
         ("storage/stage.py", {"download", "upscale", "prepare", "train", "evaluate", "register"}),

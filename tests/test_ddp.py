@@ -276,3 +276,18 @@ def test_two_nodes_meet_at_the_rendezvous_the_stage_prints(
     assert result["steps"] == 8 and result["world_size"] == 2
     val, one_val = _curve(result)[1], _curve(single_run)[1]
     assert all(abs(a - b) / b < 0.03 for a, b in zip(val, one_val, strict=True)), (val, one_val)
+
+
+@pytest.mark.slow
+def test_the_classification_head_trains_under_ddp(prepared: dict, tmp_path: Path, watchdog) -> None:
+    """Two processes train the classification head (its logits through DDP's forward, the rebalanced
+    loss on each rank's half of the batch) and save a model that decodes."""
+    cfg = build_config("tiny", [*_TRAIN, "train.devices=2", "train.max_steps=2", "train.head=classification"])
+    manifest = train.run(train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path)).manifest
+    assert manifest["world_size"] == 2 and manifest["steps"] == 2 and manifest["spec"]["head"] == "classification"
+    losses, _ = _curve(manifest)
+    assert len(losses) == 2 and all(0 < v < 100 for v in losses)
+    net = load_folder(manifest["folder"])
+    with torch.no_grad():
+        ab = net(torch.rand(1, 1, 32, 32))
+    assert net.classifies and ab.shape == (1, 2, 32, 32) and ab.isfinite().all()

@@ -141,3 +141,20 @@ def test_ssim_is_wang_et_al_gaussian_window_and_psnr_the_whole_image() -> None:
     rgb_mse = float(np.mean((pred - truth) ** 2))  # over every pixel, no border cropped
     m = image_metrics(truth, pred, np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
     assert m["psnr"] == pytest.approx(10 * math.log10(1 / rgb_mse)) and m["ssim"] == ssim(truth, pred)
+
+
+def test_ab_hist_rewards_the_right_colours_and_is_one_for_the_truth() -> None:
+    """Half the truth grey and half red-ish: grey scores 0.5, the truth 1, the right colours in the wrong
+    places still 1 (a histogram), a vivid wrong hue 0."""
+    truth = np.zeros((2, 4, 8))
+    truth[:, :, 4:] = np.array([60.0, 40.0]).reshape(2, 1, 1) / 110
+    m = {
+        name: image_metrics(np.zeros((16, 16, 3)), np.zeros((16, 16, 3)), truth, pred)["ab_hist"]
+        for name, pred in {
+            "grey": np.zeros_like(truth),
+            "truth": truth,
+            "mirrored": truth[:, :, ::-1].copy(),
+            "wrong hue": np.full_like(truth, -50 / 110),
+        }.items()
+    }
+    assert m == {"grey": 0.5, "truth": 1.0, "mirrored": 1.0, "wrong hue": 0.0}

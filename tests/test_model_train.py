@@ -137,9 +137,11 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resumed_training_ends_with_the_same_weights(prepared: dict, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("head", ["regression", "classification"])
+def test_resumed_training_ends_with_the_same_weights(prepared: dict, tmp_path: Path, monkeypatch, head: str) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    cfg = build_config("tiny", ["train.max_steps=5", "train.checkpoint_every=2", "train.variants=max"])
+    sets = ["train.max_steps=5", "train.checkpoint_every=2", "train.variants=max", f"train.head={head}"]
+    cfg = build_config("tiny", sets)
     straight = train.run(train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "a")).manifest
 
     plan_b = train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "b")
@@ -157,6 +159,7 @@ def test_resumed_training_ends_with_the_same_weights(prepared: dict, tmp_path: P
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert straight["steps"] == resumed["steps"] == 5
     assert resumed["mlflow_run_id"]  # one MLflow run, continued after the crash
+    assert resumed["spec"]["head"] == head
 
 
 def test_truncated_checkpoint_is_detected_and_training_restarts(prepared: dict, tmp_path: Path, monkeypatch, caplog):
@@ -252,3 +255,47 @@ def test_a_nan_at_step_k_stops_the_run_before_anything_diverged_is_written_and_t
     assert all(torch.equal(a[k], b[k]) for k in a)
     history = json.loads((Path(resumed["folder"]) / "history.json").read_text())
     assert [s for s, _ in history["train"]] == [1, 2, 3, 4, 5]
+
+
+def test_the_classification_head_predicts_logits_at_half_size_and_decodes_to_ab(tmp_path: Path) -> None:
+    """Logits over the ab bins at S/2 for the loss; ``forward`` decodes them to ab/110 at S by the
+    annealed mean (the same as model.ab_bins.annealed_mean, then upsampled); the bins travel in the
+    state dict, so a saved model loads without recomputing them."""
+    from model import ab_bins
+    from model.colorizer import load_folder, save_trained
+
+    torch.manual_seed(0)
+    q = len(ab_bins.bins())
+    net = Colorizer(ColorizerSpec(fusion="max", decoder_width=16, head="classification", classes=q)).eval()
+    x = torch.rand(2, 1, 64, 96)
+    with torch.no_grad():
+        logits = net(x, raw=True)
+        assert logits.shape == (2, q, 32, 48)
+        for t in (1.0, 0.38, 0.05):
+            ab = ab_bins.annealed_mean(torch.softmax(logits, 1), t)
+            up = torch.nn.functional.interpolate(ab, scale_factor=2, mode="bilinear", align_corners=False) / 110
+            assert torch.allclose(net(x, t), up, atol=1e-5)
+        assert net(x).shape == (2, 2, 64, 96) and torch.equal(net(x), net(x, net.spec.temperature))
+    save_trained(net, tmp_path)
+    back = load_folder(tmp_path)
+    assert back.spec == net.spec and torch.equal(back.bins, ab_bins.bins())
+    with torch.no_grad():
+        assert torch.equal(back(x, 0.2), net(x, 0.2))
+    with pytest.raises(ValueError, match="unknown head"):
+        ColorizerSpec(head="softmax")
+
+
+def test_the_classification_heads_onnx_export_takes_the_temperature_as_an_input(tmp_path: Path) -> None:
+    from model.onnx_engine import TEMPERATURE, OnnxColorizer, export
+
+    torch.manual_seed(0)
+    spec = ColorizerSpec(fusion="average", decoder_width=16, image_size=64, head="classification", classes=261)
+    net = Colorizer(spec).eval()
+    report = export(net, tmp_path / "m.onnx")  # the parity check at the model's T and at T = 1
+    assert report["max_rgb_diff"] <= 1 and any(k.endswith("_t1") for k in report)
+    engine = OnnxColorizer(tmp_path / "m.onnx", spec)
+    assert engine.decodes and TEMPERATURE in {i.name for i in engine.session.get_inputs()}
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        assert (engine(x, 0.2) - net(x, 0.2)).abs().max() < 2e-3
+        assert (engine(x, 0.2) - engine(x, 1.0)).abs().max() > 1e-3  # the input is used, not baked in

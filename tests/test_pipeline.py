@@ -397,10 +397,10 @@ def test_the_champion_is_registered_with_an_onnx_export_that_matches_torch(rerun
     assert np.abs(outs["torch"] - outs["onnx"]).max() <= 1  # within 1/255
 
     # bf16 is the torch engine's: auto takes torch for it even on a CPU with the export at hand
-    from flows.colorize_images import load_net
+    from flows.colorize_images import Running, load_net
     from model.inference import Bf16Net
 
-    assert isinstance(load_net(None, workdir, "auto", "cpu", "bf16")[0], Bf16Net)
+    assert isinstance(load_net(None, workdir, Running("auto", "cpu", "bf16"))[0], Bf16Net)
     out = tmp_path / "bf16.png"
     assert main(["image", str(src), "--out", str(out), "--precision", "bf16", "--workdir", str(workdir)]) == 0
     bf16 = np.asarray(Image.open(out)).astype(int)
@@ -408,11 +408,96 @@ def test_the_champion_is_registered_with_an_onnx_export_that_matches_torch(rerun
     assert np.abs(bf16 - outs["torch"]).max() <= 8 and np.abs(bf16 - outs["torch"]).mean() < 1
 
 
+def test_the_classification_head_trains_registers_and_colorizes_at_any_vividness(
+    rerun: dict, workdir: Path, tmp_path: Path, capsys
+) -> None:
+    """train.head=classification through evaluate, register (ONNX export with the temperature as an
+    input, the evaluated temperature as the version's default) and `colorize image --vividness`; the
+    registered pyfunc takes the vividness as a parameter; a regression model refuses one in one line."""
+    sets = ["train.head=classification", "train.variants=max", "register.model_name=vivid"]
+    result = pipeline(
+        dataset="sample", preset="tiny", workdir=str(workdir), overrides=[*sets, "evaluate.temperature=0.3"]
+    )
+    states = _states(result)
+    assert [states[s] for s in ("download", "upscale", "prepare")] == ["cached"] * 3
+    assert states["train-max"] == states["evaluate"] == states["register"] == "ran"
+    reg = json.loads((Path(result["stages"]["register"]) / "manifest.json").read_text())
+    assert reg["head"] == "classification" and reg["onnx"]["attached"] and reg["onnx"]["max_rgb_diff"] <= 1
+    from storage.tracking import Tracker
+
+    tags = Tracker(workdir).client.get_model_version("vivid", str(reg["version"])).tags
+    assert tags["head"] == "classification" and float(tags["vividness"]) == 0.3
+
+    src = tmp_path / "cat.png"
+    Image.fromarray(data.chelsea()[:96, :128]).save(src)
+    model = ["--model", "models:/vivid@champion", "--workdir", str(workdir)]
+    outs = {}
+    for name, extra in {
+        "default": [],
+        "0.3": ["--vividness", "0.3"],
+        "0.05": ["--vividness", "0.05"],
+        "1": ["--vividness", "1"],
+        "0.05 torch": ["--vividness", "0.05", "--engine", "torch"],
+    }.items():
+        out = tmp_path / f"{name}.png"
+        assert main(["image", str(src), "--out", str(out), *model, *extra]) == 0, capsys.readouterr().err
+        outs[name] = np.asarray(Image.open(out)).astype(int)
+    assert np.array_equal(outs["default"], outs["0.3"])  # the version decodes at the evaluated temperature
+    assert np.abs(outs["0.05"] - outs["1"]).max() > 2  # the vividness changes the colours
+    assert np.abs(outs["0.05"] - outs["0.05 torch"]).max() <= 1  # onnx (auto on a CPU) and torch agree
+
+    import mlflow
+
+    from flows.env import open_registry
+    from storage.tracking import tracking_uri
+
+    open_registry(workdir)
+    mlflow.set_tracking_uri(tracking_uri(workdir))
+    pyfunc = mlflow.pyfunc.load_model("models:/vivid@champion")
+    batch = np.asarray(Image.open(src))[None]
+    assert np.array_equal(pyfunc.predict(batch, params={"vividness": 0.05})[0], outs["0.05"].astype(np.uint8))
+    with pytest.raises(Exception, match="between 0.01 and 1"):
+        pyfunc.predict(batch, params={"vividness": 3.0})
+
+    from flows.app import colorize_uploads, vividness_slider
+    from flows.colorize_images import PhotoColorizer
+
+    vivid = PhotoColorizer.load("models:/vivid@champion", workdir)
+    assert vividness_slider(vivid) == (True, 0.3)  # the page's slider, at the version's temperature
+    assert not vividness_slider(PhotoColorizer.load(None, workdir))[0]  # a regression champion has none
+    (tmp_path / "page").mkdir()
+    _, paths, _, _ = colorize_uploads(vivid, [str(src)], False, tmp_path / "page", vividness=0.05)
+    assert np.abs(np.asarray(Image.open(paths[0])).astype(int) - outs["0.05"]).max() <= 1
+
+    proc, base = _serve(["serve", "--model", "models:/vivid@champion", "--workdir", str(workdir)], "/ping")
+    try:
+        import urllib.request
+
+        body = json.dumps({"inputs": batch.tolist(), "params": {"vividness": 0.05}}).encode()
+        req = urllib.request.Request(base + "/invocations", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            served = np.asarray(json.loads(resp.read())["predictions"], dtype=int)
+        assert np.array_equal(served[0], outs["0.05"])
+    finally:
+        _stop(proc)
+
+    capsys.readouterr()
+    assert (
+        main(["image", str(src), "--out", str(tmp_path / "r.png"), "--vividness", "0.2", "--workdir", str(workdir)])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert "regression head" in err and "\n" not in err and not (tmp_path / "r.png").exists()
+    with pytest.raises(SystemExit) as bad:
+        main(["image", str(src), "--vividness", "0", *model])
+    assert bad.value.code == 2 and "between 0.01 and 1" in capsys.readouterr().err
+
+
 def _mismatching_engine(monkeypatch) -> None:
     from model.onnx_engine import OnnxColorizer
 
     real = OnnxColorizer.__call__
-    monkeypatch.setattr(OnnxColorizer, "__call__", lambda self, x: real(self, x) + 0.05)  # 5.5 Lab units
+    monkeypatch.setattr(OnnxColorizer, "__call__", lambda self, x, t=None: real(self, x, t) + 0.05)  # 5.5 Lab units
 
 
 def _raising_exporter(monkeypatch) -> None:

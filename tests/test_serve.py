@@ -28,7 +28,7 @@ def test_onnx_export_matches_eager_at_several_sizes(tmp_path: Path) -> None:
 def _offset_engine(monkeypatch, offset: float) -> None:
     """Make onnxruntime's answers differ from eager by ``offset`` in normalized ab (an injected fault)."""
     real = OnnxColorizer.__call__
-    monkeypatch.setattr(OnnxColorizer, "__call__", lambda self, x: real(self, x) + offset)
+    monkeypatch.setattr(OnnxColorizer, "__call__", lambda self, x, t=None: real(self, x, t) + offset)
 
 
 def test_an_export_within_what_a_user_can_see_is_kept(tmp_path: Path, monkeypatch) -> None:

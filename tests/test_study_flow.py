@@ -4,6 +4,7 @@ rerun alone, and the evaluate and register stages' study outputs."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,34 @@ def test_the_champion_variant_is_chosen_by_its_mean_over_seeds(runs: list[dict],
         main(["run", "--preset", "tiny", "--variants", "concat,max", "--seeds", "0,1", "--workdir", str(workdir)]) == 0
     )
     assert f"(mean of 2 seeds; registered: seed {reg['seed']})" in capsys.readouterr().out
+
+
+def test_compare_runs_pairs_evaluations_of_the_same_images_and_draws_their_pictures(
+    runs: list[dict], workdir: Path, tmp_path: Path, capsys
+) -> None:
+    """scripts/compare_runs.py on the study's evaluation and a second one of the same models at another
+    decoding temperature (which a regression model ignores): each run's means, every paired difference
+    (here 0, not significant), and the picture grid with a column per run."""
+    import importlib.util
+
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location(
+        "compare_runs", Path(__file__).parents[1] / "scripts" / "compare_runs.py"
+    )
+    compare_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_runs)
+    again = pipeline(**{**ARGS, "overrides": [*ARGS["overrides"], "evaluate.temperature=0.2"]}, workdir=str(workdir))
+    a, b = Path(runs[0]["stages"]["evaluate"]), Path(again["stages"]["evaluate"])
+    assert a != b
+    capsys.readouterr()
+    grid = tmp_path / "grid.png"
+    assert compare_runs.main([str(a), str(b), "--variant", "max", "--labels", "T1", "T2", "--grid", str(grid)]) == 0
+    out = capsys.readouterr().out
+    # the same models on the same images: no difference (the interval still resamples each run's seeds)
+    assert re.search(r"\| T2 - T1 \| rgb_mse \| \+0 \| \[\S+, \S+\] \| \S+ \| no \|", out), out
+    assert "| T1 - grey | ab_hist |" in out
+    width, height = Image.open(grid).size
+    tile = width // 4  # four columns: gray | T1 | T2 | truth, one row per test image
+    assert width == 4 * tile and height % tile == 0 and 1 <= height // tile <= 8
+    assert compare_runs.main([str(a), str(tmp_path), "--variant", "max"]) == 2

@@ -401,3 +401,33 @@ def test_replacing_an_existing_output_is_said(model_dir: Path, tmp_path: Path, c
     assert "replaced" not in capsys.readouterr().out
     assert main(["video", str(clip), "--out", str(out), "--model", str(model_dir)]) == 0
     assert "(replaced the existing file)" in capsys.readouterr().out
+
+
+def test_the_vividness_reaches_every_frame_and_keys_the_resumable_chunks(
+    tmp_path: Path, model_dir: Path, caplog, monkeypatch, capsys
+) -> None:
+    """A classification model's video at two vividness settings differs; a run killed at one and rerun
+    at the other reuses nothing (its output equals a straight run); a regression model refuses one."""
+    import torch
+
+    from model import ab_bins
+
+    clip = make_clip(tmp_path / "pan.mp4", n=8, audio=False)
+    torch.manual_seed(0)
+    spec = ColorizerSpec(decoder_width=8, image_size=32, head="classification", classes=len(ab_bins.bins()))
+    save_trained(Colorizer(spec).eval(), tmp_path / "model")
+    args = ["video", str(clip), "--model", str(tmp_path / "model"), "--chunk", "4", "--batch", "4"]
+    _killed_in_second_chunk(monkeypatch, [*args, "--vividness", "0.05", "--out", str(tmp_path / "out.mp4")])
+    caplog.clear()
+    assert main([*args, "--vividness", "1", "--out", str(tmp_path / "out.mp4")]) == 0
+    assert any("model is not the one" in m for m in _warnings(caplog)), _warnings(caplog)
+    assert main([*args, "--vividness", "1", "--out", str(tmp_path / "mean.mp4")]) == 0
+    assert main([*args, "--vividness", "0.05", "--out", str(tmp_path / "mode.mp4")]) == 0
+    assert fingerprint(tmp_path / "out.mp4") == fingerprint(tmp_path / "mean.mp4")
+    assert fingerprint(tmp_path / "mode.mp4") != fingerprint(tmp_path / "mean.mp4")
+
+    capsys.readouterr()
+    regression = ["video", str(clip), "--model", str(model_dir), "--out", str(tmp_path / "r.mp4")]
+    assert main([*regression, "--vividness", "0.2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "regression head" in err and "\n" not in err and not (tmp_path / "r.mp4").exists()
