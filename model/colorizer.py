@@ -11,8 +11,8 @@ Shapes for an input of side S (a multiple of 32)::
                          -> ab (B,2,S/2,S/2) -> bilinear x2 -> ab/110 (B,2,S,S)
 
 The classification head (Zhang, Isola & Efros 2016, model.ab_bins) predicts at half the input side: its
-Q = 261 channels at S/2 cost less than the regression head's last full-size block they replace, and
-colour is smooth (inference upsamples ab to a photo's size anyway, keeping the photo's own L). Its
+Q = 261 values per pixel (logits, and the loss's soft targets) cost a quarter of what they would at S,
+and colour is smooth (inference upsamples ab to a photo's size anyway, keeping the photo's own L). Its
 bin centres are a buffer of the state dict, so a loaded model decodes with the bins it was trained on.
 Both heads return ab/110 at S from ``forward``, so everything downstream (inference, ONNX, evaluation)
 takes either; ``forward(..., raw=True)`` gives what the training loss reads (ab, or the logits).
