@@ -71,7 +71,7 @@ def vividness_slider(colorizer: PhotoColorizer) -> tuple[bool, float]:
     """(whether the page shows a vividness slider: only a classification model has one, where it starts)."""
     spec = colorizer.net.spec
     classifies = getattr(spec, "head", "regression") == "classification"
-    return classifies, getattr(colorizer.net, "temperature", None) or getattr(spec, "temperature", DEFAULT_VIVIDNESS)
+    return classifies, getattr(colorizer.net, "temperature", getattr(spec, "temperature", DEFAULT_VIVIDNESS))
 
 
 def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:

@@ -115,10 +115,19 @@ def annealed_mean(probs: torch.Tensor, temperature: float, dim: int = 1) -> torc
     becomes the mode (the paper uses 0.38). Returns ab with ``dim`` of size 2."""
     if not temperature > 0:
         raise ValueError(f"the temperature must be above 0, got {temperature}")
-    logp = torch.log(probs.clamp_min(1e-12)) / temperature
-    tempered = torch.softmax(logp, dim=dim)
-    centres = bins(probs.device).to(probs.dtype)  # (Q, 2)
-    return torch.tensordot(tempered.movedim(dim, -1), centres, dims=1).movedim(-1, dim)
+    logp = torch.log(probs.clamp_min(1e-12))
+    return decode(logp, bins(probs.device).to(probs.dtype), temperature, dim)
+
+
+def decode(
+    logits: torch.Tensor, centres: torch.Tensor, temperature: float | torch.Tensor, dim: int = 1
+) -> torch.Tensor:
+    """:func:`annealed_mean` from logits (or log-probabilities) over ``centres`` ``(Q, 2)``: ``p^(1/T)``
+    renormalized is the softmax of the logits over T. ``temperature`` may be a tensor (an ONNX graph's
+    input), so it is not checked here."""
+    tempered = torch.softmax(logits / temperature, dim=dim)
+    dim, last = dim % logits.dim(), logits.dim() - 1  # non-negative: ONNX's Transpose takes no -1
+    return torch.tensordot(tempered.movedim(dim, last), centres, dims=1).movedim(last, dim)
 
 
 class RebalancedLoss:

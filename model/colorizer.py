@@ -180,7 +180,6 @@ class Colorizer(nn.Module):
         seconds to compute, once per process), or a placeholder a state dict is about to overwrite."""
         super().__init__()
         self.spec = spec
-        self.temperature = spec.temperature  # the decoding when forward is given none (evaluate sets it)
         w = spec.decoder_width
         widths = (w, 2 * w, 4 * w, 8 * w)
         self.resnet = ResNetEncoder(resnet_state)
@@ -213,8 +212,9 @@ class Colorizer(nn.Module):
         self, l_norm: torch.Tensor, temperature: float | torch.Tensor | None = None, raw: bool = False
     ) -> torch.Tensor:
         """ab/110 (B,2,S,S) from L/100 (B,1,S,S). ``temperature``: the classification head's decoding
-        (default ``self.temperature``; ignored by regression). ``raw``: the training loss's input instead,
-        the regression head's ab or the classification head's logits (B,Q,S/2,S/2)."""
+        (default the spec's; ignored by regression; model.inference.Vivid fixes another). ``raw``: the
+        training loss's input instead, the regression head's ab or the classification head's logits
+        (B,Q,S/2,S/2)."""
         if l_norm.shape[-1] % SIDE_MULTIPLE or l_norm.shape[-2] % SIDE_MULTIPLE:
             raise ValueError(f"input side must be a multiple of {SIDE_MULTIPLE}, got {tuple(l_norm.shape[-2:])}")
         x = (l_norm - GRAY_MEAN) / GRAY_STD
@@ -229,13 +229,11 @@ class Colorizer(nn.Module):
         return logits if raw else self.decode(logits, temperature)
 
     def decode(self, logits: torch.Tensor, temperature: float | torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B,Q,h,w) -> ab/110 (B,2,2h,2w): the annealed mean (model.ab_bins.annealed_mean, here as
-        ``softmax(logits / T)``, the same distribution: ``p^(1/T)`` renormalized is the softmax of the
-        logits over T) in float32, then upsampled to the input's side."""
-        t = self.temperature if temperature is None else temperature
+        """Logits (B,Q,h,w) -> ab/110 (B,2,2h,2w): the annealed mean over this model's bins
+        (model.ab_bins.decode) in float32, then upsampled to the input's side."""
+        t = self.spec.temperature if temperature is None else temperature
         with torch.autocast(logits.device.type, enabled=False):  # bf16 would round ab to ~0.5 units
-            tempered = torch.softmax(logits.float() / t, dim=1)
-            ab = torch.einsum("bqhw,qc->bchw", tempered, self.bins.float()) / AB_SCALE
+            ab = ab_bins.decode(logits.float(), self.bins.float(), t) / AB_SCALE
             return nn.functional.interpolate(ab, scale_factor=2, mode="bilinear", align_corners=False)
 
     def encoder_stems(self) -> list[nn.Module]:

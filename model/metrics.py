@@ -30,8 +30,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-AB_CELL, AB_CELLS = 10.0, 27  # ab_hist's cells: 10 Lab units, 27 x 27 of them over ab in [-135, 135]
-AB_UNITS = 110.0  # normalized ab x this = Lab units (model.lab.AB_SCALE)
+from model.ab_bins import GRID as AB_CELL
+from model.lab import AB_SCALE as AB_UNITS
+
+AB_CELLS = 27  # ab_hist's cells: 27 x 27 of AB_CELL (10 Lab units) over ab in [-135, 135]
 
 
 def colorfulness(rgb: np.ndarray) -> float:

@@ -54,6 +54,7 @@ def draw_grid(runs: list[Path], variant: str, dest: Path, images: int, stride: i
     import torch
 
     from model.colorizer import load_folder
+    from model.inference import Vivid
     from model.preview import grid, save_png
     from model.samples import first_batch
     from storage.shards import shard_paths
@@ -73,7 +74,8 @@ def draw_grid(runs: list[Path], variant: str, dest: Path, images: int, stride: i
     for run in runs:
         trained = min((t for t in inputs(run, "trained") if t["variant"] == variant), key=lambda t: t["seed"])
         net = load_folder(trained["folder"])
-        net.temperature = json.loads((run / "manifest.json").read_text())["config"].get("temperature", net.temperature)
+        if net.classifies:  # decoded as its run evaluated it
+            net = Vivid(net, json.loads((run / "manifest.json").read_text())["config"]["temperature"])
         with torch.no_grad():
             cols.append(net(l_norm).float())
     save_png(grid(l_norm, [*cols, ab]), dest)

@@ -25,8 +25,8 @@ from pydantic import Field, field_validator
 from torch.utils.data import DataLoader
 
 from model.choices import DEFAULT_VIVIDNESS, DEVICES, vividness_problem
-from model.colorizer import Colorizer, load_folder
-from model.inference import resolve_device
+from model.colorizer import load_folder
+from model.inference import Vivid, resolve_device
 from model.lab import lab_norm_to_rgb
 from model.metrics import BASELINE, COLUMNS, HIGHER_IS_BETTER, RANKABLE, Lpips, batch_metrics, gray_baseline, ssim
 from model.pretrained import locate
@@ -228,10 +228,10 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         per_image = {m: {BASELINE: {None: [r[m] for r in rows]}} for m in COLUMNS}
         per_image_rows = [{"model": BASELINE, "image": i, **r} for i, r in enumerate(rows)]
         multi_seed = len({t["seed"] for t in trained}) > 1
-        first: dict[str, Colorizer] = {}  # each variant's lowest-seed model, for the picture grid
+        first: dict[str, torch.nn.Module] = {}  # each variant's lowest-seed model, for the picture grid
         for t in sorted(trained, key=lambda t: (t["variant"], t["seed"])):
             net = load_folder(t["folder"]).to(device)
-            net.temperature = e.temperature  # a classification head's decoding; regression has none
+            net = Vivid(net, e.temperature) if net.classifies else net  # the decoding; regression has none
             first.setdefault(t["variant"], net)
             means, rows = score(net, prepared, lpips, e.batch_size, device)
             table.append({"variant": t["variant"], "seed": t["seed"], "head": net.spec.head, **means})
