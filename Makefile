@@ -11,7 +11,7 @@ export DO_NOT_TRACK := 1
 # The index `make lock` resolves against (PyPI; point it at a mirror with make lock UV_INDEX=...).
 UV_INDEX ?= https://pypi.org/simple
 
-.PHONY: setup lock test lint demo ui bench clean
+.PHONY: setup lock test test-fast lint demo ui bench clean
 
 # Every dependency at the version and hashes of requirements.lock (torch included), then the project
 # itself, editable, adding nothing.
@@ -32,8 +32,15 @@ lock:
 	  --python-platform x86_64-manylinux_2_28 --no-config --index-url $(UV_INDEX) \
 	  --custom-compile-command "make lock" --quiet -o requirements.lock
 
+# The whole suite on both cores (pytest-xdist, one test module per worker so module fixtures run once),
+# with the 15 slowest tests listed; test-fast: the unit tests only (no servers, no pipeline runs), for
+# the inner loop.
+PYTEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=15
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check flows tasks model storage tests bench

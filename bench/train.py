@@ -3,7 +3,7 @@
 Baseline (the notebooks' way): RGB images resized and Lab-converted one by one with scikit-image inside
 the loop, batch 8, fp32, default memory format, plain Adam, blocking copies to the device. This stage:
 prepared float16 Lab shards read by the shard DataLoader, then the stage's own step
-(``tasks.train.train_one_epoch`` with the train section's defaults: channels_last, fused Adam, seeded
+(``tasks.train_loop.train_one_epoch`` with the train section's defaults: channels_last, fused Adam, seeded
 flips, gradient clipping), and on a GPU pinned memory with non-blocking copies and, with ``--bf16``, bf16
 autocast. Both train the same ResNet50 + DenseNet121 concat colorizer at 128 px; the two loops take turns
 step by step. Also times the data loader alone, to show the step is compute-bound, and with
@@ -52,7 +52,9 @@ from model.samples import decode_sample16
 from storage.shards import ShardDataset, decode_png, iter_samples, shard_paths
 from tasks import download, prepare, train
 from tasks.distributed import World
-from tasks.train import Progress, loader_workers, train_one_epoch
+from tasks.losses import loss_fn
+from tasks.train_loop import loader_workers, train_one_epoch
+from tasks.train_state import Progress
 from tasks.train_step import StepConfig, make_optimizer, make_step, use_graphs
 
 
@@ -121,7 +123,7 @@ def stage_step(net: torch.nn.Module, settings: train.Settings, world: World) -> 
     as the stage does)."""
     graphs = use_graphs(settings.cuda_graphs, world.device, world.size)
     opt = make_optimizer(net, 1e-4, capturable=graphs)
-    criterion = train.loss_fn(settings.loss, settings.colour_weight)
+    criterion = loss_fn(settings.loss, settings.colour_weight)
     cfg = StepConfig(settings.bf16, settings.channels_last, settings.grad_clip)
     step_fn = make_step(net, opt, criterion, cfg, graphs)
     flips, progress = torch.Generator().manual_seed(0), Progress()
@@ -225,7 +227,7 @@ def prepared_at(size: int, wd: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def stage_batches(prep: dict[str, Any], batch: int, device: torch.device) -> Iterator[Batch]:
-    """The train stage's loader: float16 samples, workers and pinned memory on CUDA (tasks.train)."""
+    """The train stage's loader: float16 samples, workers and pinned memory on CUDA (tasks.train_loop)."""
     ds = Cycled(ShardDataset(shard_paths(prep, "train"), decode_sample16, seed=0, batch=batch))
     workers = loader_workers(train.Settings(), device)
     yield from DataLoader(ds, batch_size=batch, pin_memory=device.type == "cuda", num_workers=workers)

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from flows.colorize_images import PhotoColorizer, Running, model_summary, save
+from flows.colorize_images import PhotoColorizer, model_summary, save
 from model.choices import DEFAULT_VIVIDNESS, VIVIDNESS_RANGE
+from model.loading import Running
 from storage.images import ImageError
 
 Pair = tuple[np.ndarray, np.ndarray]  # (before, after) of one photo

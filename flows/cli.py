@@ -58,10 +58,6 @@ def _positive(text: str) -> int:
     return value
 
 
-DEVICE_HELP = "auto: a GPU when one is visible (default), else the CPU"
-PRECISION_HELP = "torch engine's arithmetic: fp32 (default) or bf16 (a GPU's fast path; colours a few levels off)"
-
-
 def _side(text: str) -> int:
     from model.choices import side_problem
 
@@ -83,20 +79,54 @@ def _vividness(text: str) -> float:
     return value
 
 
-VIVIDNESS_HELP = (
-    "a classification-head model's colour: the decoding temperature, 1 = the mean (muted) down to 0.01 "
-    "(the most likely colour, most vivid); default: the temperature it was evaluated at"
-)
+def _shared_options() -> dict[str, dict]:
+    """The options several commands take, each declared once (the same help in every command that takes
+    it); :func:`_add` adds them where each command lists them."""
+    # Light modules only: the help must not wait for torch.
+    from model.choices import DEFAULT_MODEL, DEVICES, ENGINES, PRECISIONS
+
+    return {
+        "--workdir": {"help": "where data, runs and models go (default ./work or $COLORIZE_WORKDIR)"},
+        "--model": {  # the commands that load it here: `serve` declares its own (no stage folder)
+            "default": None,
+            "help": f"models:/NAME@ALIAS, runs:/..., or a trained stage folder (default: {DEFAULT_MODEL})",
+        },
+        "--engine": {"choices": ENGINES, "default": "auto", "help": "auto: onnxruntime on a CPU when exported"},
+        "--device": {
+            "choices": DEVICES,
+            "default": "auto",
+            "help": "auto: a GPU when one is visible (default), else the CPU",
+        },
+        "--precision": {
+            "choices": PRECISIONS,
+            "default": "fp32",
+            "help": "torch engine's arithmetic: fp32 (default) or bf16 (a GPU's fast path; colours a few levels off)",
+        },
+        "--vividness": {
+            "type": _vividness,
+            "default": None,
+            "help": "a classification-head model's colour: the decoding temperature, 1 = the mean (muted) down "
+            "to 0.01 (the most likely colour, most vivid); default: the temperature it was evaluated at",
+        },
+        "--size": {"type": _side, "default": None, "help": "network input size (default: the model's training size)"},
+        "--host": {"default": "127.0.0.1", "help": "bind address (default 127.0.0.1: this machine only)"},
+    }
+
+
+def _add(parser: argparse.ArgumentParser, shared: dict[str, dict], *flags: str) -> None:
+    for flag in flags:
+        parser.add_argument(flag, **shared[flag])
 
 
 def build_parser() -> argparse.ArgumentParser:
     # Light modules only: the help must not wait for torch.
     from flows.dag import STAGES
     from model import fusion
-    from model.choices import DEFAULT_MODEL, DEVICES, ENGINES, PRECISIONS
+    from model.choices import DEFAULT_MODEL
     from storage.images import MAX_PIXELS
     from tasks.download import SOURCES
 
+    shared = _shared_options()
     p = _Parser(prog="colorize", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -117,66 +147,48 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--until", default="register", help=f"last stage to run ({', '.join(STAGES)})")
     r.add_argument("--only", help="run just this stage (earlier stages must be finished)")
     r.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE despite its cache")
-    r.add_argument("--workdir", help="where data, runs and models go (default ./work or $COLORIZE_WORKDIR)")
+    _add(r, shared, "--workdir")
 
     s = sub.add_parser("status", help="each stage's last state in the work dir")
-    s.add_argument("--workdir")
+    _add(s, shared, "--workdir")
 
     i = sub.add_parser("image", help="colorize photos with the registered champion (or a given model)")
     i.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
     i.add_argument("--out", "-o", default=None, help="output file (one input) or folder (default: ./colorized)")
-    i.add_argument("--model", default=None, help="models:/NAME@ALIAS, runs:/..., or a trained stage folder")
+    _add(i, shared, "--model")
     i.add_argument("--upscale", action="store_true", help="Real-ESRGAN x4 before colorizing (small photos)")
     i.add_argument(
         "--upscale-max", type=_positive, default=256, help="only upscale photos up to this many px (longer side)"
     )
-    i.add_argument("--size", type=_side, default=None, help="network input size (default: the model's training size)")
+    _add(i, shared, "--size")
     i.add_argument(
         "--max-pixels", type=_positive, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
     )
-    i.add_argument("--engine", choices=ENGINES, default="auto", help="auto: onnxruntime on a CPU when exported")
-    i.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    i.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    i.add_argument("--vividness", type=_vividness, default=None, help=VIVIDNESS_HELP)
-    i.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
+    _add(i, shared, "--engine", "--device", "--precision", "--vividness", "--workdir")
 
     vid = sub.add_parser("video", help="colorize a video with temporally stable colour")
     vid.add_argument("input", metavar="INPUT", help="any video FFmpeg reads")
     vid.add_argument("--out", "-o", required=True, help="output video: .mp4, .mkv or .mov (H.264)")
-    vid.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
-    vid.add_argument("--engine", choices=ENGINES, default="auto")
+    _add(vid, shared, "--model", "--engine")
     vid.add_argument("--temporal", choices=("on", "off"), default="on", help="off: each frame on its own")
     vid.add_argument("--batch", type=_positive, default=8, help="frames per network call")
     vid.add_argument("--chunk", type=_positive, default=240, help="frames per resumable chunk")
-    vid.add_argument("--size", type=_side, default=None, help="network input size (default: the model's)")
-    vid.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    vid.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    vid.add_argument("--vividness", type=_vividness, default=None, help=VIVIDNESS_HELP)
-    vid.add_argument("--workdir", help="work dir whose MLflow registry holds the champion")
+    _add(vid, shared, "--size", "--device", "--precision", "--vividness", "--workdir")
 
     a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
-    a.add_argument("--model", default=None, help="models:/NAME@ALIAS or a trained stage folder (default: champion)")
-    a.add_argument("--engine", choices=ENGINES, default="auto")
-    a.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    a.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    a.add_argument(
-        "--vividness", type=_vividness, default=None, help=VIVIDNESS_HELP + " (the page's slider starts there)"
-    )
-    a.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    _add(a, shared, "--model", "--engine", "--device", "--precision", "--vividness", "--host")
     a.add_argument("--port", type=_positive, default=7860)
-    a.add_argument("--workdir")
+    _add(a, shared, "--workdir")
 
     v = sub.add_parser("serve", help="the champion as a REST API (MLflow's scoring server), on 127.0.0.1")
+    # its own --model: the server loads an MLflow model (registered or a run's), never a stage folder
     v.add_argument("--model", default=None, help=f"models:/NAME@ALIAS (default: {DEFAULT_MODEL})")
-    v.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
-    v.add_argument("--precision", choices=PRECISIONS, default="fp32", help=PRECISION_HELP)
-    v.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    _add(v, shared, "--device", "--precision", "--host")
     v.add_argument("--port", type=_positive, default=5001)
-    v.add_argument("--workdir")
+    _add(v, shared, "--workdir")
 
     u = sub.add_parser("ui", help="start the MLflow and Prefect UIs on 127.0.0.1 for the work dir")
-    u.add_argument("--workdir")
-    u.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    _add(u, shared, "--workdir", "--host")
     u.add_argument("--mlflow-port", type=int, default=5000)
     u.add_argument("--prefect-port", type=int, default=4200)
     return p
@@ -218,8 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         readers = ", ".join(n for n, s in SOURCES.items() if s.needs_path)
         raise ConfigError(f"--path is only for --dataset {readers}")
     path = str(Path(args.path).expanduser().resolve()) if args.path else None
-    cfg, every = configure_run(args.dataset, preset, overrides, path)
-    from flows.pipeline import hand_over, preflight, redact_overrides
+    cfg = configure_run(args.dataset, preset, overrides, path)
+    from flows.pipeline import preflight, redact_overrides
 
     preflight(cfg)
     workdir = _workdir(args.workdir)
@@ -240,11 +252,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     for name in ("prefect.flow_runs", "prefect.task_runs"):  # failures are reported below, in one line
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
-    hand_over(preset, every, cfg)  # checked above: the flow takes it instead of checking again
     result = pipeline(
         dataset=cfg.download.dataset,
         preset=preset,
-        overrides=redact_overrides(overrides),  # what Prefect stores; the real values stay in this process
+        overrides=redact_overrides(overrides),  # the run's record in Prefect; the flow runs `config`
+        config=cfg,  # validated and checked above: the flow takes it as it is
         path=path,
         workdir=str(workdir),
         until=until,
@@ -319,9 +331,9 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    from flows.colorize_images import Running
     from flows.colorize_video import VideoColorizer, check_output, load_model, probe
     from flows.env import configure
+    from model.loading import Running
 
     src, dest = Path(args.input).expanduser(), Path(args.out).expanduser()
     workdir = _workdir_path(args.workdir)
@@ -345,7 +357,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     configure(workdir)
     open_registry(workdir)  # a moved or copied work dir serves its own files
     from flows.app import serve
-    from flows.colorize_images import Running
+    from model.loading import Running
 
     return serve(workdir, args.model, Running.from_args(args), args.host, args.port)
 

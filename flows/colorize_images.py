@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from model.choices import DEFAULT_MODEL
+from model.loading import Running, UsageError, load_engine
 from storage.atomic import atomic_path
-from storage.errors import ConfigError
 from storage.images import IMAGE_SUFFIXES, MAX_PIXELS, ImageError, find_images, load_photo
 
 log = logging.getLogger(__name__)
@@ -36,103 +34,7 @@ _FORMATS = {
 }
 
 
-class NoModel(ConfigError):
-    """No usable model: the message says how to get one (exit 2)."""
-
-
-class UsageError(ConfigError):
-    """The command line asks for something that cannot be done safely (exit 2, nothing written)."""
-
-
-@dataclass(frozen=True)
-class Running:
-    """How a model runs, as the commands' options say: ``engine`` ``torch``, ``onnx`` (the registered
-    ONNX export on onnxruntime, a float32 CPU engine) or ``auto`` (torch on a GPU or in bf16; on a CPU
-    onnx when the model has an export, torch otherwise; a stage folder has no export and runs on torch);
-    ``device`` ``auto`` (CUDA when visible), ``cpu`` or ``cuda``; ``precision`` ``fp32`` or ``bf16``
-    (autocast, the torch engine's); ``vividness`` a classification model's decoding temperature (None:
-    its own; refused for a regression model)."""
-
-    engine: str = "auto"
-    device: str = "auto"
-    precision: str = "fp32"
-    vividness: float | None = None
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> Running:
-        return cls(args.engine, args.device, args.precision, getattr(args, "vividness", None))
-
-
-def load_net(spec: str | None, workdir: Path, how: Running = Running()) -> tuple[Any, int]:  # noqa: B008 - frozen
-    """(network, its input size) from a models:/ or runs:/ URI, or a trained stage folder, run ``how``."""
-    import torch
-
-    from model.inference import DEVICE_ENV, PRECISION_ENV, resolve_device, with_precision, with_vividness
-
-    engine, device, precision = how.engine, how.device, how.precision
-    try:
-        where = resolve_device(device)
-    except ValueError as exc:
-        raise NoModel(str(exc)) from None
-    if where.type != "cpu" and engine == "onnx":
-        raise NoModel(f"--engine onnx runs on the CPU; use --engine torch (or auto) with --device {device}")
-    if precision != "fp32" and engine == "onnx":
-        raise NoModel(f"--engine onnx runs in float32; use --engine torch (or auto) with --precision {precision}")
-    # a registered model's pyfunc reads these when it loads: its network's device and arithmetic
-    os.environ[DEVICE_ENV], os.environ[PRECISION_ENV] = device, precision
-    net, size = _load_net(spec, workdir, "torch" if where.type != "cpu" or precision != "fp32" else engine)
-    if isinstance(net, torch.nn.Module):
-        net = with_precision(net.to(where), precision)
-    try:
-        return with_vividness(net, how.vividness), size
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def _load_net(spec: str | None, workdir: Path, engine: str) -> tuple[Any, int]:
-    target = spec or DEFAULT_MODEL
-    local = Path(target).expanduser()
-    if local.is_dir() or local.suffix == ".pt":
-        from model.colorizer import MODEL_FILE, SPEC_FILE, is_trained_folder, load_folder
-
-        folder = local if local.is_dir() else local.parent
-        if not is_trained_folder(folder):
-            raise NoModel(f"{local}: expected a trained stage folder with {MODEL_FILE} and {SPEC_FILE}")
-        if engine == "onnx":
-            raise NoModel(f"--engine onnx: {folder} is a stage folder with no ONNX export; use a registered model")
-        net = load_folder(folder)
-        return net, net.spec.image_size
-    import mlflow
-
-    from storage.tracking import store_missing, tracking_uri
-
-    if spec is None and store_missing(workdir):
-        raise NoModel(
-            f"no registered model {DEFAULT_MODEL}: {workdir} has no MLflow store yet; train one with "
-            f"`colorize run --dataset sample --workdir {workdir}` or pass --model"
-        )
-
-    from flows.env import open_registry
-
-    open_registry(workdir)  # a moved or copied work dir's model locations point into it first
-    mlflow.set_tracking_uri(tracking_uri(workdir))
-    mlflow.set_registry_uri(tracking_uri(workdir))
-    try:
-        model = mlflow.pyfunc.load_model(target)
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "not there"
-        if spec is None:
-            raise NoModel(
-                f"no registered model {DEFAULT_MODEL} in {workdir / 'mlflow.db'}; train one with "
-                f"`colorize run --dataset sample --workdir {workdir}` or pass --model"
-            ) from None
-        raise NoModel(f"cannot load model {target}: {str(exc).splitlines()[0]}") from None
-    inner = model.unwrap_python_model()
-    from model.pyfunc import EngineError
-
-    try:
-        return inner.engine(engine), inner.spec.image_size
-    except EngineError as exc:
-        raise NoModel(str(exc)) from None
+load_net = load_engine  # the one loader is model.loading's; bench/ still imports it by this name
 
 
 def model_summary(spec: str | None, workdir: Path, colorizer: PhotoColorizer) -> str:
@@ -173,7 +75,7 @@ class PhotoColorizer:
         how: Running = Running(),  # noqa: B008 - frozen
         **kw: Any,
     ) -> PhotoColorizer:
-        net, size = load_net(spec, workdir, how)
+        net, size = load_engine(spec, workdir, how)
         return cls(net, size, **kw)
 
     def colorize_file(

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flows.colorize_images import Running
 from model.inference import compose, predict
+from model.loading import NoModel, Running, load_engine, registry_version
 from model.temporal import Stabilizer
 from storage.atomic import atomic_path, temp_name, write_json
 from storage.errors import ConfigError
@@ -259,32 +259,6 @@ def _files_digest(root: Path, names: list[str] | None = None) -> str:
     return h.hexdigest()
 
 
-def _registry_version(target: str, workdir: Path) -> tuple[str, str] | None:
-    """(name, version) a ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` URI points at now, or None
-    when the registry cannot say (load_net then gives its own message)."""
-    if not target.startswith("models:/"):
-        return None
-    from storage.tracking import store_missing, tracking_uri
-
-    uri = tracking_uri(workdir)
-    if store_missing(workdir):
-        return None  # no store: do not create one just to look
-    rest = target.removeprefix("models:/")
-    import mlflow
-
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    client = mlflow.MlflowClient()
-    try:
-        if "@" in rest:
-            name, alias = rest.split("@", 1)
-            return name, str(client.get_model_version_by_alias(name, alias).version)
-        name, version = rest.rsplit("/", 1)
-        return (name, version) if version.isdigit() else None
-    except Exception:  # noqa: BLE001 - MLflow raises several types for "not there"
-        return None
-
-
 def load_model(spec: str | None, workdir: Path, how: Running = Running()) -> tuple[Any, int, dict[str, Any]]:  # noqa: B008
     """(network, its input size, what it resolved to) for ``--model``, run ``how``. The identity keys
     resumable chunks: a registry model is pinned to the version its alias names now, loaded as that
@@ -295,22 +269,21 @@ def load_model(spec: str | None, workdir: Path, how: Running = Running()) -> tup
 
 
 def _load_model(spec: str | None, workdir: Path, how: Running) -> tuple[Any, int, dict[str, Any]]:
-    from flows.colorize_images import NoModel, load_net
     from model.choices import DEFAULT_MODEL
     from model.colorizer import MODEL_FILE, SPEC_FILE
 
     target = spec or DEFAULT_MODEL
     local = Path(target).expanduser()
     if local.is_dir() or local.suffix == ".pt":
-        net, size = load_net(spec, workdir, how)
+        net, size = load_engine(spec, workdir, how)
         folder = (local if local.is_dir() else local.parent).resolve()
         return net, size, {"folder": str(folder), "digest": _files_digest(folder, [MODEL_FILE, SPEC_FILE])}
-    pinned = _registry_version(target, workdir)
+    pinned = registry_version(target, workdir)
     if pinned is None:
-        net, size = load_net(spec, workdir, how)  # its own message when there is no such model
+        net, size = load_engine(spec, workdir, how)  # its own message when there is no such model
         return net, size, {"model": target}
     name, version = pinned
-    net, size = load_net(f"models:/{name}/{version}", workdir, how)
+    net, size = load_engine(f"models:/{name}/{version}", workdir, how)
     import mlflow
 
     try:

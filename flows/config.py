@@ -1,10 +1,15 @@
 """The pipeline's configuration: the stages' own settings sections composed into one, named presets and
 ``--set section.key=value`` overrides.
 
-Each stage module declares its section (``tasks/<stage>.py: Settings``); this module only puts them
-together under the stage's name, so a stage's settings have one owner and ``--set train.lr=...``
-reaches exactly the train stage. Unknown keys are errors (``extra="forbid"``): a typo in ``--set``
-fails before any work starts instead of being silently ignored.
+Each stage declares its section (``Settings``, in the torch-free module its StageSpec names: reading or
+validating a setting loads no network); this module only puts them together under the stage's name, so
+a stage's settings have one owner and ``--set train.lr=...`` reaches exactly the train stage. Unknown
+keys are errors (``extra="forbid"``): a typo in ``--set`` fails before any work starts instead of being
+silently ignored.
+
+A run's config is one value, built once by :func:`build_config` and handed down (to the flow, then each
+stage its own section). Where it is stored outside the work dir (the flow run's parameters in Prefect's
+database), it is written in its redacted form: JSON serialization masks every secret in it.
 """
 
 from __future__ import annotations
@@ -14,15 +19,47 @@ import json
 import warnings
 from typing import Any
 
-from pydantic import Field, ValidationError, create_model
+from pydantic import (
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    create_model,
+    model_serializer,
+)
 
-from flows.dag import SPECS, STAGES, stage_modules
+from flows import dag
 from storage import shard_runner, stage_store
 from storage.errors import ConfigError
+from storage.redact import MASK, redact_config, redact_text
 from storage.settings import Section
 
-STAGE_MODULES = stage_modules()
-assert tuple(m.STAGE for m in STAGE_MODULES) == STAGES, "flows/dag.py names a module for another stage"
+
+class _Config(Section):
+    """The whole config's base: its JSON form (what Prefect stores as a flow parameter) is redacted, the
+    Python form (what the run uses) is not."""
+
+    @model_serializer(mode="wrap")
+    def _redacted_json(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        data = handler(self)
+        if not info.mode_is_json():
+            return data
+        store = data.get("store") or {}
+        if store.get("options"):  # client options are a library's: only their names are ever stored
+            store["options"] = masked_options(store["options"])
+        return redact_config(data)
+
+
+def masked_options(options: Any) -> dict[str, str] | str:
+    """``store.options`` as it may be stored or shown: its names, every value ``***`` (a JSON text is
+    read first; anything else is masked whole)."""
+    if isinstance(options, str):
+        try:
+            options = json.loads(options)
+        except ValueError:
+            return MASK
+    return {str(name): MASK for name in options} if isinstance(options, dict) else MASK
+
 
 with warnings.catch_warnings():
     # pydantic notes that the field `register` shadows ABCMeta.register; harmless, and the section name
@@ -31,11 +68,11 @@ with warnings.catch_warnings():
     # One section per stage of flows/dag.py, under the stage's name, then the flow's own sections.
     PipelineConfig = create_model(
         "PipelineConfig",
-        __base__=Section,
+        __base__=_Config,
         seed=(int, Field(0, ge=0, lt=2**32, description="seeds the data split, crops and training")),
         **{
-            spec.name: (m.Settings, Field(default_factory=m.Settings))
-            for spec, m in zip(SPECS, STAGE_MODULES, strict=True)
+            spec.name: (section, Field(default_factory=section))
+            for spec, section in ((spec, spec.settings_class()) for spec in dag.SPECS)
         },
         runner=(shard_runner.Settings, Field(default_factory=shard_runner.Settings)),
         store=(stage_store.Settings, Field(default_factory=stage_store.Settings)),
@@ -97,12 +134,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def parse_value(raw: str) -> Any:
+def parse_value(raw: str, key: str = "") -> Any:
     """``--set`` values are JSON where they parse (numbers, true, null, lists), else plain strings;
-    a bare comma list (``concat,max``) becomes a list."""
+    a bare comma list (``concat,max``) becomes a list. A value that opens a JSON object (``{``) must be
+    one: its error says where it stops parsing, not that a dictionary was expected."""
     try:
         return json.loads(raw)
-    except ValueError:
+    except ValueError as exc:
+        if raw.lstrip().startswith("{"):
+            pos = getattr(exc, "pos", None)
+            raise ConfigError(f"{key}: not valid JSON ({getattr(exc, 'msg', exc)} at character {pos})") from None
         return raw.split(",") if "," in raw else raw
 
 
@@ -120,18 +161,27 @@ def build_config(preset: str = "demo", overrides: list[str] | None = None) -> Pi
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     data = copy.deepcopy(PRESETS[preset])  # overrides below must never edit the shared preset
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects key=value, got {item!r}")
-        node = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"{key}: unknown setting")
-        node[parts[-1]] = parse_value(raw)
     try:
+        for item in overrides or []:
+            _apply(data, item)
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(redact_text(_one_line(exc))) from None
+    except ConfigError as exc:  # every message that quotes a user's setting is redacted
+        raise ConfigError(redact_text(str(exc))) from None
+
+
+def _apply(data: dict[str, Any], item: str) -> None:
+    """One ``--set key=value`` into the nested ``data``."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    parts = key.split(".")
+    if not all(p.strip() for p in parts):
+        raise ConfigError(f"--set {key}: unknown setting (settings are section.name, e.g. train.lr)")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{key}: unknown setting")
+    node[parts[-1]] = parse_value(raw, key)

@@ -14,6 +14,7 @@ folder is recomputed, not trusted. Tasks exchange plans and manifests (small JSO
 
 from __future__ import annotations
 
+import json
 import logging
 import urllib.error
 from collections.abc import Callable
@@ -25,9 +26,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.context import get_run_context
 
-from flows import run_page
-from flows.config import STAGE_MODULES, PipelineConfig, build_config
-from flows.dag import SPECS, STAGES, StageSpec
+from flows import config as pipeline_config
+from flows import dag, run_page
+from flows.config import PipelineConfig
+from flows.dag import StageSpec
 from storage import progress, shard_runner
 from storage.errors import TransientError, UserFacingError, disk_full
 from storage.redact import redact, redact_text
@@ -36,8 +38,6 @@ from storage.stage_store import StageStore
 from storage.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
-_RUN = {m.STAGE: m.run for m in STAGE_MODULES}
-_NETWORK = {spec.name for spec in SPECS if "network" in spec.uses}  # retried on a network failure
 _RESUME = "finished stages are kept: rerun the same command to resume"
 _TRANSIENT = (TransientError, urllib.error.URLError, ConnectionError, TimeoutError)
 
@@ -65,7 +65,7 @@ def stage_task(plan: dict[str, Any], force: bool = False, extra: dict[str, Any] 
     """Run one stage from its plan; return its manifest, plus whether another run had already finished it."""
     try:
         with progress.listening(run_page.ProgressArtifact(plan["stage"])):
-            result = _RUN[plan["stage"]](plan, force=force, **(extra or {}))
+            result = dag.spec(plan["stage"]).load().run(plan, force=force, **(extra or {}))
     except Exception as exc:
         clean = _redacted(exc)
         if clean is exc:
@@ -155,11 +155,11 @@ class Runner:
         intact = folder_ok and not forced
         if not intact and not forced and plan_folder(plan).exists():
             log.warning("%s: stored output at %s failed verification; recomputing", name, plan_folder(plan))
-        if self.only and STAGES.index(stage) < STAGES.index(self.only) and not intact:
+        if self.only and dag.STAGES.index(stage) < dag.STAGES.index(self.only) and not intact:
             raise StageFailed(
                 f"--only {self.only} needs a finished {stage} stage; run `colorize run --until {stage}` first", 2
             )
-        options = NETWORK_RETRIES if stage in _NETWORK else {}
+        options = NETWORK_RETRIES if "network" in dag.spec(stage).uses else {}  # retried on a network failure
         return stage_task.with_options(name=name, refresh_cache=not intact, **options).submit(
             plan=plan, force=forced, extra=extra or None
         )
@@ -202,67 +202,36 @@ def _flow_run_id() -> str:
         return "unknown"
 
 
-# Overrides as given, keyed by their redacted form: the flow's parameters (which Prefect stores in its
-# database) hold only the redacted form, and the flow recovers the real values in this process.
-_REAL_OVERRIDES: dict[str, str] = {}
-
-
 def redact_overrides(overrides: list[str]) -> list[str]:
-    """``--set`` items with credentials and tokens replaced by ``***``, safe to store."""
+    """``--set`` items with credentials and tokens replaced by ``***``: what Prefect stores as the flow
+    run's ``overrides`` (the flow itself is given the validated config, see :func:`pipeline`)."""
     out = []
     for item in overrides:
         key, sep, value = item.partition("=")
-        clean = f"{key}{sep}{redact(key, value)}" if sep else item
-        if clean != item:
-            _REAL_OVERRIDES[clean] = item
-        out.append(clean)
+        if sep and key.strip().startswith("store.options"):  # a library's client options: names only
+            value = json.dumps(pipeline_config.masked_options(value))
+        else:
+            value = redact(key, value)
+        out.append(f"{key}{sep}{value}" if sep else redact_text(item))
     return out
-
-
-# `colorize run` validates the settings and runs the preflight checks before Prefect starts, then calls
-# the flow, which must do both itself when a deployment runs it. The CLI hands its checked config to the
-# one flow call that follows (keyed by the arguments), which takes it instead of checking again.
-_CHECKED: dict[tuple[str, tuple[str, ...]], PipelineConfig] = {}
 
 
 def preflight(cfg: PipelineConfig) -> None:
     """Checks a stage can make before any work starts (each stage module's optional ``preflight``), the
     Dask runner's and the stage store's probe."""
-    for module in STAGE_MODULES:
-        check = getattr(module, "preflight", None)
+    for spec in dag.SPECS:
+        check = getattr(spec.load(), "preflight", None)
         if check is not None:
-            check(getattr(cfg, module.STAGE))
+            check(getattr(cfg, spec.name))
     shard_runner.check(cfg.runner)
     if (store := StageStore.of(cfg.store)) is not None:
         store.check()
 
 
-def configure_run(
-    dataset: str, preset: str, overrides: list[str] | None, path: str | None
-) -> tuple[PipelineConfig, list[str]]:
-    """The config of one run: ``dataset`` and ``path`` are the download section's settings."""
-    every = _arguments(dataset, overrides, path)
-    return build_config(preset, every), every
-
-
-def _arguments(dataset: str, overrides: list[str] | None, path: str | None) -> list[str]:
-    return [*(overrides or []), f"download.dataset={dataset}"] + ([f"download.path={path}"] if path else [])
-
-
-def hand_over(preset: str, every: list[str], cfg: PipelineConfig) -> None:
-    """Give the flow call that follows in this process ``cfg``, validated and preflight-checked by the
-    caller, so that it does not check the same run twice."""
-    _CHECKED[(preset, tuple(every))] = cfg
-
-
-def _checked(dataset: str, preset: str, overrides: list[str], path: str | None) -> PipelineConfig:
-    """The run's config: the one handed over for these arguments (taken: used once), else validated
-    and preflight-checked now (a deployment's run, or a call from Python)."""
-    cfg = _CHECKED.pop((preset, tuple(_arguments(dataset, overrides, path))), None)
-    if cfg is None:
-        cfg, _ = configure_run(dataset, preset, overrides, path)
-        preflight(cfg)
-    return cfg
+def configure_run(dataset: str, preset: str, overrides: list[str] | None, path: str | None) -> PipelineConfig:
+    """The config of one run, validated once: ``dataset`` and ``path`` are the download section's settings."""
+    every = [*(overrides or []), f"download.dataset={dataset}"] + ([f"download.path={path}"] if path else [])
+    return pipeline_config.build_config(preset, every)
 
 
 @flow(name="colorize-pipeline", log_prints=True, persist_result=True)
@@ -275,20 +244,29 @@ def pipeline(
     until: str = "register",
     only: str | None = None,
     force: list[str] | None = None,
+    config: PipelineConfig | None = None,
 ) -> dict[str, Any]:
-    """Run the stages up to ``until`` (or just ``only``); return what each did and where its output is."""
+    """Run the stages up to ``until`` (or just ``only``); return what each did and where its output is.
+
+    ``config``: the run's settings, already validated and preflight-checked by the caller (``colorize
+    run``), which is then the one place they are built; Prefect stores its redacted form (see
+    flows.config). Without it (a deployment's run, a call from Python) it is built here from ``preset``,
+    ``overrides``, ``dataset`` and ``path``, and checked, once."""
     run_page.stage_logs_at_info()
-    real = [_REAL_OVERRIDES.get(item, item) for item in overrides or []]
-    cfg = _checked(dataset, preset, real, path)
+    cfg = config
+    if cfg is None:
+        cfg = configure_run(dataset, preset, overrides, path)
+        preflight(cfg)
     wd = Path(workdir).resolve()
     runner = Runner(wd, set(force or []), only, StageStore.of(cfg.store))
-    stop = STAGES.index(only or until)
+    stop = dag.STAGES.index(only or until)
     out: dict[str, Any] = {"workdir": str(wd), "flow_run_id": _flow_run_id(), "stages": {}, "calls": []}
     shard_options = {"runner": cfg.runner.model_dump(), "store": cfg.store.url}  # where shard jobs run and meet
     results: dict[str, Any] = {}
     parent = ParentRun(wd, dataset, preset, cfg)
     try:
-        for spec, module in zip(SPECS, STAGE_MODULES, strict=True):
+        for spec in dag.SPECS:
+            module = spec.load()
             section = getattr(cfg, spec.name)
             plans = module.plans(section, cfg.seed, {name: results.get(name) for name in spec.inputs}, wd)
             extra: dict[str, Any] = dict(shard_options) if "shards" in spec.uses else {}
@@ -298,7 +276,7 @@ def pipeline(
             results[spec.name] = _run_stage(runner, spec, module, plans, extra, concurrent, out, parent)
             if (report := _REPORTS.get(spec.name)) is not None:
                 report(results[spec.name], out, parent)
-            if STAGES.index(spec.name) == stop:
+            if dag.STAGES.index(spec.name) == stop:
                 break
         parent.status = "FINISHED"
         if parent.id is not None:
@@ -324,7 +302,7 @@ class ParentRun:
             self.tracker = Tracker(self.workdir)
             tags = {"prefect.flow_run_id": _flow_run_id(), "dataset": self.dataset, "preset": self.preset}
             self.id = self.tracker.start_run(f"pipeline-{self.dataset}", tags=tags)
-            params = {**flatten("", self.cfg.model_dump()), "dataset": self.dataset, "preset": self.preset}
+            params = {**flatten("", self.cfg.model_dump(mode="json")), "dataset": self.dataset, "preset": self.preset}
             self.tracker.log_params(self.id, params)
         return self.id
 

@@ -1,8 +1,10 @@
 """``colorize serve``: the registered champion as a REST API, through MLflow's own scoring server.
 
 The model is resolved here, through the same registry path as every other command
-(:func:`storage.tracking.client`, which re-points a moved or copied work dir's artifact locations), so a
-copied work dir serves its own files. The server is MLflow's scoring app (``mlflow models serve`` runs
+(:func:`storage.tracking.use_store`, which re-points a moved or copied work dir's artifact locations), so
+a copied work dir serves its own files, and the device is checked as the loader checks it
+(model.loading.Running.where). The server is another process, told the store, the model's device and
+precision in its environment (:func:`environment`): MLflow's scoring app (``mlflow models serve`` runs
 the same one) behind :class:`PayloadGuard`, run by uvicorn on 127.0.0.1 by default, and stopped with this
 command on Ctrl-C, SIGTERM or SIGHUP. Requests: ``POST /invocations`` with ``{"inputs": <uint8 array
 (B, H, W, 3)>}``; the answer is ``{"predictions": <uint8 array, same shape>}``.
@@ -17,10 +19,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flows.env import open_registry, project_pythonpath, start_server, stop_on_signals, stop_server
+from flows.env import project_pythonpath, start_server, stop_on_signals, stop_server
 from model.choices import DEFAULT_MODEL
 from storage.errors import ConfigError
-from storage.tracking import store_missing, tracking_uri
+from storage.tracking import store_missing, tracking_uri, use_store
 
 MODEL_PATH_ENV = "COLORIZE_SERVE_MODEL_PATH"
 EXPECTED = "expected uint8 pixel values: whole numbers in 0..255, shape (B, H, W, 3) or (B, H, W)"
@@ -31,17 +33,14 @@ def resolve_model(workdir: Path, model: str | None, dst: Path) -> str:
     """The local folder of ``model`` (default: the champion) in this work dir's registry. A user's mistake
     (no store, no such model) is a :class:`ConfigError`; an empty folder never gets an ``mlflow.db``."""
     target = model or DEFAULT_MODEL
-    uri = tracking_uri(workdir)
     if store_missing(workdir):
         raise ConfigError(
             f"{workdir} has no MLflow store (mlflow.db): not a work dir, or no run yet; train a model with "
             f"`colorize run --dataset sample --workdir {workdir}`"
         )
-    open_registry(workdir)  # the one way every command opens it: a moved work dir is re-pointed here
+    uri = use_store(workdir)  # as every command opens it: a moved work dir is re-pointed here
     import mlflow
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     try:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=target, dst_path=str(dst)))
     except Exception as exc:  # noqa: BLE001 - MLflow raises several types for "not there"
@@ -156,12 +155,9 @@ def serve(workdir: Path, model: str | None, host: str, port: int, device: str = 
     """Resolve the model and the device (a mistake: exit 2 before anything starts), then run the server
     until it exits or a stopping signal ends this command, and take the server down with it."""
     from flows.ui import exposure_warning
-    from model.inference import resolve_device
+    from model.loading import Running
 
-    try:
-        resolve_device(device)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    Running(device=device, precision=precision).where()  # the loader's own check: a ConfigError, exit 2
     # The model's files, copied out of the store, live as long as this command (a copy of the whole
     # model, ~240 MB with its encoders: one left in /tmp per `serve` adds up)
     with tempfile.TemporaryDirectory(prefix="colorize-serve-") as tmp:

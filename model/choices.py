@@ -8,6 +8,7 @@ from __future__ import annotations
 ENGINES = ("auto", "torch", "onnx")  # auto: onnxruntime on a CPU when the version has its ONNX export
 DEVICES = ("auto", "cpu", "cuda")  # auto: a GPU when one is visible, else the CPU
 PRECISIONS = ("fp32", "bf16")  # the torch engine's arithmetic
+UPSCALE_BACKENDS = ("auto", "torch", "ncnn")  # auto: torch on a GPU, else ncnn when installed, else torch
 DEFAULT_MODEL = "models:/colorizer@champion"  # what `colorize image|video|app|serve` run without --model
 SIDE_MULTIPLE = 32  # the encoders' five stride-2 stages: a network input side is a multiple of this
 MAX_SIDE = 2048  # the largest network input the pipeline trains at (prepare.image_size); 8192 needs ~100 GB
@@ -20,6 +21,7 @@ def side_problem(side: int) -> str | None:
     return None
 
 
+HINT_MODES = ("off", "local", "local+global")  # what a model takes besides L: nothing, points, points + a palette
 HEADS = ("regression", "classification")  # ab directly (MSE-trained), or a distribution over quantized ab
 DEFAULT_VIVIDNESS = 0.38  # the annealed-mean temperature a classification model decodes at (Zhang et al.'s)
 VIVIDNESS_RANGE = (0.01, 1.0)  # 1: the distribution's mean (the greyest); towards 0: its mode (the most vivid)

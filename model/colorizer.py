@@ -17,6 +17,16 @@ bin centres are a buffer of the state dict, so a loaded model decodes with the b
 Both heads return ab/110 at S from ``forward``, so everything downstream (inference, ONNX, evaluation)
 takes either; ``forward(..., raw=True)`` gives what the training loss reads (ab, or the logits).
 
+Hints (``spec.hints``, model.hints): local hints (known ab and its mask at S) are pooled to each scale
+(the mask by max, the ab by the mask-weighted mean, so one hinted pixel marks its whole cell) and added,
+through a zero-initialised 1x1 conv, to the four fusion outputs (S/4 .. S/32) and to the decoder at S/2
+(and S for the regression head): the bottleneck's cell spans a whole region, so one point can set a
+region's colour, and the finer scales place its edges. The global hint (the reference's ab distribution,
+mean chroma, a given flag) enters at the bottleneck through a zero-initialised linear layer. Zero
+initialisation makes a new hinted network compute exactly what the same network without hints would, so
+training starts from the automatic colorizer and learns to use hints; ``hints="off"`` builds none of it
+(the same state dict, graph and outputs as a network from before hints existed).
+
 One-channel stems are the pretrained RGB stems summed over their input channels (timm's
 ``adapt_input_conv``): for a grey image fed as R=G=B, the summed kernel gives exactly the same response.
 The grey input is normalized with the mean/std of ImageNet's channel statistics (0.449, 0.226).
@@ -36,7 +46,8 @@ from torchvision.models import densenet121, resnet50
 
 from model import ab_bins
 from model import fusion as fusions
-from model.choices import DEFAULT_VIVIDNESS, HEADS, SIDE_MULTIPLE
+from model import hints as hinting
+from model.choices import DEFAULT_VIVIDNESS, HEADS, HINT_MODES, SIDE_MULTIPLE
 from model.lab import AB_SCALE
 from model.pretrained import load_state_dict, locate
 from storage.atomic import atomic_path, write_json
@@ -59,13 +70,25 @@ class ColorizerSpec:
     head: str = "regression"  # a name in model.choices.HEADS
     classes: int = 0  # the classification head's number of ab bins (Q)
     temperature: float = DEFAULT_VIVIDNESS  # the classification head's decoding when none is asked for
+    hints: str = "off"  # a name in model.choices.HINT_MODES: what the network takes besides L
 
     def __post_init__(self) -> None:
         if self.head not in HEADS:
             raise ValueError(f"unknown head {self.head!r}: choose from {', '.join(HEADS)}")
+        if self.hints not in HINT_MODES:
+            raise ValueError(f"unknown hints {self.hints!r}: choose from {', '.join(HINT_MODES)}")
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        """The spec as model.json stores it; ``hints`` only when the model takes them, so a model without
+        hints is written exactly as before they existed (and an old model.json reads as ``off``)."""
+        d = asdict(self)
+        if self.hints == "off":
+            del d["hints"]
+        return d
+
+    @property
+    def takes_global(self) -> bool:
+        return self.hints == "local+global"
 
 
 def adapt_stem(conv: nn.Conv2d) -> nn.Conv2d:
@@ -203,28 +226,90 @@ class Colorizer(nn.Module):
         else:
             self.up1 = UpBlock(max(w // 2, 8), 0, max(w // 2, 8))  # -> S
             self.head = nn.Conv2d(max(w // 2, 8), 2, 1)
+        if spec.hints != "off":  # built last: a model without hints draws its initial weights as before
+            finest = [max(w // 2, 8)] * (1 if self.classifies else 2)  # S/2 (and S: regression)
+            self.hint_local = nn.ModuleList([_zero(nn.Conv2d(3, c, 1)) for c in (*widths, *finest)])
+            if spec.takes_global:
+                self.hint_global = _zero(nn.Linear(hinting.global_size(), widths[3]))
 
     @property
     def classifies(self) -> bool:
         return self.spec.head == "classification"
 
     def forward(
-        self, l_norm: torch.Tensor, temperature: float | torch.Tensor | None = None, raw: bool = False
+        self,
+        l_norm: torch.Tensor,
+        temperature: float | torch.Tensor | None = None,
+        raw: bool = False,
+        hint_ab: torch.Tensor | None = None,
+        hint_mask: torch.Tensor | None = None,
+        global_hint: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """ab/110 (B,2,S,S) from L/100 (B,1,S,S). ``temperature``: the classification head's decoding
         (default the spec's; ignored by regression; model.inference.Vivid fixes another). ``raw``: the
         training loss's input instead, the regression head's ab or the classification head's logits
-        (B,Q,S/2,S/2)."""
+        (B,Q,S/2,S/2). ``hint_ab``/``hint_mask``/``global_hint``: the user's hints (model.hints), for a
+        model trained with them; missing ones mean "not given"."""
         if l_norm.shape[-1] % SIDE_MULTIPLE or l_norm.shape[-2] % SIDE_MULTIPLE:
             raise ValueError(f"input side must be a multiple of {SIDE_MULTIPLE}, got {tuple(l_norm.shape[-2:])}")
+        if self.spec.hints == "off":
+            if hint_ab is not None or hint_mask is not None or global_hint is not None:
+                raise hinting.HintError(hinting.NOT_TRAINED)
+            return self._forward(l_norm, temperature, raw)
+        local = self._local(l_norm, hint_ab, hint_mask)
+        glob = None
+        if self.spec.takes_global:
+            given = global_hint if global_hint is not None else l_norm.new_zeros(l_norm.shape[0], hinting.global_size())
+            glob = self.hint_global(given.to(l_norm.dtype))[:, :, None, None]
+        elif global_hint is not None:
+            raise hinting.HintError(hinting.NO_GLOBAL)
+        return self._forward(l_norm, temperature, raw, local, glob)
+
+    def _local(
+        self, l_norm: torch.Tensor, hint_ab: torch.Tensor | None, hint_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B,3,S,S): the hinted ab (0 elsewhere) and the mask."""
+        b, _, h, w = l_norm.shape
+        ab = hint_ab if hint_ab is not None else l_norm.new_zeros(b, 2, h, w)
+        mask = hint_mask if hint_mask is not None else l_norm.new_zeros(b, 1, h, w)
+        return torch.cat((ab.to(l_norm.dtype) * mask.to(l_norm.dtype), mask.to(l_norm.dtype)), dim=1)
+
+    def _hint(self, i: int, local: torch.Tensor | None, factor: int) -> torch.Tensor | float:
+        """The local hints at 1/``factor`` of the input side, through the ``i``-th projection."""
+        if local is None:
+            return 0.0
+        if factor > 1:
+            mask = nn.functional.max_pool2d(local[:, 2:], factor)
+            density = nn.functional.avg_pool2d(local[:, 2:], factor)
+            ab = nn.functional.avg_pool2d(local[:, :2], factor) / density.clamp_min(1e-6)
+            local = torch.cat((ab, mask), dim=1)
+        return self.hint_local[i](local)
+
+    def _forward(
+        self,
+        l_norm: torch.Tensor,
+        temperature: float | torch.Tensor | None,
+        raw: bool,
+        local: torch.Tensor | None = None,
+        glob: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = (l_norm - GRAY_MEAN) / GRAY_STD
         f1, f2, f3, f4 = (fuse(r, d) for fuse, r, d in zip(self.fusions, self.resnet(x), self.densenet(x), strict=True))
+        if local is not None:
+            f1, f2, f3, f4 = (f + self._hint(i, local, 4 << i) for i, f in enumerate((f1, f2, f3, f4)))
+        if glob is not None:
+            f4 = f4 + glob
         y = self.up16(f4, f3)
         y = self.up8(y, f2)
         y = self.up4(y, f1)
         y = self.up2(y)
+        if local is not None:
+            y = y + self._hint(4, local, 2)
         if not self.classifies:
-            return torch.tanh(self.head(self.up1(y)))
+            y = self.up1(y)
+            if local is not None:
+                y = y + self._hint(5, local, 1)
+            return torch.tanh(self.head(y))
         logits = self.head(y)
         return logits if raw else self.decode(logits, temperature)
 
@@ -253,6 +338,13 @@ class Colorizer(nn.Module):
         for m in getattr(self, "_frozen", []):
             m.eval()  # frozen parts keep their BN statistics
         return self
+
+
+def _zero(layer: nn.Conv2d | nn.Linear) -> nn.Module:
+    """``layer`` with its weights and bias at 0: it adds nothing until training teaches it to."""
+    nn.init.zeros_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 def load_trained(spec_path: Path | str, weights_path: Path | str) -> Colorizer:

@@ -19,8 +19,11 @@ from model.choices import DEVICES, PRECISIONS, vividness_problem
 from model.lab import AB_SCALE, L_SCALE, lab_to_rgb, rgb8_to_lab
 
 TILE_ROWS = 256
-DEVICE_ENV = "COLORIZE_DEVICE"  # where the registered model's pyfunc puts its network when loaded
-PRECISION_ENV = "COLORIZE_PRECISION"  # the arithmetic the registered model's pyfunc runs its network in
+# How a separate process (the REST server, `mlflow models serve`) is told where the registered model's
+# pyfunc puts its network and in which arithmetic; within one process they are passed as values
+# (model.pyfunc.placing, through model.loading.load_engine).
+DEVICE_ENV = "COLORIZE_DEVICE"
+PRECISION_ENV = "COLORIZE_PRECISION"
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -64,6 +67,27 @@ def with_precision(net: torch.nn.Module, precision: str) -> torch.nn.Module:
     if precision == "fp32" or isinstance(net, Bf16Net):
         return net
     return Bf16Net(net)
+
+
+def choose_engine(engine: str, device: torch.device, precision: str, has_onnx: bool) -> str:
+    """``torch`` or ``onnx`` for ``--engine`` ``engine``, a network placed on ``device`` in ``precision``
+    and whether an ONNX export can run (registered with the version, onnxruntime installed): the one owner
+    of ``auto``, for the CLI's loader (model.loading) and the registered model's pyfunc alike. ``auto``
+    takes onnxruntime, the float32 CPU engine (1.5-2x faster there), on the CPU in fp32 with the export at
+    hand, and PyTorch otherwise (on a GPU, in bf16, or with no export); ``torch`` and ``onnx`` are kept."""
+    if engine != "auto":
+        return engine
+    return "onnx" if has_onnx and device.type == "cpu" and precision == "fp32" else "torch"
+
+
+def place(net: torch.nn.Module, device: torch.device, precision: str) -> torch.nn.Module:
+    """A loaded torch network ready to run: on ``device``, in ``precision`` (:func:`with_precision`)."""
+    return with_precision(net.to(device), precision)
+
+
+def precision_of(net: object) -> str:
+    """The arithmetic a torch engine runs in: bf16 for a :class:`Bf16Net`, else fp32."""
+    return "bf16" if isinstance(net, Bf16Net) else "fp32"
 
 
 class Vivid(torch.nn.Module):

@@ -1,8 +1,8 @@
-"""Image-quality metrics with their conventions stated, shared by the prepare and evaluate stages.
+"""Image-quality metrics with their conventions stated, shared by the prepare, train and evaluate stages.
 
-Conventions: images are float RGB in [0, 1], HxWx3 (numpy) unless noted, rebuilt from the true L and
-the predicted ab, so a grayscale prediction (ab = 0) already scores well; always compare against that
-baseline. The two the literature reports are computed as it does, so numbers can be set side by side:
+Conventions: images are float RGB in [0, 1], rebuilt from the true L and the predicted ab, so a grayscale
+prediction (ab = 0) already scores well; always compare against that baseline. The two the literature
+reports are computed as it does, so numbers can be set side by side:
 
 - PSNR: ``10 log10(1 / MSE)`` over every pixel and channel of the RGB image in [0, 1] (data range 1), no
   border cropped.
@@ -20,24 +20,50 @@ image's ab histogram with the truth's, both over 10x10 cells of ab (model.ab_bin
 the pixels, so 1 means the same colours in the same proportions (wherever they are). A grey prediction
 scores the share of the truth's pixels that are grey; a vivid one in the wrong hue scores less than that.
 
-Two paths, one definition: :func:`image_metrics` scores one image in numpy (the reference), and
-:func:`batch_metrics` scores a whole batch of tensors on their device in float64 (the evaluate stage,
-which then needs no per-image copy to the host but for SSIM); a test pins them to each other.
+**One table.** :data:`METRICS` holds every metric of the evaluation table as one :class:`Metric` entry:
+its name, which direction is better (``None``: a column that ranks nothing, the colourfulness of the
+prediction and of the truth), how a batch is scored (a function of a :class:`Batch`, on the batch's
+device, float64), how it is displayed (its label in tables, its cell format in ``metrics.md``) and
+whether runs are compared on it by default. Everything else is read from it: :data:`COLUMNS` (the
+evaluation table's columns, in order), :data:`RANKABLE` and :data:`HIGHER_IS_BETTER` (what a champion
+can be chosen by, and which way), :data:`COMPARED` (what runs are compared on by default), the evaluate
+stage's table, study and MLflow metrics (``test_<name>``), the register stage's ``metric`` choices,
+``scripts/compare_runs.py``.
+Adding a metric is one function of a :class:`Batch` and one entry in :data:`TABLE`, plus its per-image
+numpy definition in ``tests/metrics_reference.py``: those definitions, which the batch path is pinned to,
+are the tests' (the pinning test requires one per column but LPIPS). The numpy functions kept here are
+ones the code runs: :func:`colorfulness`, the prepare stage's dataset statistic (on uint8 images, in numpy so that
+prepared data does not depend on torch's arithmetic), :func:`ssim` (scikit-image's, which the batch path
+calls on the host) and :func:`edge_f1` (the upscaler's bench, not a column).
+
+**Torch-free at import.** Torch is imported inside the functions that compute, and named in annotations
+under ``TYPE_CHECKING`` only (model.lab and model.ab_bins import torch, so their constants are read inside
+the function that uses them too). The reason: the register stage's settings validate ``register.metric``
+against this table, and settings are read and validated without torch (tasks/settings/). The other way,
+a torch-free table naming its implementations lazily in another module, would put each metric in two
+places again (its entry here, its code there) joined by a dotted name nothing checks until it runs;
+here an entry holds its function itself, and the price is a local ``import torch`` per function.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
-import torch
 
-from model.ab_bins import GRID as AB_CELL
-from model.lab import AB_SCALE as AB_UNITS
+if TYPE_CHECKING:
+    import torch
 
-AB_CELLS = 27  # ab_hist's cells: 27 x 27 of AB_CELL (10 Lab units) over ab in [-135, 135]
+AB_CELLS = 27  # ab_hist's cells: 27 x 27 of model.ab_bins.GRID (10 Lab units) over ab in [-135, 135]
+BASELINE = "grayscale baseline"
 
 
 def colorfulness(rgb: np.ndarray) -> float:
-    """Hasler & Suesstrunk's M^(3): sigma_rgyb + 0.3 * mu_rgyb on RGB scaled to [0, 255]."""
+    """Hasler & Suesstrunk's M^(3): sigma_rgyb + 0.3 * mu_rgyb on RGB scaled to [0, 255] (uint8 input is
+    taken in its own units). HxWx3 numpy: the prepare stage's statistic, and the batch path's reference."""
     x = rgb.astype(np.float64) * (255.0 if rgb.dtype != np.uint8 and rgb.max() <= 1.0 else 1.0)
     r, g, b = x[..., 0], x[..., 1], x[..., 2]
     rg = r - g
@@ -48,6 +74,8 @@ def colorfulness(rgb: np.ndarray) -> float:
 def colorfulness_torch(rgb: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """:func:`colorfulness` per image of a (B,3,H,W) RGB batch in [0, 1], differentiable (the training
     loss's colourfulness term; ``eps`` keeps the square roots' gradients finite at grey)."""
+    import torch
+
     x = rgb.to(torch.promote_types(rgb.dtype, torch.float32)) * 255.0  # float64 stays float64
     rg = (x[:, 0] - x[:, 1]).flatten(1)
     yb = (0.5 * (x[:, 0] + x[:, 1]) - x[:, 2]).flatten(1)
@@ -56,27 +84,13 @@ def colorfulness_torch(rgb: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return spread + 0.3 * mean
 
 
-BASELINE = "grayscale baseline"
-# Which direction is better, per metric a champion can be chosen by: the one list of those metrics.
-HIGHER_IS_BETTER = {
-    "rgb_mse": False,
-    "ab_mse": False,
-    "psnr": True,
-    "ssim": True,
-    "lpips": False,
-    "colorfulness_gap": False,
-    "ab_hist": True,
-}
-RANKABLE = tuple(HIGHER_IS_BETTER)
-# The columns of an evaluation table, in order.
-COLUMNS = (
-    *("ab_mse", "rgb_mse", "psnr", "ssim", "lpips"),
-    *("colorfulness", "colorfulness_truth", "colorfulness_gap", "ab_hist"),
-)
-
-
 def _cells(ab_norm: torch.Tensor) -> torch.Tensor:
     """The ab_hist cell of every pixel of normalized ab ``(B, 2, H, W)`` -> ``(B, H*W)``."""
+    import torch
+
+    from model.ab_bins import GRID as AB_CELL
+    from model.lab import AB_SCALE as AB_UNITS
+
     half = AB_CELLS // 2
     c = torch.round(ab_norm.double() * AB_UNITS / AB_CELL).clamp(-half, half).to(torch.int64) + half
     return (c[:, 0] * AB_CELLS + c[:, 1]).flatten(1)
@@ -85,6 +99,8 @@ def _cells(ab_norm: torch.Tensor) -> torch.Tensor:
 def ab_hist_torch(true_ab: torch.Tensor, pred_ab: torch.Tensor) -> torch.Tensor:
     """Per image, the intersection of the predicted and true ab histograms (see the module's notes):
     ``(B,)`` float64 in [0, 1], NaN for an image with a NaN prediction."""
+    import torch
+
     b, n, cells = true_ab.shape[0], true_ab[0, 0].numel(), AB_CELLS * AB_CELLS
     offsets = torch.arange(b, device=true_ab.device)[:, None] * cells
 
@@ -98,16 +114,9 @@ def ab_hist_torch(true_ab: torch.Tensor, pred_ab: torch.Tensor) -> torch.Tensor:
 def gray_baseline(l_norm: torch.Tensor) -> torch.Tensor:
     """The prediction 'no colour at all': ab = 0 for every pixel. A model that does not beat it on the
     colour metrics has learned nothing (it still scores well on PSNR/SSIM, which reward the exact L)."""
+    import torch
+
     return torch.zeros(l_norm.shape[0], 2, *l_norm.shape[2:], dtype=l_norm.dtype, device=l_norm.device)
-
-
-def _psnr(true_rgb: np.ndarray, pred_rgb: np.ndarray, rgb_mse: float) -> float:
-    """scikit-image's PSNR; +inf only for an exact match, NaN (ranked worst) for a non-finite prediction."""
-    from skimage.metrics import peak_signal_noise_ratio
-
-    if not np.isfinite(rgb_mse):
-        return float("nan")
-    return float(peak_signal_noise_ratio(true_rgb, pred_rgb, data_range=1.0)) if rgb_mse > 0 else float("inf")
 
 
 def ssim(true_rgb: np.ndarray, pred_rgb: np.ndarray) -> float:
@@ -127,59 +136,159 @@ def ssim(true_rgb: np.ndarray, pred_rgb: np.ndarray) -> float:
     )
 
 
-def _ab_hist(true_ab: np.ndarray, pred_ab: np.ndarray) -> float:
-    """:func:`ab_hist_torch` for one image in numpy, ab ``(2, H, W)``: the reference it is tested against."""
-    if np.isnan(pred_ab).any():
-        return float("nan")
-    half = AB_CELLS // 2
+class Batch:
+    """One batch to score: RGB ``(B,3,H,W)`` in [0, 1] rebuilt from the true L and the true and predicted
+    ab, the normalized ab ``(B,2,H,W)``, all on one device, and the LPIPS scorer when there is one. Each
+    metric is computed once (:meth:`value`), so one can be built on another (PSNR on the RGB MSE, the
+    colourfulness gap on both colourfulnesses)."""
 
-    def hist(ab: np.ndarray) -> np.ndarray:
-        c = np.clip(np.round(ab * AB_UNITS / AB_CELL), -half, half).astype(np.int64) + half
-        return np.bincount((c[0] * AB_CELLS + c[1]).ravel(), minlength=AB_CELLS * AB_CELLS)
+    def __init__(
+        self,
+        true_rgb: torch.Tensor,
+        pred_rgb: torch.Tensor,
+        true_ab: torch.Tensor,
+        pred_ab: torch.Tensor,
+        lpips: Lpips | None = None,
+    ) -> None:
+        self.true_rgb, self.pred_rgb, self.true_ab, self.pred_ab = true_rgb, pred_rgb, true_ab, pred_ab
+        self.lpips = lpips
+        self.t, self.p = true_rgb.double(), pred_rgb.double()  # float64 throughout: agrees with numpy to rounding
+        self._values: dict[str, Any] = {}
 
-    return float(np.minimum(hist(true_ab), hist(pred_ab)).sum() / true_ab[0].size)
+    def __len__(self) -> int:
+        return len(self.true_ab)
+
+    def value(self, name: str) -> torch.Tensor | list[float]:
+        """Metric ``name`` per image: a ``(B,)`` float64 tensor where the batch is, or host floats."""
+        if name not in self._values:
+            self._values[name] = METRICS[name].batch(self)
+        return self._values[name]
 
 
-def image_metrics(
-    true_rgb: np.ndarray, pred_rgb: np.ndarray, true_ab: np.ndarray, pred_ab: np.ndarray
-) -> dict[str, float]:
-    """Per-image metrics. RGB: float HxWx3 in [0, 1]. ab: normalized (ab/110), any layout, same shape."""
-    rgb_mse = float(np.mean((pred_rgb - true_rgb) ** 2))
-    c_pred, c_true = colorfulness(pred_rgb), colorfulness(true_rgb)
-    return {
-        "ab_mse": float(np.mean((np.asarray(pred_ab, np.float64) - true_ab) ** 2)),  # float64, as batch_metrics
-        "rgb_mse": rgb_mse,
-        "psnr": _psnr(true_rgb, pred_rgb, rgb_mse),
-        "ssim": ssim(true_rgb, pred_rgb),
-        "colorfulness": c_pred,
-        "colorfulness_truth": c_true,
-        "colorfulness_gap": abs(c_pred - c_true),
-        "ab_hist": _ab_hist(np.asarray(true_ab, np.float64), np.asarray(pred_ab, np.float64)),
-    }
+def _ab_mse(b: Batch) -> torch.Tensor:
+    return (b.pred_ab.double() - b.true_ab.double()).square().flatten(1).mean(1)
+
+
+def _rgb_mse(b: Batch) -> torch.Tensor:
+    return (b.p - b.t).square().flatten(1).mean(1)
+
+
+def _psnr(b: Batch) -> torch.Tensor:
+    """+inf only for an exact match, NaN (ranked worst) for a non-finite prediction."""
+    import torch
+
+    rgb_mse = b.value("rgb_mse")
+    psnr = torch.where(rgb_mse > 0, -10.0 * torch.log10(rgb_mse), torch.inf)  # data_range 1: 10 log10(1 / mse)
+    return torch.where(rgb_mse.isfinite(), psnr, torch.nan)
+
+
+def _ssim(b: Batch) -> list[float]:
+    """scikit-image's, on the host: one copy of the batch there."""
+    true_np, pred_np = (x.permute(0, 2, 3, 1).double().cpu().numpy() for x in (b.true_rgb, b.pred_rgb))
+    return [ssim(t, p) for t, p in zip(true_np, pred_np, strict=True)]
+
+
+def _lpips(b: Batch) -> list[float]:
+    """NaN for every image when no LPIPS scorer is given or its backbone is missing (said elsewhere)."""
+    scores = b.lpips(b.true_rgb, b.pred_rgb) if b.lpips is not None else None
+    return scores if scores is not None else [math.nan] * len(b)
+
+
+def _colorfulness(b: Batch) -> torch.Tensor:
+    return colorfulness_torch(b.p, eps=0.0)
+
+
+def _colorfulness_truth(b: Batch) -> torch.Tensor:
+    return colorfulness_torch(b.t, eps=0.0)
+
+
+def _colorfulness_gap(b: Batch) -> torch.Tensor:
+    return (b.value("colorfulness") - b.value("colorfulness_truth")).abs()
+
+
+def _ab_hist(b: Batch) -> torch.Tensor:
+    return ab_hist_torch(b.true_ab, b.pred_ab)
+
+
+def fixed(v: float) -> str:
+    """A metrics.md cell: five decimals below 1, three above (PSNR in dB, colourfulness in 8-bit units)."""
+    return f"{v:.5f}" if abs(v) < 1 else f"{v:.3f}"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric of the evaluation table.
+
+    ``higher_is_better``: which direction is better; ``None`` for a column that ranks nothing (a champion
+    cannot be chosen by it, and no paired comparison is made of it). ``batch``: its per-image values on a
+    :class:`Batch`. ``label``: its header in tables (metrics.md, compare_runs; default: the name, which is
+    also its name in metrics.csv/json, per_image.csv and MLflow as ``test_<name>``). ``fmt``: its cells in
+    metrics.md (a missing value is written ``missing`` whatever the format). ``compared``: whether runs
+    are compared on it by default (scripts/compare_runs.py; a rankable metric only)."""
+
+    name: str
+    higher_is_better: bool | None
+    batch: Callable[[Batch], Any]
+    label: str = ""
+    fmt: Callable[[float], str] = fixed
+    compared: bool = True
+
+    @property
+    def header(self) -> str:
+        return self.label or self.name
+
+    def cell(self, v: float | str) -> str:
+        if isinstance(v, str):
+            return v
+        return "missing" if math.isnan(v) else self.fmt(v)
+
+
+TABLE: tuple[Metric, ...] = (
+    Metric("ab_mse", False, _ab_mse, compared=False),  # normalized units (ab/110); rgb_mse says the same
+    Metric("rgb_mse", False, _rgb_mse),
+    Metric("psnr", True, _psnr),
+    Metric("ssim", True, _ssim),
+    Metric("lpips", False, _lpips, compared=False),  # missing where its backbone is
+    Metric("colorfulness", None, _colorfulness),  # the prediction's
+    Metric("colorfulness_truth", None, _colorfulness_truth),
+    Metric("colorfulness_gap", False, _colorfulness_gap),  # |prediction - truth| per image
+    Metric("ab_hist", True, _ab_hist),
+)
+METRICS: dict[str, Metric] = {m.name: m for m in TABLE}
+# The columns of an evaluation table, in order.
+COLUMNS: tuple[str, ...] = tuple(METRICS)
+# The study's headline metric (its first column and comparisons; register.metric's default).
+HEADLINE = "rgb_mse"
+# What a champion can be chosen by and variants are compared on: the headline, then the table's order.
+RANKABLE: tuple[str, ...] = (
+    HEADLINE,
+    *(m.name for m in TABLE if m.higher_is_better is not None and m.name != HEADLINE),
+)
+HIGHER_IS_BETTER: dict[str, bool] = {name: bool(METRICS[name].higher_is_better) for name in RANKABLE}
+# What runs are compared on by default (scripts/compare_runs.py).
+COMPARED: tuple[str, ...] = tuple(name for name in RANKABLE if METRICS[name].compared)
 
 
 def batch_metrics(
-    true_rgb: torch.Tensor, pred_rgb: torch.Tensor, true_ab: torch.Tensor, pred_ab: torch.Tensor
+    true_rgb: torch.Tensor,
+    pred_rgb: torch.Tensor,
+    true_ab: torch.Tensor,
+    pred_ab: torch.Tensor,
+    lpips: Lpips | None = None,
 ) -> dict[str, list[float]]:
-    """:func:`image_metrics` but SSIM for a batch, computed where the tensors are: RGB (B,3,H,W) in
-    [0, 1], normalized ab (B,2,H,W). Float64 throughout, so it agrees with the numpy path to rounding;
-    one transfer to the host at the end."""
-    t, p = true_rgb.double(), pred_rgb.double()
-    rgb_mse = (p - t).square().flatten(1).mean(1)
-    psnr = torch.where(rgb_mse > 0, -10.0 * torch.log10(rgb_mse), torch.inf)  # data_range 1: 10 log10(1 / mse)
-    psnr = torch.where(rgb_mse.isfinite(), psnr, torch.nan)
-    c_pred, c_true = colorfulness_torch(p, eps=0.0), colorfulness_torch(t, eps=0.0)
-    out = {
-        "ab_mse": (pred_ab.double() - true_ab.double()).square().flatten(1).mean(1),
-        "rgb_mse": rgb_mse,
-        "psnr": psnr,
-        "colorfulness": c_pred,
-        "colorfulness_truth": c_true,
-        "colorfulness_gap": (c_pred - c_true).abs(),
-        "ab_hist": ab_hist_torch(true_ab, pred_ab),
-    }
-    stacked = torch.stack(list(out.values())).cpu().tolist()
-    return dict(zip(out, stacked, strict=True))
+    """Every metric of :data:`METRICS` per image of a batch, computed where the tensors are: RGB
+    (B,3,H,W) in [0, 1], normalized ab (B,2,H,W). Float64 throughout, so it agrees with the numpy
+    definitions to rounding; one transfer to the host at the end (SSIM: scikit-image's, on the host;
+    LPIPS: ``lpips``'s, NaN without one)."""
+    import torch
+
+    batch = Batch(true_rgb, pred_rgb, true_ab, pred_ab, lpips)
+    values = {name: batch.value(name) for name in COLUMNS}
+    on_device = [name for name, v in values.items() if isinstance(v, torch.Tensor)]
+    if on_device:
+        stacked = torch.stack([values[name] for name in on_device]).cpu().tolist()
+        values.update(zip(on_device, stacked, strict=True))
+    return {name: list(values[name]) for name in COLUMNS}
 
 
 class Lpips:
@@ -207,6 +316,8 @@ class Lpips:
 
     def __call__(self, true_rgb: torch.Tensor, pred_rgb: torch.Tensor) -> list[float] | None:
         """(B,3,H,W) in [0,1] -> one score per image, or None when missing."""
+        import torch
+
         if self.net is None:
             return None
         self.net.to(true_rgb.device)  # where the scored batch is (a no-op after the first)
@@ -218,7 +329,7 @@ def edge_f1(pred_rgb: np.ndarray, true_rgb: np.ndarray, sigma: float = 1.0, tole
     """F1 of Canny edge maps against the original's, matches allowed ``tolerance`` pixels away (the
     boundary F-measure of BSDS, simplified). A full-reference structure score for super-resolution:
     blur loses edges (recall falls), invented texture adds false ones (precision falls), while pixel
-    SSIM rewards blur over plausible detail."""
+    SSIM rewards blur over plausible detail. Not a column of the colorization table."""
     from scipy import ndimage
     from skimage import color, feature
 

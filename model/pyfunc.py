@@ -14,6 +14,9 @@ decoding temperature, default the one it was evaluated at.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import mlflow.pyfunc
@@ -24,8 +27,26 @@ NO_ONNX = "no_onnx_export"  # model_config key: why a version was registered wit
 VIVIDNESS = "vividness"  # a classification model's parameter: the decoding temperature (``params``)
 
 
+# (device, precision) for the models loaded inside :func:`placing`, as values: how model.loading tells
+# the pyfunc it loads in this process. A context variable, so another thread's load never sees it.
+_PLACEMENT: contextvars.ContextVar[tuple[str, str] | None] = contextvars.ContextVar("placement", default=None)
+
+
 class EngineError(RuntimeError):
     """The engine asked for cannot run this model (no ONNX export, no onnxruntime)."""
+
+
+@contextlib.contextmanager
+def placing(device: str, precision: str) -> Iterator[None]:
+    """Models loaded (``mlflow.pyfunc.load_model``) inside this block put their network on ``device``
+    (auto, cpu, cuda) in ``precision`` (fp32, bf16). Outside it, as in a separate serving process,
+    ``$COLORIZE_DEVICE`` and ``$COLORIZE_PRECISION`` say (set by ``colorize serve --device/--precision``;
+    default auto and fp32)."""
+    token = _PLACEMENT.set((device, precision))
+    try:
+        yield
+    finally:
+        _PLACEMENT.reset(token)
 
 
 class ColorizerModel(mlflow.pyfunc.PythonModel):
@@ -38,25 +59,28 @@ class ColorizerModel(mlflow.pyfunc.PythonModel):
         import os
 
         from model.colorizer import load_trained
-        from model.inference import DEVICE_ENV, PRECISION_ENV, resolve_device, with_precision
+        from model.inference import DEVICE_ENV, PRECISION_ENV, place, resolve_device
 
-        # $COLORIZE_DEVICE (auto: a GPU when visible) and $COLORIZE_PRECISION (fp32 or bf16), set by
-        # `colorize serve --device/--precision` and the CLI
-        device = resolve_device(os.environ.get(DEVICE_ENV, "auto"))
-        net = load_trained(context.artifacts["spec"], context.artifacts["weights"]).to(device)
+        # the loader's values (placing), else $COLORIZE_DEVICE (auto: a GPU when visible) and
+        # $COLORIZE_PRECISION (fp32 or bf16), set for the server by `colorize serve --device/--precision`
+        device, precision = _PLACEMENT.get() or (
+            os.environ.get(DEVICE_ENV, "auto"),
+            os.environ.get(PRECISION_ENV, "fp32"),
+        )
+        where = resolve_device(device)
+        net = load_trained(context.artifacts["spec"], context.artifacts["weights"])
         self.spec = net.spec
-        self.net = with_precision(net, os.environ.get(PRECISION_ENV, "fp32"))
+        self.net = place(net, where, precision)
         self.onnx_path = context.artifacts.get("onnx")
         self.no_onnx_reason = (getattr(context, "model_config", None) or {}).get(NO_ONNX)
         self._onnx = None
 
     def engine(self, name: str = "auto") -> Any:
-        """The network to run: PyTorch, or onnxruntime on the registered ONNX export. ``auto`` takes
-        onnxruntime when the network is on the CPU in float32 and the export is there (1.5-2x faster
-        there), PyTorch otherwise (on a GPU, or in bf16)."""
+        """The network to run: PyTorch, or onnxruntime on the registered ONNX export; ``auto`` as
+        :func:`model.inference.choose_engine` decides for where and how the network was placed."""
         import importlib.util
 
-        from model.inference import Bf16Net, device_of
+        from model.inference import choose_engine, device_of, precision_of
 
         has_onnx = self.onnx_path is not None and importlib.util.find_spec("onnxruntime") is not None
         if name == "onnx" and not has_onnx:
@@ -67,8 +91,7 @@ class ColorizerModel(mlflow.pyfunc.PythonModel):
             else:
                 why = "onnxruntime is not installed"
             raise EngineError(f"--engine onnx: {why}; use --engine torch or auto")
-        torch_fits = device_of(self.net).type != "cpu" or isinstance(self.net, Bf16Net)
-        if name == "torch" or (name == "auto" and (not has_onnx or torch_fits)):
+        if choose_engine(name, device_of(self.net), precision_of(self.net), has_onnx) == "torch":
             return self.net
         if self._onnx is None:
             from model.onnx_engine import OnnxColorizer

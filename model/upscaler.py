@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model.choices import UPSCALE_BACKENDS
 from model.ncnn import write_fp32_bin
 from model.realesrgan import (
     PRE_PAD,
@@ -43,7 +44,7 @@ from storage.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-Backend = Literal["auto", "torch", "ncnn"]
+Backend = Literal[UPSCALE_BACKENDS]  # type: ignore[valid-type]
 NCNN_INPUT, NCNN_OUTPUT = "data", "output"  # blob names in the shipped .param
 
 

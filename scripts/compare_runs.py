@@ -7,10 +7,13 @@ images, two-level bootstrap interval over images and seeds, Wilcoxon p beside it
         [--grid grid.png --grid-images 8 --grid-stride 8]
 
 Prints each run's mean +- std over seeds beside the grayscale baseline, then every later run against the
-first and every run against the baseline. ``--grid`` draws gray | each run's lowest seed | truth on the
-first test images, each run decoded as it was evaluated (a classification head at its run's
-temperature). The runs must have scored the same test images: their grayscale-baseline rows must agree
-image by image, or the script refuses.
+first and every run against the baseline, on the metrics model.metrics' table marks as compared by
+default (those every run has a number for), or on ``--metrics`` (any column of the table). The arguments
+are checked before any work: an unknown metric, one a run has no number for (LPIPS where its backbone
+was missing), or a grid of no images is refused in one line on stderr (exit 2).
+``--grid`` draws gray | each run's lowest seed | truth on the first test images, each run decoded as it
+was evaluated (a classification head at its run's temperature). The runs must have scored the same test
+images: their grayscale-baseline rows must agree image by image, or the script refuses.
 """
 
 from __future__ import annotations
@@ -18,32 +21,64 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import re
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from model.metrics import BASELINE
+from model.metrics import BASELINE, COLUMNS, COMPARED, METRICS
 from model.study import Comparison, aggregate, paired
-
-METRICS = ["rgb_mse", "psnr", "ssim", "colorfulness_gap", "ab_hist"]
 
 
 def per_image(folder: Path, metric: str) -> dict[str, dict[int | None, list[float]]]:
-    """{variant: {seed: values in image order}} from an evaluate folder's per_image.csv."""
+    """{variant: {seed: values in image order}} from an evaluate folder's per_image.csv (an empty cell, a
+    missing LPIPS, is NaN)."""
     out: dict[str, dict[int | None, list[float]]] = defaultdict(dict)
     with open(folder / "per_image.csv", newline="") as fh:
         for row in csv.DictReader(fh):
             model = row["model"]
             m = re.fullmatch(r"(.+)-seed(\d+)", model)
             variant, seed = (m.group(1), int(m.group(2))) if m else (model, None)
-            out[variant].setdefault(seed, []).append(float(row[metric]))
+            out[variant].setdefault(seed, []).append(float(row[metric] or "nan"))
     return out
+
+
+def scored(run: Path, metric: str) -> bool:
+    """Whether ``run`` has a number for ``metric`` on every test image of every model (LPIPS is NaN where
+    its backbone was missing, every metric of a diverged model too)."""
+    return all(math.isfinite(x) for seeds in per_image(run, metric).values() for v in seeds.values() for x in v)
+
+
+def scored_everywhere(runs: list[Path], metrics: tuple[str, ...] = COMPARED) -> list[str]:
+    """The ``metrics`` every run has a number for on every test image."""
+    return [m for m in metrics if all(scored(run, m) for run in runs)]
+
+
+def argument_problem(args: argparse.Namespace, labels: list[str]) -> str | None:
+    """What is wrong with the arguments, in one line, or None: checked before any work."""
+    if len(args.runs) < 2 or len(labels) != len(args.runs):
+        return "give at least two runs and one label per run"
+    unknown = [m for m in args.metrics or [] if m not in METRICS]
+    if unknown:
+        return f"--metrics: unknown metric {unknown[0]!r}; choose from {', '.join(COLUMNS)}"
+    for name in ("grid_images", "grid_stride"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}"
+    for folder in args.runs:
+        if not (folder / "per_image.csv").is_file():
+            return f"{folder} has no per_image.csv (an evaluate stage folder is expected)"
+    for m in args.metrics or []:
+        missing = [str(run) for run in args.runs if not scored(run, m)]
+        if missing:
+            why = " (its backbone was missing there)" if m == "lpips" else ""
+            return f"--metrics: {m} has no number for every test image of {missing[0]}{why}"
+    return None
 
 
 def _row(c: Comparison) -> str:
     return (
-        f"| {c.a} - {c.b} | {c.metric} | {c.mean_diff:+.5g} | [{c.ci_low:+.4g}, {c.ci_high:+.4g}] "
+        f"| {c.a} - {c.b} | {METRICS[c.metric].header} | {c.mean_diff:+.5g} | [{c.ci_low:+.4g}, {c.ci_high:+.4g}] "
         f"| {c.p_wilcoxon:.3g} | {'yes' if c.significant else 'no'} |"
     )
 
@@ -86,19 +121,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("runs", type=Path, nargs="+", help="evaluate stage folders; the first is the reference")
     ap.add_argument("--variant", required=True)
     ap.add_argument("--labels", nargs="+", default=None, help="one per run (default A, B, C...)")
-    ap.add_argument("--metrics", nargs="+", default=METRICS)
+    ap.add_argument(
+        "--metrics", nargs="+", default=None, help=f"of {', '.join(COLUMNS)}; default: {' '.join(COMPARED)}"
+    )
     ap.add_argument("--grid", type=Path, default=None, help="also draw the runs' pictures side by side here")
     ap.add_argument("--grid-images", type=int, default=8)
     ap.add_argument("--grid-stride", type=int, default=1, help="every Nth test image (N = crops per photo)")
     args = ap.parse_args(argv)
     labels = args.labels or [chr(ord("A") + i) for i in range(len(args.runs))]
-    if len(args.runs) < 2 or len(labels) != len(args.runs):
-        print("error: give at least two runs and one label per run", file=sys.stderr)
+    problem = argument_problem(args, labels)
+    if problem is None:
+        args.metrics = args.metrics or scored_everywhere(args.runs)
+        if not args.metrics:
+            problem = "no compared metric has a number for every test image of every run; name some with --metrics"
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
-    for folder in args.runs:
-        if not (folder / "per_image.csv").is_file():
-            print(f"error: {folder} has no per_image.csv (an evaluate stage folder is expected)", file=sys.stderr)
-            return 2
     first = args.metrics[0]
     if any(per_image(run, first)[BASELINE] != per_image(args.runs[0], first)[BASELINE] for run in args.runs[1:]):
         print("error: the runs scored different test images (their baselines differ)", file=sys.stderr)
@@ -109,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print(f"{args.variant}, mean ± std over seeds; grayscale baseline first")
-    print("| model | " + " | ".join(args.metrics) + " |")
+    print("| model | " + " | ".join(METRICS[m].header for m in args.metrics) + " |")
     print("|---|" + "---|" * len(args.metrics))
     base = [aggregate(data[m][0][BASELINE], BASELINE, m).mean for m in args.metrics]
     print(f"| {BASELINE} | " + " | ".join(f"{v:.5g}" for v in base) + " |")

@@ -76,24 +76,40 @@ def redact_config(obj: Any) -> Any:
     return obj
 
 
-# In client options (boto's aws_access_key_id, fsspec's key/secret/token, HTTP headers): any of these
-# in a name; "kwargs" names (client_kwargs) and KMS key ids (they name a key, grant nothing) are not.
-_CREDENTIAL_OPTION = re.compile(r"key|secret|token|passw(or)?d|credential|authorization", re.IGNORECASE)
+# In client options (boto's aws_access_key_id, fsspec's key/secret/token, HTTP headers and auth): any of these
+# in a name ("kwargs" names such as client_kwargs are not); everything under a ``headers`` entry; and any
+# string that reads as a credential (a URL's ``user:password@``, an ``Authorization`` scheme's value).
+_CREDENTIAL_OPTION = re.compile(
+    r"key|secret|token|passw(or)?d|credential|authori[sz]ation|auth|cookie|session|bearer|kms|signature",
+    re.IGNORECASE,
+)
+_CREDENTIAL_VALUE = re.compile(r"^\s*(bearer|basic|digest|token|negotiate|aws4-hmac-sha256)\s+\S", re.IGNORECASE)
 
 
 def credential_paths(options: Any, where: str = "") -> set[str]:
     """Where, at any depth (mappings and lists), client options could carry a secret: a name matching
-    :data:`_CREDENTIAL_OPTION`, or a string value with a URL's ``user:password@``."""
+    :data:`_CREDENTIAL_OPTION` (or a list whose first item is such a name: ``[["Cookie", "..."]]``),
+    anything under ``headers``, or a string value that carries credentials (``user:password@``, ``Bearer
+    ...``)."""
     found = set()
     items = options.items() if isinstance(options, dict) else enumerate(options) if isinstance(options, list) else ()
     for name, value in items:
         path = f"{where}{name}"
         lowered = str(name).lower().replace("kwargs", "")
-        named = "kms" not in lowered and bool(_CREDENTIAL_OPTION.search(lowered))
-        if named or (isinstance(value, str) and has_userinfo(value)):
+        named = isinstance(name, str) and bool(_CREDENTIAL_OPTION.search(lowered))
+        pair = isinstance(value, (list, tuple)) and value and isinstance(value[0], str)
+        named = named or bool(pair and _CREDENTIAL_OPTION.search(value[0].lower()))
+        headers = lowered == "headers" and bool(value)
+        if named or headers or (isinstance(value, str) and is_credential(value)):
             found.add(path)
         found |= credential_paths(value, f"{path}.")
     return found
+
+
+def is_credential(text: str) -> bool:
+    """Whether a string value itself is a credential: a URL with ``user:password@``, or an
+    ``Authorization`` header's value (``Bearer ...``, ``Basic ...``)."""
+    return has_userinfo(text) or bool(_CREDENTIAL_VALUE.match(text))
 
 
 def has_userinfo(url: str) -> bool:

@@ -37,6 +37,23 @@ def store_missing(workdir: Path) -> bool:
     return tracking_uri(workdir).startswith("sqlite:///") and not (Path(workdir) / "mlflow.db").is_file()
 
 
+def use_store(workdir: Path) -> str:
+    """Point this process's MLflow (its module-level API: ``mlflow.pyfunc.load_model``,
+    ``mlflow.artifacts``, ``mlflow.register_model``, a bare ``MlflowClient()``) at the work dir's store,
+    tracking and registry alike, and return its URI: the one place a tracking location is set. An
+    existing local store is opened through :func:`client` first (a moved or copied work dir's artifact
+    locations re-pointed into it); an absent one is left absent, never created here. A separate process
+    (the REST server) is told with ``MLFLOW_TRACKING_URI``/``MLFLOW_REGISTRY_URI`` = :func:`tracking_uri`."""
+    if not store_missing(workdir) and not shared_server():
+        client(workdir)
+    import mlflow
+
+    uri = tracking_uri(workdir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
 def warn_if_locked(uri: str) -> bool:
     """Say so when another process holds the sqlite store's write lock. MLflow itself waits up to 20 s
     (its busy_timeout) and retry_locked waits longer, but silently stalling would look like a hang."""

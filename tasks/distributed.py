@@ -10,6 +10,10 @@ root-cause report instead.
 
 torchrun is a subprocess, not ``elastic_launch`` in this process: its agent installs signal handlers,
 which only the main thread may do, and Prefect runs stages in worker threads.
+
+This module imports no training code (from the train section only its torch-free RDZV_ENV): the train
+stage's own job, what its process launches and what each rank runs, is tasks.train_ddp's, which sits
+above this module and tasks.train_step (which takes :class:`World` from here) in the import graph.
 """
 
 from __future__ import annotations
@@ -36,10 +40,10 @@ import torch.distributed as dist
 
 from storage.atomic import write_json
 from storage.errors import ConfigError, DataError, TransientError, UserFacingError
+from tasks.settings.train import RDZV_ENV  # torch-free, beside the train.nodes setting that needs it
 
 log = logging.getLogger(__name__)
 
-RDZV_ENV = "COLORIZE_RDZV_ENDPOINT"  # host:port of the c10d rendezvous when train.nodes > 1
 _ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -295,61 +299,3 @@ def launch(
     how = _how(failed[rank]) if rank is not None else f"exited with code {code}"
     log.warning("%s: torchrun's own report is in %s", what, log_path)
     raise RankFailed(f"{who} {how}")
-
-
-# ---------------------------------------------------------------- the train stage as a torchrun job
-JOB_DIR = "ddp"  # under the stage's scratch folder: the job file, rank 0's result and the ranks' error reports
-RESULT = "result.json"
-
-
-def launch_training(out: Path, plan: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
-    """Run one train stage (a fusion variant) as a torchrun job of ``train.devices`` x ``train.nodes``
-    ranks (:func:`worker_main` each) and return rank 0's result. A rank's failure is re-raised in one
-    line, saying from which step a rerun resumes."""
-    from model import pretrained
-    from storage.stage import SCRATCH
-    from tasks import checkpoint
-    from tasks.train import Settings
-    from tasks.train_step import DivergedError
-
-    s = Settings.model_validate(plan["config"])
-    if s.pretrained:  # fetch once here, not once per rank
-        for name in ("resnet50", "densenet121"):
-            pretrained.locate(name, allow_download=True)
-    job = out / SCRATCH / JOB_DIR / "job.json"
-    (job.parent / RESULT).unlink(missing_ok=True)
-    spec = Launch(nproc_per_node=s.devices, nnodes=s.nodes, rdzv_id=plan["key"][:32])
-    info = {"plan": plan, "out": str(out), "parent_run_id": parent_run_id}
-    try:
-        launch(spec, job, info, f"train {plan['facts']['variant']}", {"DivergedError": DivergedError})
-    except RankFailed as exc:
-        step = checkpoint.step_of(out / SCRATCH / checkpoint.CHECKPOINT)
-        then = f"a rerun resumes from step {step}" if step else "no checkpoint yet: a rerun starts over"
-        raise RankFailed(f"{exc} ({then})") from None
-    return json.loads((job.parent / RESULT).read_text())
-
-
-def worker_main(argv: list[str]) -> int:
-    """A rank's entry point (``python -m tasks.train_worker JOB``, started by torchrun)."""
-    from tasks.train import Settings, train_variant
-
-    job = Path(argv[0])
-    info = json.loads(job.read_text())
-    s = Settings.model_validate(info["plan"]["config"])
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    world = join(info["plan"]["facts"]["accelerator"])
-    if not world.main:
-        logging.getLogger().setLevel(logging.WARNING)
-    try:
-        with report_errors(job, world.rank):
-            if s.threads is None and world.device.type == "cpu":
-                # torchrun sets one thread per process; share this node's cores between its ranks instead
-                torch.set_num_threads(max(1, (os.cpu_count() or 1) // s.devices))
-            result = train_variant(Path(info["out"]), info["plan"], info["parent_run_id"], world=world, job_info=info)
-            if result is not None:
-                write_json(job.parent / RESULT, result)
-    except Exception as exc:  # noqa: BLE001 - recorded with its traceback for the stage, which reports it
-        return exc.exit_code if isinstance(exc, UserFacingError) else 1  # in one line; nothing printed here
-    finally:
-        leave()
-    return 0

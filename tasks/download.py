@@ -256,9 +256,16 @@ def read_cifar_batch(path: Path) -> np.ndarray:
 
 def cached_name(url: str, fallback: str) -> str:
     """The download cache's file name for ``url``: its basename prefixed by a hash of the whole URL, so
-    two mirrors' files that share a basename (``train/HR.zip``, ``valid/HR.zip``) never share a file."""
+    two mirrors' files that share a basename (``train/HR.zip``, ``valid/HR.zip``) never share a file; a
+    long basename is cut to a short stem (with its suffixes), so any URL makes a valid file name."""
     base = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or fallback
+    if len(base) > _NAME_CHARS:  # a file system allows ~255 bytes a name: keep a short stem and the suffixes
+        suffix = "".join(Path(base).suffixes[-2:])[-16:]
+        base = base[: _NAME_CHARS - len(suffix)] + suffix
     return f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{base}"
+
+
+_NAME_CHARS = 64  # the readable part of a cached download's name (the hash in front tells URLs apart)
 
 
 def _cifar10(d: Settings, ctx: Context) -> dict[str, Any]:

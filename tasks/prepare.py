@@ -20,38 +20,22 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
 
 from model import ab_bins, samples
-from model.choices import side_problem
 from model.metrics import colorfulness
 from storage import locations
 from storage.atomic import write_json
 from storage.code_identity import code_version
 from storage.errors import ConfigError
-from storage.settings import Section
 from storage.shard_runner import ShardJob, exchange, map_shards, run_exchanged, source
 from storage.shard_sets import HIGHRES, LOWRES, UPSCALED
 from storage.shards import SPLITS, ShardWriter, decode_png, iter_samples, shard_paths
 from storage.stage import SCRATCH, StageResult, make_plan
+from tasks.settings.prepare import Settings
 
 STAGE = "prepare"
 CHUNK = 64
 PARTS = "parts"  # under scratch: one converted part per input shard, joined into the stage's shards at the end
-
-
-class Settings(Section):
-    """The prepare section: the model's input size (a multiple of 32: five stride-2 stages)."""
-
-    image_size: int = Field(64, description="model input side; a multiple of 32 up to 2048 (model.choices)")
-    shard_maxcount: int = Field(1000, ge=1)
-
-    @field_validator("image_size")
-    @classmethod
-    def _multiple_of_32(cls, v: int) -> int:
-        if problem := side_problem(v):
-            raise ValueError(f"image_size {problem}")
-        return v
 
 
 def plan(

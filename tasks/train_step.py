@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from storage.errors import ConfigError
 from tasks.distributed import World
+from tasks.losses import Criterion
+from tasks.settings.train import GraphSetting
 
 log = logging.getLogger(__name__)
 
-GraphSetting = Literal["auto", "on", "off"]
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (PyTorch's recipe: lets cuDNN pick kernels)
-# (the network's raw output: ab or logits, true ab, L) -> loss
-Criterion = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class DivergedError(ConfigError):

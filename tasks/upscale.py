@@ -15,43 +15,24 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
 from tqdm import tqdm
 
 from model.realesrgan import SCALE, WeightsInfo, check_weights, resolve_weights
-from model.upscaler import Backend, BicubicUpscaler, Upscaler, choose_backend, make_upscaler
+from model.upscaler import BicubicUpscaler, Upscaler, choose_backend, make_upscaler
 from storage import locations
 from storage.code_identity import code_version
-from storage.settings import Section
 from storage.shard_runner import ShardJob, exchange, map_shards, run_exchanged, source
 from storage.shard_sets import LOWRES, UPSCALED
 from storage.shards import SPLITS, ShardWriter, decode_png, encode_png, iter_samples, shard_paths
 from storage.stage import StageError, StageResult, make_plan, sha256_file
+from tasks.settings.upscale import Settings
 
 log = logging.getLogger(__name__)
 STAGE = "upscale"
-
-
-class Settings(Section):
-    """The upscale section: which method (Real-ESRGAN, or bicubic to measure it against), which weights,
-    which engine, how big a batch."""
-
-    method: Literal["realesrgan", "bicubic"] = Field(
-        "realesrgan", description="x4 upscaling of low-res images: Real-ESRGAN, or bicubic (the baseline)"
-    )
-    weights: str | None = Field(None, description="explicit RealESRGAN_x4plus .pth (else cache/download/ncnn)")
-    backend: Backend = Field(
-        "auto", description="auto: torch on a GPU, else ncnn (Winograd convolutions) when installed"
-    )
-    batch_size: int = Field(8, ge=1, le=4096)
-    threads: int | None = Field(None, ge=1, le=1024)
-    bf16: bool = Field(False, description="torch backend only")
-    channels_last: bool = Field(True, description="torch backend only")
-    shard_maxcount: int = Field(1000, ge=1)
 
 
 def has_lowres(download: dict[str, Any]) -> bool:

@@ -130,6 +130,43 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+# What makes a test slow (end to end): a Prefect or MLflow server, a pipeline run, worker processes.
+SLOW_FIXTURES = {"prefect_harness", "tiny_prepared", "mlflow_server", "s3_server", "http_server"}
+SLOW_MODULES = {"test_cluster", "test_deploy", "test_ddp", "test_faults", "test_servers", "test_serve", "test_video"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the end-to-end tests ``slow`` (``make test-fast`` runs the rest): by the fixtures they use,
+    by module, or by their own ``@pytest.mark.slow``."""
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+PREPARED_STAGES = ("download", "upscale", "prepare")
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A work dir whose tiny-preset download, upscale and prepare stages are finished, made once per
+    session: a test that needs the tiny data but checks nothing about making it copies these folders
+    (:func:`copy_prepared`) instead of rebuilding the same data."""
+    from flows.pipeline import pipeline
+
+    workdir = tmp_path_factory.mktemp("tiny-prepared")
+    pipeline(dataset="sample", preset="tiny", workdir=str(workdir), until="prepare")
+    return workdir
+
+
+def copy_prepared(prepared: Path, workdir: Path) -> Path:
+    """``workdir`` holding copies of ``prepared``'s data stages (their folders are found by their keys,
+    so a run there starts at training)."""
+    for stage in PREPARED_STAGES:
+        shutil.copytree(prepared / stage, workdir / stage)
+    return workdir
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,7 +24,7 @@ from tasks import download as download_stage
 
 
 def _run(tmp_path: Path, dataset: str, *overrides: str, path: Path | None = None, preset: str = "tiny"):
-    cfg, _ = configure_run(dataset, preset, list(overrides), str(path) if path else None)
+    cfg = configure_run(dataset, preset, list(overrides), str(path) if path else None)
     return download_stage.run(download_stage.plan(cfg.download, cfg.seed, tmp_path))
 
 
@@ -315,7 +315,7 @@ def test_div2k_zip_slip_fails_the_stage_and_leaves_no_dataset(tmp_path: Path, ht
     bad = _zip({"DIV2K_train_HR/0001.png": _png_bytes(40, 40, 1), "../../escape.png": b"x"})
     t_url = http_server.add("/DIV2K_train_HR.zip", bad)
     v_url = http_server.add("/DIV2K_valid_HR.zip", bad)
-    cfg, _ = configure_run(
+    cfg = configure_run(
         "div2k", "tiny", [f"download.div2k_train_url={t_url}", f"download.div2k_valid_url={v_url}"], None
     )
     plan = download_stage.plan(cfg.download, cfg.seed, tmp_path)

@@ -1,4 +1,5 @@
-"""Metrics, the baseline row, missing LPIPS, and champion selection."""
+"""Metrics (the table in model.metrics, pinned to the numpy reference in tests/metrics_reference.py), the
+baseline row, missing LPIPS, the evaluation as a value, and champion selection."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from metrics_reference import image_metrics
 
 from model.lab import lab_norm_to_rgb
-from model.metrics import BASELINE, COLUMNS, Lpips, batch_metrics, colorfulness, gray_baseline, image_metrics
+from model.metrics import BASELINE, COLUMNS, Lpips, batch_metrics, colorfulness, gray_baseline
 from tasks.evaluate import markdown
 from tasks.register import beats_baseline, choose
 
@@ -29,7 +31,8 @@ def test_metrics_agree_with_hand_computed_values() -> None:
 
 def test_the_batched_device_metrics_equal_the_per_image_reference() -> None:
     """The evaluate stage scores a batch at once where the tensors are; the numbers are the per-image
-    numpy definitions' to float64 rounding, including an exact match (PSNR +inf) and a NaN prediction."""
+    numpy definitions' to float64 rounding, including an exact match (PSNR +inf) and a NaN prediction.
+    Every column of the table comes back; LPIPS, with no scorer given, as NaN."""
     g = torch.Generator().manual_seed(0)
     l_norm = torch.rand(5, 1, 24, 40, generator=g)
     true_ab, pred_ab = (
@@ -40,6 +43,7 @@ def test_the_batched_device_metrics_equal_the_per_image_reference() -> None:
     pred_ab[3, :, :4] = math.nan
     true_rgb, pred_rgb = lab_norm_to_rgb(l_norm, true_ab), lab_norm_to_rgb(l_norm, pred_ab)
     batch = batch_metrics(true_rgb, pred_rgb, true_ab, pred_ab)
+    assert list(batch) == list(COLUMNS) and all(len(v) == 5 for v in batch.values())
     for i in range(5):
         ref = image_metrics(
             true_rgb[i].permute(1, 2, 0).double().numpy(),
@@ -47,9 +51,11 @@ def test_the_batched_device_metrics_equal_the_per_image_reference() -> None:
             true_ab[i].numpy(),
             pred_ab[i].numpy(),
         )
-        for k, v in batch.items():
-            assert v[i] == pytest.approx(ref[k], rel=1e-9, abs=1e-12, nan_ok=True), (i, k)
+        assert set(ref) == set(COLUMNS) - {"lpips"}
+        for k, v in ref.items():
+            assert batch[k][i] == pytest.approx(v, rel=1e-9, abs=1e-12, nan_ok=True), (i, k)
     assert batch["psnr"][1] == math.inf and math.isnan(batch["psnr"][3])
+    assert all(math.isnan(v) for v in batch["lpips"])
 
 
 def test_colorfulness_matches_hasler_suesstrunk_by_hand() -> None:
@@ -158,3 +164,122 @@ def test_ab_hist_rewards_the_right_colours_and_is_one_for_the_truth() -> None:
         }.items()
     }
     assert m == {"grey": 0.5, "truth": 1.0, "mirrored": 1.0, "wrong hue": 0.0}
+
+
+def test_the_metric_table_is_the_one_list_of_metrics() -> None:
+    """Columns, what a champion can be ranked by and which way, register's choices: all read from
+    model.metrics.TABLE, and importable without torch (register's settings validate against it)."""
+    import subprocess
+    import sys
+    import typing
+
+    from pydantic import ValidationError
+
+    from model import metrics
+    from tasks.settings.register import Settings
+
+    assert metrics.COLUMNS == tuple(m.name for m in metrics.TABLE) == tuple(metrics.METRICS)
+    ranked = {m.name for m in metrics.TABLE if m.higher_is_better is not None}
+    assert metrics.RANKABLE[0] == metrics.HEADLINE and set(metrics.RANKABLE) == ranked == set(metrics.HIGHER_IS_BETTER)
+    assert all(metrics.HIGHER_IS_BETTER[m] is metrics.METRICS[m].higher_is_better for m in ranked)
+    assert set(typing.get_args(Settings.model_fields["metric"].annotation)) == ranked
+    with pytest.raises(ValidationError):
+        Settings(metric="colorfulness")  # a column that ranks nothing
+    code = "import sys, model.metrics, tasks.settings.register, tasks.settings.evaluate; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def _scored(rng: np.random.Generator, n: int, head: str | None = None, shift: float = 0.0):
+    from tasks.evaluate import Scored
+
+    rows = [
+        {**dict.fromkeys(COLUMNS, 0.5), "rgb_mse": float(x) + shift, "lpips": math.nan} for x in rng.random(n) * 0.01
+    ]
+    means = {k: float(np.mean([r[k] for r in rows])) for k in COLUMNS}
+    return Scored({**means, "n_images": n}, rows, head)
+
+
+def test_the_evaluation_is_a_value_made_from_the_scores_without_mlflow(tmp_path: Path) -> None:
+    """Table rows by variant and seed after the baseline, per-image rows labelled by seed, the study in
+    the trained models' order, what each MLflow run is given, and the files: all from plain scores."""
+    import json
+
+    from tasks.evaluate import evaluation
+
+    rng = np.random.default_rng(0)
+    trained = [{"variant": v, "seed": s} for v in ("max", "average") for s in (0, 1)]
+    scores = {(t["variant"], t["seed"]): _scored(rng, 6, "regression", 0.01 * (t["variant"] == "max")) for t in trained}
+    ev = evaluation(trained, _scored(rng, 6), scores, "offline", 0.38)
+    assert [(r["variant"], r["seed"]) for r in ev.table] == [
+        (BASELINE, None),
+        ("average", 0),
+        ("average", 1),
+        ("max", 0),
+        ("max", 1),
+    ]
+    assert ev.variants == ["max", "average"] and ev.table[1]["head"] == "regression"
+    assert {r["model"] for r in ev.per_image_rows} == {
+        BASELINE,
+        "average-seed0",
+        "average-seed1",
+        "max-seed0",
+        "max-seed1",
+    }
+    by_variant = {r["variant"]: r for r in ev.variant_table}
+    assert by_variant["max"]["n_seeds"] == 2 and by_variant[BASELINE]["n_seeds"] == 0
+    assert by_variant["max"]["rgb_mse"] == pytest.approx(
+        (scores["max", 0].means["rgb_mse"] + scores["max", 1].means["rgb_mse"]) / 2
+    )
+    pairs = {(c["a"], c["b"]) for c in ev.comparisons if c["metric"] == "rgb_mse"}
+    assert pairs == {("max", "average"), ("max", BASELINE), ("average", BASELINE)}
+    assert not any(c["metric"] == "lpips" for c in ev.comparisons)  # missing: no interval to give
+    logged = dict(((m, tags["test_lpips"]), metrics) for m, metrics, tags in ev.test_metrics())
+    assert set(logged) == {((v, s), "missing: offline") for v in ("max", "average") for s in (0, 1)}
+    assert all("test_lpips" not in m and m["test_rgb_mse"] > 0 for m in logged.values())
+    md = ev.markdown()
+    assert "| max - average | rgb_mse |" in md and "LPIPS missing: offline" in md
+    assert ev.plot_diffs().keys() >= {("rgb_mse", "max", "average"), ("colorfulness_gap", "max", BASELINE)}
+    ev.write(tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["grid_columns"] == ["gray", "max", "average", "truth"] and len(written["rows"]) == 5
+    assert (tmp_path / "metrics.md").read_text() == md
+    assert len((tmp_path / "per_image.csv").read_text().splitlines()) == 1 + 5 * 6
+    assert ev.manifest()["variants"] == ["max", "average"]
+
+
+def test_the_temperature_is_in_the_evaluate_key_only_when_a_classification_model_is_evaluated(
+    tmp_path: Path, caplog
+) -> None:
+    """Regression heads have no decoding: ``evaluate.temperature`` on a regression-only run keeps the key
+    (no rerun, no duplicate registry version) and says it is ignored; with a classification model it is
+    the key's."""
+    import logging
+
+    from model.choices import DEFAULT_VIVIDNESS
+    from tasks.evaluate import Settings, plan
+
+    prepared = {"stage": "prepare", "key": "p", "content": "p"}
+
+    def trained(*heads: str) -> list[dict]:
+        return [
+            {"stage": "train", "key": f"t{i}", "content": f"t{i}", "variant": "max", "seed": i, "spec": {"head": h}}
+            for i, h in enumerate(heads)
+        ]
+
+    def key(temperature: float, *heads: str) -> str:
+        return plan(Settings(temperature=temperature), prepared, trained(*heads), tmp_path)["key"]
+
+    with caplog.at_level(logging.WARNING, logger="tasks.evaluate"):
+        assert key(0.2, "regression") == key(DEFAULT_VIVIDNESS, "regression") == key(1.0, "regression")
+    ignored = [r for r in caplog.records if "evaluate.temperature=0.2 is ignored" in r.getMessage()]
+    assert len(ignored) == 1 and ignored[0].levelno == logging.WARNING
+    assert not any(f"temperature={DEFAULT_VIVIDNESS:g} " in r.getMessage() for r in caplog.records)  # the default
+    assert "temperature" not in plan(Settings(), prepared, trained("regression"), tmp_path)["config"]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tasks.evaluate"):
+        assert key(0.2, "regression", "classification") != key(DEFAULT_VIVIDNESS, "regression", "classification")
+        assert key(0.2, "classification") != key(1.0, "classification")
+    assert not caplog.records
+    vivid = plan(Settings(temperature=0.2), prepared, trained("classification"), tmp_path)
+    assert vivid["config"]["temperature"] == 0.2

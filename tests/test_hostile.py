@@ -52,7 +52,9 @@ def test_a_diverging_loss_fails_training_and_caches_nothing(tmp_path: Path, monk
 
 
 def test_a_nan_model_is_never_champion_and_its_psnr_is_not_infinite() -> None:
-    from model.metrics import BASELINE, COLUMNS, image_metrics
+    from metrics_reference import image_metrics
+
+    from model.metrics import BASELINE, COLUMNS
     from tasks.register import choose
 
     truth = np.full((16, 16, 3), 0.5)

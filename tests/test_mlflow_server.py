@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from conftest import copy_prepared
 from PIL import Image
 
 from flows.cli import main
@@ -13,11 +14,11 @@ from flows.pipeline import pipeline
 
 
 def test_runs_models_and_colorize_image_go_through_the_server(
-    mlflow_server, prefect_harness, tmp_path: Path, monkeypatch, capsys
+    mlflow_server, tiny_prepared: Path, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     uri, artifacts = mlflow_server
     monkeypatch.setenv("COLORIZE_MLFLOW_URI", uri)
-    wd = tmp_path / "work"
+    wd = copy_prepared(tiny_prepared, tmp_path / "work")
     result = pipeline(dataset="sample", preset="tiny", overrides=["train.variants=max"], workdir=str(wd))
     assert result["registered"]["version"] >= 1
     assert not (wd / "mlflow.db").exists() and not (wd / "mlartifacts").exists()  # nothing local

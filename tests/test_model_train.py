@@ -17,7 +17,7 @@ from model import pretrained
 from model.colorizer import Colorizer, ColorizerSpec, ResNetEncoder, adapt_stem, build
 from model.colorizer import load_folder as load_model
 from storage.shards import shard_paths
-from tasks import download, prepare, train
+from tasks import download, losses, prepare, train, train_loop, train_schedule
 from tasks.train_step import DivergedError
 
 
@@ -182,8 +182,8 @@ def test_truncated_checkpoint_is_detected_and_training_restarts(prepared: dict, 
 
 def test_cosine_schedule_anneals_from_lr_to_zero() -> None:
     s = build_config("tiny", ["train.schedule=cosine", "train.lr=0.01"]).train
-    assert [round(train.lr_at(s, k, 4), 6) for k in range(5)] == [0.01, 0.008536, 0.005, 0.001464, 0.0]
-    assert train.lr_at(build_config("tiny").train, 3, 4) == build_config("tiny").train.lr
+    assert [round(train_schedule.lr_at(s, k, 4), 6) for k in range(5)] == [0.01, 0.008536, 0.005, 0.001464, 0.0]
+    assert train_schedule.lr_at(build_config("tiny").train, 3, 4) == build_config("tiny").train.lr
 
 
 def test_keep_best_keeps_the_lowest_validation_epoch_and_resumes_exactly(
@@ -201,7 +201,7 @@ def test_keep_best_keeps_the_lowest_validation_epoch_and_resumes_exactly(
     assert len(vals) == 3 and straight["val_loss"] == min(vals)
     assert straight["kept_step"] == history["val"][vals.index(min(vals))][0]
     net = load_model(Path(straight["folder"]))
-    assert train.validate(net, shard_paths(prepared, "val"), 4, False)[0] == pytest.approx(min(vals), rel=1e-4)
+    assert train_loop.validate(net, shard_paths(prepared, "val"), 4, False)[0] == pytest.approx(min(vals), rel=1e-4)
 
     plan_b = train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "b")
 
@@ -227,9 +227,9 @@ def test_a_nan_at_step_k_stops_the_run_before_anything_diverged_is_written_and_t
     cfg = build_config("tiny", ["train.max_steps=5", "train.checkpoint_every=2", "train.log_every=5"])
     straight = train.run(train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "a")).manifest
     plan = train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "b")
-    real, calls = train.loss_fn, {"n": 0}
+    real, calls = losses.loss_fn, {"n": 0}
 
-    def nan_at_third_step(kind: str, colour_weight: float = 0.5) -> train.Criterion:
+    def nan_at_third_step(kind: str, colour_weight: float = 0.5) -> losses.Criterion:
         criterion = real(kind, colour_weight)
 
         def poisoned(pred: torch.Tensor, true: torch.Tensor, l_norm: torch.Tensor) -> torch.Tensor:
@@ -238,7 +238,7 @@ def test_a_nan_at_step_k_stops_the_run_before_anything_diverged_is_written_and_t
 
         return poisoned
 
-    monkeypatch.setattr(train, "loss_fn", nan_at_third_step)
+    monkeypatch.setattr(losses, "loss_fn", nan_at_third_step)
     with pytest.raises(DivergedError, match="training diverged at step 3: the loss is nan"):
         train.run(plan)
     assert calls["n"] == 4  # found at the next boundary, not at the step itself
@@ -247,8 +247,8 @@ def test_a_nan_at_step_k_stops_the_run_before_anything_diverged_is_written_and_t
     state = torch.load(partial / "scratch" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
-    monkeypatch.setattr(train, "loss_fn", real)
-    with caplog.at_level(logging.INFO, logger="tasks.train"):
+    monkeypatch.setattr(losses, "loss_fn", real)
+    with caplog.at_level(logging.INFO, logger="tasks.train_state"):
         resumed = train.run(plan).manifest
     assert "resuming from step 2 of 5" in caplog.text
     a, b = load_model(Path(straight["folder"])).state_dict(), load_model(Path(resumed["folder"])).state_dict()

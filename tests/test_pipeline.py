@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import free_port, wait_http
+from conftest import copy_prepared, free_port, wait_http
 from PIL import Image
 from skimage import data
 
@@ -24,8 +24,8 @@ def _states(result: dict) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def workdir(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("pipeline")
+def workdir(tiny_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return copy_prepared(tiny_prepared, tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.fixture(scope="module")

@@ -35,43 +35,27 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::", "", None}
 
 
 def register_untrained(workdir: Path) -> None:
-    """``models:/colorizer@champion`` in ``workdir``'s own store: a small untrained colorizer, logged as
-    tasks/register.py logs one (models from code, uint8 tensor signature)."""
-    import mlflow
+    """``models:/colorizer@champion`` in ``workdir``'s own store: a small untrained colorizer, logged by
+    the register stage's own MLflow layer (tasks.register.log_version: models from code, uint8 tensor
+    signature), without an ONNX export."""
     import torch
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
-    from model import bundle, pyfunc
-    from model.colorizer import MODEL_FILE, SPEC_FILE, Colorizer, ColorizerSpec, save_trained
-    from storage.tracking import Tracker, tracking_uri
+    from model.colorizer import SPEC_FILE, Colorizer, ColorizerSpec, save_trained
+    from storage.tracking import Tracker
+    from tasks.register import log_version
 
     folder = workdir / "train" / "model"
     folder.mkdir(parents=True)
     torch.manual_seed(0)
     save_trained(Colorizer(ColorizerSpec(decoder_width=8, image_size=32)).eval(), folder)
     (workdir / "train" / "last.json").write_text(json.dumps({"state": "ran", "key": "k", "seconds": 1.0}))
-    entry = workdir / "scratch" / "colorizer_model.py"
-    entry.parent.mkdir()
-    entry.write_text(pyfunc.ENTRY)
-    code = bundle.stage_code(workdir / "scratch" / "code")
     tracker = Tracker(workdir)
-    run_id = tracker.start_run("train-average")
-    images = Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))])
-    mlflow.set_tracking_uri(tracking_uri(workdir))
-    mlflow.set_registry_uri(tracking_uri(workdir))
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pyfunc.log_model(
-            name="colorizer",
-            python_model=str(entry),
-            artifacts={"weights": str(folder / MODEL_FILE), "spec": str(folder / SPEC_FILE)},
-            code_paths=[str(p) for p in code],
-            signature=ModelSignature(inputs=images, outputs=images),
-            pip_requirements=bundle.pip_requirements(),
-        )
-    version = mlflow.register_model(info.model_uri, "colorizer")
-    tracker.client.set_registered_model_alias("colorizer", "champion", version.version)
-    shutil.rmtree(workdir / "scratch")
+    scratch = workdir / "scratch"
+    scratch.mkdir()
+    log_version(
+        tracker, tracker.start_run("train-average"), folder, folder / SPEC_FILE, scratch, "colorizer", "champion"
+    )
+    shutil.rmtree(scratch)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,8 @@ from model.colorizer import Colorizer, ColorizerSpec
 from model.samples import decode_sample16, encode_batch
 from storage.errors import ConfigError
 from storage.shards import ShardDataset, write_shards
-from tasks import train
+from tasks import train, train_schedule
+from tasks.losses import loss_fn
 from tasks.train_step import StepConfig, make_optimizer, make_step, use_graphs
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
@@ -41,16 +42,16 @@ def test_cuda_graphs_on_without_a_gpu_is_refused_before_any_work(tmp_path: Path,
 
 def test_the_gpu_preset_scales_the_rate_by_the_square_root_of_the_batch_and_warms_up() -> None:
     s = build_config("gpu").train
-    peak = train.peak_lr(s, s.batch_size)
+    peak = train_schedule.peak_lr(s, s.batch_size)
     assert peak == pytest.approx(s.lr * math.sqrt(s.batch_size / s.lr_batch))
-    ramp = [train.lr_at(s, k, 1000, peak) for k in range(s.warmup_steps + 1)]
+    ramp = [train_schedule.lr_at(s, k, 1000, peak) for k in range(s.warmup_steps + 1)]
     assert ramp[0] == pytest.approx(peak / s.warmup_steps) and ramp[-2] == ramp[-1] == pytest.approx(peak)
     assert all(a < b for a, b in zip(ramp[:-2], ramp[1:-1], strict=True))  # rising, linearly
-    assert train.lr_at(s, 1000, 1000, peak) == pytest.approx(0.0)  # cosine to 0 at the end
+    assert train_schedule.lr_at(s, 1000, 1000, peak) == pytest.approx(0.0)  # cosine to 0 at the end
     linear = s.model_copy(update={"lr_scaling": "linear"})
-    assert train.peak_lr(linear, 64) == pytest.approx(s.lr * 64 / s.lr_batch)
+    assert train_schedule.peak_lr(linear, 64) == pytest.approx(s.lr * 64 / s.lr_batch)
     plain = build_config("demo").train  # no scaling, no warm-up: the rate is train.lr at every step
-    assert train.peak_lr(plain, 256) == plain.lr and train.lr_at(plain, 0, 10, plain.lr) == plain.lr
+    assert train_schedule.peak_lr(plain, 256) == plain.lr and train_schedule.lr_at(plain, 0, 10, plain.lr) == plain.lr
     assert build_config("paper").train.batch_size == 8  # the original's batch, for fidelity
 
 
@@ -82,7 +83,7 @@ def test_the_graphed_step_trains_like_the_eager_step() -> None:
     batches = [(torch.rand(8, 1, 64, 64), torch.rand(8, 2, 64, 64) - 0.5, torch.rand(8) < 0.5) for _ in range(10)]
     losses = []
     for net, graphs in zip(nets, (False, True), strict=True):
-        step = make_step(net, make_optimizer(net, 1e-3, capturable=graphs), train.loss_fn("mse"), StepConfig(), graphs)
+        step = make_step(net, make_optimizer(net, 1e-3, capturable=graphs), loss_fn("mse"), StepConfig(), graphs)
         losses.append(torch.stack([step(*(t.pin_memory() for t in b)) for b in batches]).cpu())
     assert torch.allclose(losses[0], losses[1], rtol=1e-3, atol=1e-5)
 

@@ -1,0 +1,246 @@
+"""User-guided colour (Zhang et al. 2017, "Real-Time User-Guided Image Colorization with Learned Deep
+Priors"): the one owner of hints. It parses what a user gives (points ``X,Y:#RRGGBB``, a hints JSON file,
+a reference photo), checks it against the photo, encodes it onto the network's grid, and simulates a user
+for training and evaluation, so the CLI, the page, REST, ONNX and the train and evaluate stages all read
+hints the same way.
+
+What the network takes (model.colorizer, ``train.hints``):
+
+- *local* hints: ``hint_ab`` (B,2,S,S), known ab/110 where a hint is and 0 elsewhere, and ``hint_mask``
+  (B,1,S,S), 1 where a hint is. A point is a small square patch (:data:`USER_PATCH` cells of the grid per
+  64 px of side) of one colour; only a/b are taken from it, the photo keeps its own L.
+- a *global* hint: the reference's ab distribution over model.ab_bins' Q bins (fractions summing to 1), its
+  mean chroma (sqrt(a^2+b^2), ab/110), and a flag, 1 when given: ``global_hint`` (B, Q+2). All zeros means
+  "not given".
+
+Simulated users (training, the evaluation's hint curve) follow Zhang'17: per image a number of points
+drawn from a geometric distribution (p = 1/8, so one image in eight has none and the automatic output
+stays trained), patch sides 1-9 px at 256 px (scaled to the crop), centres from a Gaussian around the
+image centre (sigma a quarter of the side), each patch's colour the truth's mean ab over it; the global
+hint from the truth's own histogram, given with :data:`GLOBAL_SHARE` probability. Everything draws from
+one ``torch.Generator``, whose state a checkpoint keeps, so a resumed run sees the same hints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model import ab_bins
+from model.lab import AB_SCALE, rgb8_to_lab
+from storage.errors import ConfigError
+
+MAX_POINTS = 256  # the most points a request, a file or the page may carry
+MAX_JSON_BYTES = 1 << 20  # a hints file larger than this is refused before it is parsed
+GEOMETRIC_P = 1 / 8  # Zhang'17: the number of points ~ Geometric(p) - 1, so P(no point) = p
+PATCH_SIDES_AT_256 = (1, 9)  # Zhang'17: patch sides in px at 256 px, uniform; scaled to the crop
+EVAL_PATCH_AT_256 = 6  # the evaluation's points: 6 x 6 px patches at 256 px (Zhang'17's sweep)
+GLOBAL_SHARE = 0.5  # training: how often the truth's global hint is given (local+global)
+USER_PATCH = 1  # a user's point: a square of this many grid cells per 64 px of the network's side
+GREY_CHROMA = 3.0  # a reference whose mean chroma (Lab units) is under this has no colour to follow
+_POINT = re.compile(r"^\s*(-?[0-9.]+)\s*,\s*(-?[0-9.]+)\s*:\s*(#[0-9A-Fa-f]{6})\s*$")
+_COLOUR = re.compile(r"^#[0-9A-Fa-f]{6}$")
+
+
+NOT_TRAINED = "this model was trained without hints: retrain with --set train.hints=local"
+NO_GLOBAL = "this model was trained without a reference (global) hint: retrain with --set train.hints=local+global"
+
+
+class HintError(ConfigError):
+    """A user's hint that cannot be used: one line, exit 2, nothing written."""
+
+
+def global_size() -> int:
+    """The global hint's length: Q bins, the mean chroma, the given flag."""
+    return len(ab_bins.bins()) + 2
+
+
+@dataclass(frozen=True)
+class Point:
+    """A user's point: where (the photo's own pixels, full resolution) and which colour (#RRGGBB)."""
+
+    x: float
+    y: float
+    color: str
+
+    def ab(self) -> tuple[float, float]:
+        """The colour's a and b (Lab units): all a point contributes (the photo keeps its own L)."""
+        rgb = torch.tensor([int(self.color[i : i + 2], 16) for i in (1, 3, 5)], dtype=torch.uint8)
+        lab = rgb8_to_lab(rgb.view(3, 1, 1))[:, 0, 0]
+        return float(lab[1]), float(lab[2])
+
+    def as_dict(self) -> dict[str, object]:
+        return {"x": self.x, "y": self.y, "color": self.color.lower()}
+
+
+def parse_point(text: str) -> Point:
+    """``X,Y:#RRGGBB`` (the CLI's ``--hint``) -> a point; anything else is a one-line HintError."""
+    m = _POINT.match(text)
+    if not m:
+        raise HintError(f"--hint {text!r}: expected X,Y:#RRGGBB (pixels of the photo, a hex colour)")
+    return _point(m.group(1), m.group(2), m.group(3), f"--hint {text!r}")
+
+
+def _point(x: object, y: object, color: object, where: str) -> Point:
+    try:
+        fx, fy = float(x), float(y)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise HintError(f"{where}: x and y must be numbers") from None
+    if isinstance(x, bool) or isinstance(y, bool) or not (math.isfinite(fx) and math.isfinite(fy)):
+        raise HintError(f"{where}: x and y must be finite numbers")
+    if not isinstance(color, str) or not _COLOUR.match(color):
+        raise HintError(f"{where}: colour {color!r} is not #RRGGBB")
+    return Point(fx, fy, color.lower())
+
+
+def parse_json(text: str | bytes, where: str = "hints") -> list[Point]:
+    """A hints document -> its points. The format (what the page exports and ``--hints`` reads)::
+
+        {"points": [{"x": 120, "y": 45, "color": "#3366cc"}, ...]}
+
+    (a bare list of points is accepted too). x and y are in the photo's own pixels."""
+    if len(text) > MAX_JSON_BYTES:
+        raise HintError(f"{where}: larger than {MAX_JSON_BYTES} bytes")
+    try:
+        doc = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HintError(f"{where}: not valid JSON ({exc})") from None
+    items = doc.get("points") if isinstance(doc, dict) else doc
+    if not isinstance(items, list):
+        raise HintError(f'{where}: expected {{"points": [{{"x": .., "y": .., "color": "#RRGGBB"}}, ...]}}')
+    return from_items(items, where)
+
+
+def from_items(items: Iterable[object], where: str = "hints") -> list[Point]:
+    """Points from a list of ``{"x", "y", "color"}`` mappings (a JSON document, a REST parameter)."""
+    points = []
+    for i, item in enumerate(items):
+        if len(points) >= MAX_POINTS:
+            raise HintError(f"{where}: more than {MAX_POINTS} points")
+        if not isinstance(item, dict) or set(item) - {"x", "y", "color"} or not {"x", "y", "color"} <= set(item):
+            raise HintError(f'{where}: point {i} must be {{"x": .., "y": .., "color": "#RRGGBB"}}')
+        points.append(_point(item["x"], item["y"], item["color"], f"{where}: point {i}"))
+    return points
+
+
+def to_json(points: Iterable[Point]) -> str:
+    """The hints document of ``points`` (:func:`parse_json` reads it back)."""
+    return json.dumps({"points": [p.as_dict() for p in points]}, indent=1)
+
+
+def check_points(points: list[Point], width: int, height: int) -> None:
+    """Every point inside a ``width`` x ``height`` photo, and not too many: else one line."""
+    if len(points) > MAX_POINTS:
+        raise HintError(f"{len(points)} points: at most {MAX_POINTS}")
+    for p in points:
+        if not (0 <= p.x < width and 0 <= p.y < height):
+            raise HintError(f"point {p.x:g},{p.y:g} is outside the {width}x{height} photo")
+
+
+def local_maps(points: list[Point], width: int, height: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's local-hint inputs for ``points`` on a ``width`` x ``height`` photo fed at ``size``:
+    (hint_ab (1,2,size,size) ab/110, hint_mask (1,1,size,size)). The photo is stretched to the square
+    input, so a point lands on the cell its relative position gives; a later point overwrites an earlier
+    one where their patches overlap."""
+    check_points(points, width, height)
+    ab = torch.zeros(1, 2, size, size)
+    mask = torch.zeros(1, 1, size, size)
+    side = max(1, round(USER_PATCH * size / 64))
+    for p in points:
+        gx, gy = min(size - 1, int(p.x * size / width)), min(size - 1, int(p.y * size / height))
+        x0, y0 = max(0, gx - side // 2), max(0, gy - side // 2)
+        a, b = p.ab()
+        ab[0, 0, y0 : y0 + side, x0 : x0 + side] = a / AB_SCALE
+        ab[0, 1, y0 : y0 + side, x0 : x0 + side] = b / AB_SCALE
+        mask[0, 0, y0 : y0 + side, x0 : x0 + side] = 1.0
+    return ab, mask
+
+
+def global_from_ab(ab_norm: torch.Tensor) -> torch.Tensor:
+    """The global hint of each image of ``ab_norm`` (B,2,H,W) ab/110: (B, Q+2), given (flag 1)."""
+    out = []
+    for ab in ab_norm.float().cpu():
+        counts = ab_bins.histogram(ab * AB_SCALE).float()
+        chroma = ab.square().sum(0).sqrt().mean()
+        out.append(torch.cat((counts / counts.sum(), chroma.view(1), torch.ones(1))))
+    return torch.stack(out)
+
+
+def reference_hint(rgb: np.ndarray) -> torch.Tensor:
+    """The global hint (1, Q+2) of a reference photo (H,W,3 uint8): the palette to follow. A grey
+    reference is refused: it has no colour to follow."""
+    lab = rgb8_to_lab(torch.from_numpy(np.array(rgb)).permute(2, 0, 1))
+    chroma = float(lab[1:].square().sum(0).sqrt().mean())
+    if chroma < GREY_CHROMA:
+        raise HintError(f"the reference is grey (mean chroma {chroma:.1f} Lab units): it has no colour to follow")
+    return global_from_ab((lab[1:] / AB_SCALE)[None])
+
+
+def none_given(batch: int, size: int, mode: str) -> dict[str, torch.Tensor]:
+    """Inputs that give no hint (the automatic output of a hinted model)."""
+    out = {"hint_ab": torch.zeros(batch, 2, size, size), "hint_mask": torch.zeros(batch, 1, size, size)}
+    if mode == "local+global":
+        out["global_hint"] = torch.zeros(batch, global_size())
+    return out
+
+
+def _patch_side(size: int, at_256: float) -> int:
+    return max(1, round(at_256 * size / 256))
+
+
+def sample_points(
+    ab_norm: torch.Tensor, counts: list[int], gen: torch.Generator, fixed_side: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Simulated local hints for a batch of truths ``ab_norm`` (B,2,S,S): ``counts[i]`` patches on image
+    i, each the truth's mean ab over it, at Gaussian positions around the centre; sides uniform in
+    :data:`PATCH_SIDES_AT_256` scaled to S, or ``fixed_side`` px at 256. Returns (hint_ab, hint_mask)
+    on ``ab_norm``'s device."""
+    b, _, h, w = ab_norm.shape
+    hint_ab = torch.zeros(b, 2, h, w)
+    mask = torch.zeros(b, 1, h, w)
+    truth = ab_norm.detach().float().cpu()
+    lo, hi = (_patch_side(h, s) for s in PATCH_SIDES_AT_256)
+    total = sum(counts)
+    if total:
+        centres = torch.randn(total, 2, generator=gen) * torch.tensor([h / 4, w / 4]) + torch.tensor([h / 2, w / 2])
+        sides = torch.randint(lo, hi + 1, (total,), generator=gen)
+        k = 0
+        for i, n in enumerate(counts):
+            for _ in range(n):
+                side = _patch_side(h, fixed_side) if fixed_side is not None else int(sides[k])
+                cy = int(centres[k, 0].clamp(0, h - 1))
+                cx = int(centres[k, 1].clamp(0, w - 1))
+                y0, x0 = max(0, min(h - side, cy - side // 2)), max(0, min(w - side, cx - side // 2))
+                patch = truth[i, :, y0 : y0 + side, x0 : x0 + side]
+                hint_ab[i, :, y0 : y0 + side, x0 : x0 + side] = patch.mean(dim=(1, 2))[:, None, None]
+                mask[i, :, y0 : y0 + side, x0 : x0 + side] = 1.0
+                k += 1
+    return hint_ab.to(ab_norm.device), mask.to(ab_norm.device)
+
+
+def simulate(ab_norm: torch.Tensor, mode: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A simulated user's hints for a training batch (see the module's notes), as the network's inputs."""
+    b = ab_norm.shape[0]
+    # Geometric(p) - 1 by inversion: floor(log(U) / log(1 - p)), U in (0, 1]
+    u = 1.0 - torch.rand(b, generator=gen, dtype=torch.float64)
+    counts = torch.floor(torch.log(u) / math.log(1.0 - GEOMETRIC_P)).clamp(max=MAX_POINTS).to(torch.int64).tolist()
+    hint_ab, mask = sample_points(ab_norm, counts, gen)
+    out = {"hint_ab": hint_ab, "hint_mask": mask}
+    if mode == "local+global":
+        given = (torch.rand(b, generator=gen) < GLOBAL_SHARE).float()
+        out["global_hint"] = (global_from_ab(ab_norm) * given[:, None]).to(ab_norm.device)
+    return out
+
+
+def evaluation_points(ab_norm: torch.Tensor, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """``n`` points from the truth for every image of a batch, the same for every model that is scored
+    on it (fixed by ``seed``): the evaluation's hint curve."""
+    gen = torch.Generator().manual_seed(seed)
+    hint_ab, mask = sample_points(ab_norm, [n] * ab_norm.shape[0], gen, fixed_side=EVAL_PATCH_AT_256)
+    return {"hint_ab": hint_ab, "hint_mask": mask}
