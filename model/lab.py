@@ -52,8 +52,11 @@ _LINEAR_LUT_8BIT = _srgb_to_linear(torch.arange(256, dtype=torch.float64) / 255.
 @functools.cache
 def _placed(matrix: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A colour matrix copied once per dtype and device: a copy per call would be a host-to-device
-    transfer inside a captured CUDA graph (the training loss's colourfulness term converts to RGB)."""
-    return matrix.to(dtype=dtype, device=device)
+    transfer inside a captured CUDA graph (the training loss's colourfulness term converts to RGB).
+    Made outside inference mode: a copy first made under ``torch.inference_mode`` (an evaluation) and
+    kept would refuse to take part in a later loss's backward pass."""
+    with torch.inference_mode(False):
+        return matrix.to(dtype=dtype, device=device, copy=True)
 
 
 def _mix(matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# One OpenMP thread per process (inherited by every subprocess a test starts): `make test` runs one
+# pytest worker per core, and torch's default of a thread per core in each of them (and in their
+# subprocesses) oversubscribes the cores; OpenMP's spin-waiting then burns about a third more CPU for
+# the same work (measured in docs/layout.md's test section). No test depends on the thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @dataclass

@@ -85,7 +85,8 @@ def runs(tiny_prepared: Path, native: tuple[str, str], tmp_path_factory: pytest.
                 LEFT_OUT[isa] = f"this CPU's own ISA (ATen {aten}, oneDNN {onednn}): the native run is this run"
                 continue
         workdir = copy_prepared(tiny_prepared, tmp_path_factory.mktemp(f"isa-{isa}"))
-        argv = [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--workdir", str(workdir)]
+        argv = [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--variants", "max"]
+        argv += ["--workdir", str(workdir)]
         out = subprocess.run(argv, cwd=ROOT, env=_env(isa), capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"{isa}: {out.stdout[-2000:]}{out.stderr[-3000:]}"
         image = [sys.executable, "-m", "flows.cli", "image", str(photo), "--out", str(workdir / "photo_color.png")]
@@ -132,5 +133,5 @@ def test_every_isa_registers_with_its_onnx_export_and_scores_what_the_others_sco
 
 
 def _rows(workdir: Path) -> list[dict]:
-    folder = Path(_stage(workdir, "evaluate")["folder"])
-    return json.loads((folder / "metrics.json").read_text())["rows"]
+    key = json.loads((workdir / "evaluate" / "last.json").read_text())["key"]
+    return json.loads((workdir / "evaluate" / key / "metrics.json").read_text())["rows"]

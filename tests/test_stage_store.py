@@ -263,11 +263,12 @@ def test_store_options_holding_credentials_are_refused_without_echoing_them() ->
         '{"client_kwargs": {"aws_secret_access_key": "s3cr3t"}}',
         '{"endpoint_url": "https://AKIAEXAMPLE:s3cr3t@minio.example:9000"}',
         '{"client_kwargs": {"headers": [{"Authorization": "Bearer s3cr3t"}]}}',
+        '{"s3_additional_kwargs": {"SSEKMSKeyId": "arn:aws:kms:s3cr3t"}}',
     ):
         with pytest.raises(ConfigError, match="store.options: must not hold credentials") as err:
             build_config("tiny", ["store.url=s3://b/p", f"store.options={options}"])
         assert "AKIAEXAMPLE" not in str(err.value) and "s3cr3t" not in str(err.value)
-    fine = {"client_kwargs": {"region_name": "eu-1"}, "s3_additional_kwargs": {"SSEKMSKeyId": "arn:aws:kms:k"}}
+    fine = {"client_kwargs": {"region_name": "eu-1"}, "s3_additional_kwargs": {"ACL": "private"}}
     cfg = build_config("tiny", ["store.url=s3://b/p", f"store.options={json.dumps(fine)}"])
     assert cfg.store.options == fine
 
@@ -292,7 +293,7 @@ def test_one_run_validates_its_settings_once_and_probes_the_store_once(
         calls["probe"] += 1
         return real_check(self)
 
-    monkeypatch.setattr(flow_module, "build_config", counted_build)
+    monkeypatch.setattr(flow_module.pipeline_config, "build_config", counted_build)
     monkeypatch.setattr(StageStore, "check", counted_check)
     url = f"s3://{s3_server.bucket}/once-{tmp_path.name}"
     argv = [
