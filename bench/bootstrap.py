@@ -10,11 +10,11 @@ A comparison of the size the evaluate stage makes many of: 3 seeds per side, ``-
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
+from flows import arguments as arg
 from model.study import bootstrap
 
 
@@ -31,11 +31,11 @@ def loop(ma: np.ndarray, mb: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return boot
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=1000)
-    ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args()
+def main(argv: list[str] | None = None) -> None:
+    ap = arg.Parser(prog="bench/bootstrap.py")
+    ap.add_argument("--images", type=arg.positive, default=1000)
+    ap.add_argument("--rounds", type=arg.positive, default=5)
+    args = ap.parse_args(argv)
     rng = np.random.default_rng(1)
     ma, mb = rng.random((3, args.images)), rng.random((3, args.images))
     ratios = []

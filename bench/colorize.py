@@ -25,7 +25,6 @@ largest difference between their colorized photos in 8-bit levels (the promise i
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import resource
@@ -38,6 +37,8 @@ import numpy as np
 import torch
 from PIL import Image
 from skimage import data
+
+from flows import arguments as arg
 
 
 def load(workdir: str | None, size: int) -> torch.nn.Module:
@@ -155,24 +156,34 @@ def devices(device: str, sides: list[int], batch: int, rounds: int, workdir: str
     print(f"RATIO device {ratios[min(sides)]:.3f}")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--engines", help="compare torch and onnxruntime at these network sides, e.g. 512,2048")
-    ap.add_argument("--rounds", type=int, default=3)
+def main(argv: list[str] | None = None) -> None:
+    ap = arg.Parser(prog="bench/colorize.py")
+    ap.add_argument(
+        "--engines",
+        type=arg.comma_list(arg.side),
+        help="compare torch and onnxruntime at these network sides, e.g. 512,2048",
+    )
+    ap.add_argument("--rounds", type=arg.positive, default=3)
     ap.add_argument("--workdir")
-    ap.add_argument("--sizes", default="512,1024,2048,4096")
-    ap.add_argument("--naive", type=int, default=2048)
-    ap.add_argument("--net-size", type=int, default=64)
+    ap.add_argument("--sizes", type=arg.comma_list(arg.positive), default="512,1024,2048,4096")
+    ap.add_argument("--naive", type=arg.positive, default=2048)
+    ap.add_argument("--net-size", type=arg.side, default=64)
     ap.add_argument("--child", nargs=2, metavar=("SIDE", "MODE"))
     ap.add_argument("--device", help="compare the torch engine on this device with the CPU (see the docstring)")
-    ap.add_argument("--net-sizes", default="224,512")
-    ap.add_argument("--batch", type=int, default=16)
-    args = ap.parse_args()
+    ap.add_argument("--net-sizes", type=arg.comma_list(arg.side), default="224,512")
+    ap.add_argument("--batch", type=arg.positive, default=16)
+    args = ap.parse_args(argv)
     if args.device:
-        devices(args.device, [int(s) for s in args.net_sizes.split(",")], args.batch, args.rounds, args.workdir)
+        from model.inference import resolve_device
+
+        try:
+            resolve_device(args.device)
+        except ValueError as exc:
+            arg.usage_error(str(exc))
+        devices(args.device, args.net_sizes, args.batch, args.rounds, args.workdir)
         return
     if args.engines:
-        engines([int(s) for s in args.engines.split(",")], args.rounds, args.workdir)
+        engines(args.engines, args.rounds, args.workdir)
         return
     if args.child:
         print(json.dumps(one(int(args.child[0]), args.child[1], args.workdir, args.net_size)))
@@ -186,7 +197,7 @@ def main() -> None:
         return json.loads(out.stdout.strip().splitlines()[-1])
 
     print(f"{'side':>6} {'pixels':>10} {'seconds':>8} {'peak RSS MB':>12} {'added MB':>9}")
-    rows = [run(int(s), "ours") for s in args.sizes.split(",")]
+    rows = [run(s, "ours") for s in args.sizes]
     for r in rows:
         print(f"{r['side']:>6} {r['pixels']:>10,} {r['seconds']:>8.2f} {r['peak_mb']:>12.0f} {r['added_mb']:>9.0f}")
     if len(rows) > 1:

@@ -30,7 +30,6 @@ import os
 # each side would evict the other's and re-JIT its kernels every step. One model alone (the stage) fits.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "4096")
 
-import argparse
 import ctypes
 import itertools
 import sys
@@ -46,6 +45,7 @@ import torch
 from skimage import color, transform
 from torch.utils.data import DataLoader, IterableDataset
 
+from flows import arguments as arg
 from flows.config import build_config
 from model.colorizer import Colorizer, ColorizerSpec
 from model.samples import decode_sample16
@@ -300,11 +300,11 @@ def sweep(args: Any) -> None:
     rows = []
     modes = ("eager", "graphs") if device.type == "cuda" else ("eager",)
     with tempfile.TemporaryDirectory() as tmp:
-        for size in (int(x) for x in args.sizes.split(",")):
+        for size in args.sizes:
             _, prep = prepared_at(size, Path(tmp) / str(size))
             spec = ColorizerSpec(fusion="concat", decoder_width=64, image_size=size)
             gflop = model_gflop(spec)
-            for batch in (int(x) for x in args.batches.split(",")):
+            for batch in args.batches:
                 for mode in modes:
                     row: dict[str, Any] = {"size": size, "batch": batch, "step": mode, "gflop_per_image": gflop}
                     try:
@@ -330,22 +330,25 @@ def sweep(args: Any) -> None:
         Path(args.json).write_text(json.dumps(report, indent=1))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--size", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=8)
+def main(argv: list[str] | None = None) -> None:
+    ap = arg.Parser(prog="bench/train.py")
+    ap.add_argument("--steps", type=arg.positive, default=10)
+    ap.add_argument("--size", type=arg.side, default=128)
+    ap.add_argument("--batch", type=arg.batch, default=8)
     ap.add_argument("--breakdown", action="store_true", help="also log one step of each side with oneDNN's verbose")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--bf16", action="store_true", help="the stage's side with bf16 autocast (train.bf16)")
     ap.add_argument("--sweep", action="store_true", help="the stage's step over --sizes x --batches, eager vs graphs")
-    ap.add_argument("--sizes", default="128,224")
-    ap.add_argument("--batches", default="8,32,64,128,256")
+    ap.add_argument("--sizes", type=arg.comma_list(arg.side), default="128,224")
+    ap.add_argument("--batches", type=arg.comma_list(arg.batch), default="8,32,64,128,256")
     ap.add_argument("--json", help="--sweep: also write the rows here")
-    args = ap.parse_args()
-    device = torch.device(args.device)
+    args = ap.parse_args(argv)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        arg.usage_error(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but no CUDA device is visible")
+        arg.usage_error("--device cuda: no CUDA device is visible to torch")
     if args.sweep:
         sweep(args)
         return
@@ -375,6 +378,7 @@ def main() -> None:
         for _ in range(args.steps):
             next(loader_only)
         t_loader = (time.perf_counter() - t0) / args.steps
+        t_hints = hint_seconds(next(loader_only)[1], args.steps)
         if args.breakdown and device.type == "cpu":
             breakdown({"notebooks": base, "this stage": our}, wd)
     step_s = args.batch / our_ips
@@ -386,7 +390,24 @@ def main() -> None:
     print(
         f"data loader alone: {t_loader * 1000:.1f} ms/batch = {t_loader / step_s * 100:.2f}% of a {step_s:.2f} s step"
     )
+    print(
+        f"hint simulation (train.hints=local+global, model.hints.simulate): {t_hints * 1000:.1f} ms/batch = "
+        f"{t_hints / step_s * 100:.2f}% of a step"
+    )
     print(f"RATIO train {our_ips / base_ips:.3f}")
+
+
+def hint_seconds(ab: torch.Tensor, rounds: int) -> float:
+    """Seconds to simulate a user's hints for one batch (the train loop does it on the host, per step),
+    the median of ``rounds`` batches from one seeded generator: the cost train.hints adds to a step."""
+    from model import hints
+
+    gen, times = torch.Generator().manual_seed(0), []
+    for _ in range(max(3, rounds)):
+        t0 = time.perf_counter()
+        hints.simulate(ab.float().cpu(), "local+global", gen)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
 
 
 if __name__ == "__main__":

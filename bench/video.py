@@ -14,7 +14,6 @@ warping error / stabilized>``.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -24,10 +23,12 @@ import numpy as np
 from PIL import Image
 from skimage import color
 
+from flows import arguments as arg
 from flows.colorize_images import Running, load_net
 from flows.colorize_video import VideoColorizer, frames
 from model.inference import device_of
 from model.temporal import Stabilizer, to_gray8, warping_error
+from storage.errors import UserFacingError
 
 CLIPS = Path("/usr/share/doc/opencv-doc/examples/data")
 
@@ -91,17 +92,20 @@ def strip(net, size: int, originals: list[np.ndarray], path: Path, every: int = 
     Image.fromarray(grid).save(path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    ap = arg.Parser(prog="bench/video.py")
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--model", help="models:/NAME@ALIAS or a trained stage folder (default: the champion)")
-    ap.add_argument("--engine", default="auto")
+    ap.add_argument("--engine", default="auto", choices=["auto", "torch", "onnx"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--frames", type=arg.positive, default=60)
     ap.add_argument("--clips", default="vtest,tree,Megamind")
     ap.add_argument("--strip", help="write a strip (original | per-frame | stabilized) of the first clip here")
-    args = ap.parse_args()
-    net, size = load_net(args.model, Path(args.workdir), Running(args.engine, args.device))
+    args = ap.parse_args(argv)
+    try:
+        net, size = load_net(args.model, Path(args.workdir), Running(args.engine, args.device))
+    except UserFacingError as exc:  # no work dir, no registered model, no such device: as the CLI says it
+        arg.usage_error(str(exc))
     where = f"on {device_of(net)}"
     print(f"engine {type(net).__name__} {where}, network input {size} px, first {args.frames} frames of each clip")
     print(

@@ -94,7 +94,7 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
                     high,
                     value=start,
                     step=0.01,
-                    label="Vividness: decoding temperature (1 = muted mean colour, lower = more vivid)",
+                    label="Vividness: more to the right, more colour (the decoding temperature, 0.01 to 1)",
                     visible=shown,
                     elem_id="vividness",
                 )

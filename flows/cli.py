@@ -15,12 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from flows.arguments import Parser, positive, side, vividness
 from storage.errors import ConfigError, UserFacingError
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's own usage errors: one line, exit 2
-        self.exit(ConfigError.exit_code, f"error: {message} (see colorize {self.prog.split()[-1]} --help)\n")
 
 
 def _workdir_path(value: str | None) -> Path:
@@ -48,37 +44,6 @@ def _workdir(value: str | None) -> Path:
     return wd
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _side(text: str) -> int:
-    from model.choices import side_problem
-
-    value = _positive(text)
-    if problem := side_problem(value):
-        raise argparse.ArgumentTypeError(problem)
-    return value
-
-
-def _vividness(text: str) -> float:
-    from model.choices import vividness_problem
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if problem := vividness_problem(value):
-        raise argparse.ArgumentTypeError(problem)
-    return value
-
-
 def _shared_options() -> dict[str, dict]:
     """The options several commands take, each declared once (the same help in every command that takes
     it); :func:`_add` adds them where each command lists them."""
@@ -103,12 +68,13 @@ def _shared_options() -> dict[str, dict]:
             "help": "torch engine's arithmetic: fp32 (default) or bf16 (a GPU's fast path; colours a few levels off)",
         },
         "--vividness": {
-            "type": _vividness,
+            "type": vividness,
             "default": None,
-            "help": "a classification-head model's colour: the decoding temperature, 1 = the mean (muted) down "
-            "to 0.01 (the most likely colour, most vivid); default: the temperature it was evaluated at",
+            "help": "a classification-head model's colour, higher = more colour: the decoding temperature, "
+            "from 0.01 (the most likely colour bin, often grey) to 1 (the distribution's mean, the most "
+            "colour); default: the temperature it was evaluated at",
         },
-        "--size": {"type": _side, "default": None, "help": "network input size (default: the model's training size)"},
+        "--size": {"type": side, "default": None, "help": "network input size (default: the model's training size)"},
         "--host": {"default": "127.0.0.1", "help": "bind address (default 127.0.0.1: this machine only)"},
     }
 
@@ -127,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     from tasks.download import SOURCES
 
     shared = _shared_options()
-    p = _Parser(prog="colorize", description=__doc__.splitlines()[0])
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="colorize", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     r = sub.add_parser("run", help="run the pipeline (finished stages are cache hits)")
     r.add_argument("--dataset", default="sample", help=f"one of {', '.join(SOURCES)} (default: sample)")
@@ -158,33 +124,47 @@ def build_parser() -> argparse.ArgumentParser:
     _add(i, shared, "--model")
     i.add_argument("--upscale", action="store_true", help="Real-ESRGAN x4 before colorizing (small photos)")
     i.add_argument(
-        "--upscale-max", type=_positive, default=256, help="only upscale photos up to this many px (longer side)"
+        "--upscale-max", type=positive, default=256, help="only upscale photos up to this many px (longer side)"
     )
     _add(i, shared, "--size")
     i.add_argument(
-        "--max-pixels", type=_positive, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
+        "--max-pixels", type=positive, default=MAX_PIXELS, help=f"refuse larger images (default {MAX_PIXELS:,})"
     )
     _add(i, shared, "--engine", "--device", "--precision", "--vividness", "--workdir")
+    i.add_argument(
+        "--hint",
+        action="append",
+        default=[],
+        metavar="X,Y:#RRGGBB",
+        help="a colour point at pixel X,Y of the photo (repeatable); only a/b are taken, the photo keeps its "
+        "L; for a model trained with train.hints (docs/hints.md)",
+    )
+    i.add_argument("--hints", metavar="FILE", help="points from a hints JSON file (the web page's export)")
+    i.add_argument(
+        "--reference",
+        metavar="PHOTO",
+        help="follow this colour photo's palette (a model trained with train.hints=local+global)",
+    )
 
     vid = sub.add_parser("video", help="colorize a video with temporally stable colour")
     vid.add_argument("input", metavar="INPUT", help="any video FFmpeg reads")
     vid.add_argument("--out", "-o", required=True, help="output video: .mp4, .mkv or .mov (H.264)")
     _add(vid, shared, "--model", "--engine")
     vid.add_argument("--temporal", choices=("on", "off"), default="on", help="off: each frame on its own")
-    vid.add_argument("--batch", type=_positive, default=8, help="frames per network call")
-    vid.add_argument("--chunk", type=_positive, default=240, help="frames per resumable chunk")
+    vid.add_argument("--batch", type=positive, default=8, help="frames per network call")
+    vid.add_argument("--chunk", type=positive, default=240, help="frames per resumable chunk")
     _add(vid, shared, "--size", "--device", "--precision", "--vividness", "--workdir")
 
     a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
     _add(a, shared, "--model", "--engine", "--device", "--precision", "--vividness", "--host")
-    a.add_argument("--port", type=_positive, default=7860)
+    a.add_argument("--port", type=positive, default=7860)
     _add(a, shared, "--workdir")
 
     v = sub.add_parser("serve", help="the champion as a REST API (MLflow's scoring server), on 127.0.0.1")
     # its own --model: the server loads an MLflow model (registered or a run's), never a stage folder
     v.add_argument("--model", default=None, help=f"models:/NAME@ALIAS (default: {DEFAULT_MODEL})")
     _add(v, shared, "--device", "--precision", "--host")
-    v.add_argument("--port", type=_positive, default=5001)
+    v.add_argument("--port", type=positive, default=5001)
     _add(v, shared, "--workdir")
 
     u = sub.add_parser("ui", help="start the MLflow and Prefect UIs on 127.0.0.1 for the work dir")

@@ -8,6 +8,7 @@ temp name and renamed, as PNG or JPEG by extension; transparency is kept where t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -39,10 +40,12 @@ load_net = load_engine  # the one loader is model.loading's; bench/ still import
 
 def model_summary(spec: str | None, workdir: Path, colorizer: PhotoColorizer) -> str:
     """Which model runs, and its test metrics (from the registry's version tags), for people to read."""
+    from model.inference import engine_line
+
     target = spec or DEFAULT_MODEL
-    engine = type(colorizer.net).__name__
+    engine = engine_line(colorizer.net)
     if not target.startswith("models:/") or "@" not in target:
-        return f"Model: `{target}` (network input {colorizer.size} px, engine {engine})."
+        return f"Model: `{target}` (network input {colorizer.size} px, {engine})."
     from storage.tracking import Tracker
 
     name, alias = target.removeprefix("models:/").split("@", 1)
@@ -54,7 +57,7 @@ def model_summary(spec: str | None, workdir: Path, colorizer: PhotoColorizer) ->
     return (
         f"Model: **{name}** version **{version.version}** (alias `{alias}`, {tags.get('variant', '?')} fusion, "
         f"{tags.get('head', 'regression')} head, "
-        f"engine {engine}). Test metrics: {metrics or 'none recorded'}; beats the grayscale baseline: "
+        f"{engine}). Test metrics: {metrics or 'none recorded'}; beats the grayscale baseline: "
         f"{tags.get('beats_baseline', '?')}."
     )
 
@@ -79,17 +82,22 @@ class PhotoColorizer:
         return cls(net, size, **kw)
 
     def colorize_file(
-        self, src: Path, upscale: bool, vividness: float | None = None
+        self, src: Path, upscale: bool, vividness: float | None = None, guidance: Any = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(the photo as read, its colour version, its alpha or None); ``vividness`` for this photo only
-        (a classification model's; the page's slider), else the loaded network's."""
-        from model.inference import colorize, with_vividness
+        (a classification model's; the page's slider), else the loaded network's; ``guidance`` the user's
+        hints (model.hints.Guidance; points in this photo's own pixels, before any upscaling)."""
+        from model.inference import Hinted, colorize, with_vividness
 
         photo = load_photo(src, self.max_pixels)
         rgb, alpha = photo.rgb, photo.alpha
+        net = with_vividness(self.net, vividness)
+        if guidance:
+            height, width = rgb.shape[:2]
+            net = Hinted(net, guidance.inputs(getattr(net.spec, "hints", "off"), width, height, self.size))
         if upscale and max(rgb.shape[:2]) <= self.upscale_max:
             rgb, alpha = _upscale(self.upscaler(), rgb, alpha)
-        return rgb, colorize(with_vividness(self.net, vividness), rgb, self.size), alpha
+        return rgb, colorize(net, rgb, self.size), alpha
 
     def upscaler(self) -> Any:
         if self._upscaler is None:
@@ -180,8 +188,14 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
         print(f"error: {e}", file=sys.stderr)
     if not files:
         return 1 if errors else 2
+    guidance = read_guidance(args)  # a bad point, file or reference: exit 2 before the model loads
+    how = Running.from_args(args)
+    if guidance:
+        if how.engine == "onnx":
+            raise UsageError("--engine onnx has no hint inputs; use --engine torch (or auto) with hints")
+        how = dataclasses.replace(how, engine="torch")
     colorizer = PhotoColorizer.load(
-        args.model, workdir, Running.from_args(args), max_pixels=args.max_pixels
+        args.model, workdir, how, max_pixels=args.max_pixels
     )  # a NoModel or a vividness for a regression model: exit 2
     colorizer.size = args.size or colorizer.size
     colorizer.upscale_max = args.upscale_max
@@ -189,7 +203,7 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
     jobs = list(zip(files, dests, strict=True))
     for (src, _), dest in tqdm(jobs, unit="img", desc="colorize", disable=len(files) < 2):
         try:
-            _, colour, alpha = colorizer.colorize_file(src, args.upscale)
+            _, colour, alpha = colorizer.colorize_file(src, args.upscale, guidance=guidance)
             replaced = " (replaced the existing file)" if dest.exists() else ""
             save(colour, alpha, dest)
             tqdm.write(f"{src} -> {dest}{replaced}") if len(files) > 1 else print(f"{src} -> {dest}{replaced}")
@@ -198,6 +212,33 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
             msg = str(exc) if str(exc).startswith(str(src)) else f"{src}: {exc}"
             tqdm.write(f"error: {msg}", file=sys.stderr)  # above the progress bar, one line
     return 1 if failed else 0
+
+
+def read_guidance(args: argparse.Namespace) -> Any:
+    """The hints of ``--hint``, ``--hints`` and ``--reference`` (model.hints.Guidance, empty without
+    them), checked now: a malformed point or file, or a grey or unreadable reference, is one line."""
+    hint_texts, hints_file = getattr(args, "hint", []), getattr(args, "hints", None)
+    reference = getattr(args, "reference", None)
+    if not (hint_texts or hints_file or reference):
+        return None
+    from model import hints
+
+    points = [hints.parse_point(text) for text in hint_texts]
+    if hints_file:
+        try:
+            data = Path(hints_file).expanduser().read_bytes()
+        except OSError as exc:
+            raise UsageError(f"--hints {hints_file}: {exc.strerror or exc}") from None
+        points += hints.parse_json(data, f"--hints {hints_file}")
+    palette = None
+    if reference:
+        try:
+            palette = hints.reference_hint(load_photo(Path(reference).expanduser(), MAX_PIXELS).rgb)
+        except (ImageError, OSError) as exc:
+            raise UsageError(f"--reference {reference}: {exc}") from None
+        except hints.HintError as exc:
+            raise UsageError(f"--reference {reference}: {exc}") from None
+    return hints.Guidance(tuple(points), palette)
 
 
 def _upscale(upscaler: Any, rgb: np.ndarray, alpha: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:

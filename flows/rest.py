@@ -55,20 +55,36 @@ def command(host: str, port: int) -> list[str]:
     return [sys.executable, "-m", "uvicorn", "--factory", f"{__name__}:create_app", "--host", host, "--port", str(port)]
 
 
-def payload_problem(body: bytes, content_type: str) -> str | None:
-    """Why a JSON ``/invocations`` body must be refused before MLflow sees it, or None to let MLflow parse
-    it. MLflow casts the payload to the signature's uint8 itself (0.47 -> 0, 120.7 -> 120, and answers
-    200), and a deeply nested body crashes its parser (500); neither reaches ``predict`` as it was sent."""
-    if content_type.split(";")[0].strip().lower() != "application/json":
+def payload_problem(body: bytes, content_type: str, params: frozenset[str] = frozenset()) -> tuple[int, str] | None:
+    """The status and one-line reason a ``/invocations`` request must be refused with before MLflow sees
+    it, or None to let MLflow parse it. MLflow casts the payload to the signature's uint8 itself (0.47 ->
+    0, 120.7 -> 120, and answers 200), a deeply nested body crashes its parser (500), a request with no
+    Content-Type is a 500 with a traceback, and a parameter absent from the signature (``vividness`` to a
+    regression-head model) is dropped with a 200: none reaches ``predict`` as it was sent. ``params``:
+    the names the model's signature takes."""
+    kind = content_type.split(";")[0].strip().lower()
+    if not kind:
+        return 415, f'no Content-Type: send Content-Type: application/json with {{"inputs": ...}}; {EXPECTED}'
+    if kind != "application/json":
         return None
     try:
         data = json.loads(body)
     except RecursionError:
-        return f"the JSON is nested too deeply; {EXPECTED}"
+        return 400, f"the JSON is nested too deeply; {EXPECTED}"
     except ValueError:  # not JSON: MLflow's own 400 says so
         return None
     if not isinstance(data, dict):
         return None
+    given = data.get("params")
+    if isinstance(given, dict) and (unknown := sorted(set(given) - params)):
+        takes = f"it takes {', '.join(sorted(params))}" if params else "it takes none"
+        why = " (vividness is for a classification-head model)" if "vividness" in unknown and not params else ""
+        return 400, f"params {', '.join(map(repr, unknown))}: not a parameter of this model{why}; {takes}"
+    problem = _array_problem(data)
+    return None if problem is None else (400, problem)
+
+
+def _array_problem(data: dict) -> str | None:
     import numpy as np
 
     for key in _ARRAY_KEYS:
@@ -88,11 +104,12 @@ def payload_problem(body: bytes, content_type: str) -> str | None:
 
 
 class PayloadGuard:
-    """ASGI wrapper around MLflow's scoring app: reads a ``POST /invocations`` body once, answers 400
-    (MLflow's error JSON, ``INVALID_PARAMETER_VALUE``) for :func:`payload_problem`, else replays it."""
+    """ASGI wrapper around MLflow's scoring app: reads a ``POST /invocations`` body once, answers 4xx
+    (MLflow's error JSON, ``INVALID_PARAMETER_VALUE``) for :func:`payload_problem`, else replays it.
+    ``params``: the parameter names the served model's signature takes."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any, params: frozenset[str] = frozenset()) -> None:
+        self.app, self.params = app, params
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
@@ -107,13 +124,14 @@ class PayloadGuard:
             more = message.get("more_body", False)
         body = b"".join(chunks)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        problem = payload_problem(body, headers.get("content-type", ""))
-        if problem:
+        refusal = payload_problem(body, headers.get("content-type", ""), self.params)
+        if refusal:
+            status, problem = refusal
             answer = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": problem}).encode()
             await send(
                 {
                     "type": "http.response.start",
-                    "status": 400,
+                    "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())],
                 }
             )
@@ -137,7 +155,9 @@ def create_app() -> Any:
     from mlflow.pyfunc import scoring_server
 
     model = scoring_server.load_model_with_mlflow_config(os.environ[MODEL_PATH_ENV])
-    return PayloadGuard(scoring_server.init(model))
+    schema = model.metadata.get_params_schema()
+    params = frozenset(p.name for p in schema.params) if schema is not None else frozenset()
+    return PayloadGuard(scoring_server.init(model), params)
 
 
 def environment(workdir: Path, model_path: str, device: str = "auto", precision: str = "fp32") -> dict[str, str]:

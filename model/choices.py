@@ -24,7 +24,10 @@ def side_problem(side: int) -> str | None:
 HINT_MODES = ("off", "local", "local+global")  # what a model takes besides L: nothing, points, points + a palette
 HEADS = ("regression", "classification")  # ab directly (MSE-trained), or a distribution over quantized ab
 DEFAULT_VIVIDNESS = 0.38  # the annealed-mean temperature a classification model decodes at (Zhang et al.'s)
-VIVIDNESS_RANGE = (0.01, 1.0)  # 1: the distribution's mean (the greyest); towards 0: its mode (the most vivid)
+# The annealed-mean temperature's range. Higher is more colour: 1 decodes the distribution's mean, and
+# towards 0.01 its most likely bin, which for a broad distribution (what the models trained here predict
+# over most of a photo) is the grey one (docs/vivid.md).
+VIVIDNESS_RANGE = (0.01, 1.0)
 
 
 def vividness_problem(value: float) -> str | None:
@@ -32,7 +35,7 @@ def vividness_problem(value: float) -> str | None:
     low, high = VIVIDNESS_RANGE
     if not low <= value <= high:  # also refuses NaN
         return (
-            f"must be between {low:g} and {high:g} (1: the mean colour; lower: more vivid; "
+            f"must be between {low:g} and {high:g} (higher: more colour; 1: the distribution's mean; "
             f"{DEFAULT_VIVIDNESS:g} is the paper's), got {value:g}"
         )
     return None

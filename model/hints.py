@@ -244,3 +244,29 @@ def evaluation_points(ab_norm: torch.Tensor, n: int, seed: int) -> dict[str, tor
     gen = torch.Generator().manual_seed(seed)
     hint_ab, mask = sample_points(ab_norm, [n] * ab_norm.shape[0], gen, fixed_side=EVAL_PATCH_AT_256)
     return {"hint_ab": hint_ab, "hint_mask": mask}
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """What a user gave for one photo, or for every photo of a command: points in the photo's own pixels
+    and a reference's global hint (:func:`reference_hint`), either possibly empty."""
+
+    points: tuple[Point, ...] = ()
+    reference: torch.Tensor | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.points) or self.reference is not None
+
+    def inputs(self, mode: str, width: int, height: int, size: int) -> dict[str, torch.Tensor]:
+        """The network's hint inputs for a ``width`` x ``height`` photo fed at ``size``, for a model
+        trained with ``train.hints=mode``; a model that cannot take what was given is a one-line
+        HintError (:data:`NOT_TRAINED`, :data:`NO_GLOBAL`), never a silent automatic result."""
+        if mode == "off":
+            raise HintError(NOT_TRAINED)
+        if self.reference is not None and mode != "local+global":
+            raise HintError(NO_GLOBAL)
+        hint_ab, hint_mask = local_maps(list(self.points), width, height, size)
+        given = {"hint_ab": hint_ab, "hint_mask": hint_mask}
+        if self.reference is not None:
+            given["global_hint"] = self.reference
+        return given

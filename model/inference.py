@@ -8,6 +8,7 @@ for large photos (the only full-size float buffer is the upsampled ab: 8 bytes p
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -26,13 +27,14 @@ DEVICE_ENV = "COLORIZE_DEVICE"
 PRECISION_ENV = "COLORIZE_PRECISION"
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", what: str = "--device") -> torch.device:
     """``auto``: CUDA when a GPU is visible, else the CPU. ``cuda`` with no GPU visible raises ValueError
-    (the CLI turns it into one line, exit 2) instead of failing at the first tensor moved there."""
+    (the CLI turns it into one line, exit 2) instead of failing at the first tensor moved there.
+    ``what`` is how the user gave the value (a flag, or an environment variable), for the message."""
     if name not in DEVICES:
-        raise ValueError(f"--device {name}: choose from {', '.join(DEVICES)}")
+        raise ValueError(f"{what} {name}: choose from {', '.join(DEVICES)}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to torch; use --device cpu (or auto)")
+        raise ValueError(f"{what} cuda: no CUDA device is visible to torch; use cpu (or auto)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -55,9 +57,22 @@ class Bf16Net(torch.nn.Module):
         super().__init__()
         self.net, self.spec = net, net.spec
 
-    def forward(self, x: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temperature: float | None = None, **hints: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
-            return self.net(x, temperature).float()
+            return self.net(x, temperature, **hints).float()
+
+
+def placement_from_env() -> tuple[str, str]:
+    """The device and precision a serving process was told by ``$COLORIZE_DEVICE`` and
+    ``$COLORIZE_PRECISION`` (an empty variable counts as unset: auto and fp32), checked here so that a
+    bad value names the variable the user set rather than a flag they never passed."""
+    device = os.environ.get(DEVICE_ENV) or "auto"
+    precision = os.environ.get(PRECISION_ENV) or "fp32"
+    if device not in DEVICES:
+        raise ValueError(f"${DEVICE_ENV}={device}: choose from {', '.join(DEVICES)} (or leave it unset)")
+    if precision not in PRECISIONS:
+        raise ValueError(f"${PRECISION_ENV}={precision}: choose from {', '.join(PRECISIONS)} (or leave it unset)")
+    return device, precision
 
 
 def with_precision(net: torch.nn.Module, precision: str) -> torch.nn.Module:
@@ -90,6 +105,18 @@ def precision_of(net: object) -> str:
     return "bf16" if isinstance(net, Bf16Net) else "fp32"
 
 
+def engine_line(net: object) -> str:
+    """How an engine runs, in the words of the commands' options (for the page and summaries): the
+    engine (onnx or torch), the device, the precision, and a classification model's vividness."""
+    inner = net.net if isinstance(net, Vivid) else net
+    kind = "torch" if isinstance(inner, torch.nn.Module) else "onnx"
+    words = [f"engine {kind}", f"device {device_of(inner).type}", precision_of(inner)]
+    spec = getattr(net, "spec", None)
+    if getattr(spec, "head", "regression") == "classification":
+        words.append(f"vividness {getattr(net, 'temperature', None) or spec.temperature:g}")
+    return ", ".join(words)
+
+
 class Vivid(torch.nn.Module):
     """An engine (the torch network, its bf16 wrapper, or onnxruntime) that decodes a classification
     model at a given temperature: a wrapper per call, so concurrent requests with different
@@ -99,8 +126,21 @@ class Vivid(torch.nn.Module):
         super().__init__()
         self.net, self.spec, self.temperature = net, net.spec, temperature
 
+    def forward(self, x: torch.Tensor, temperature: float | None = None, **hints: torch.Tensor) -> torch.Tensor:
+        return self.net(x, self.temperature if temperature is None else temperature, **hints)
+
+
+class Hinted(torch.nn.Module):
+    """A torch engine given one photo's hints (model.hints.Guidance.inputs, at the network's input
+    size): the outermost wrapper, so the vividness and bf16 wrappers below pass them on. onnxruntime's
+    engine has no hint inputs; the commands run hints on torch."""
+
+    def __init__(self, net: Any, hints: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.net, self.spec, self.hints = net, net.spec, hints
+
     def forward(self, x: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        return self.net(x, self.temperature if temperature is None else temperature)
+        return self.net(x, temperature, **{k: v.to(x.device) for k, v in self.hints.items()})
 
 
 def with_vividness(net: Any, vividness: float | None) -> Any:

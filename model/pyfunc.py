@@ -56,18 +56,14 @@ class ColorizerModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
-        import os
-
         from model.colorizer import load_trained
-        from model.inference import DEVICE_ENV, PRECISION_ENV, place, resolve_device
+        from model.inference import DEVICE_ENV, place, placement_from_env, resolve_device
 
         # the loader's values (placing), else $COLORIZE_DEVICE (auto: a GPU when visible) and
         # $COLORIZE_PRECISION (fp32 or bf16), set for the server by `colorize serve --device/--precision`
-        device, precision = _PLACEMENT.get() or (
-            os.environ.get(DEVICE_ENV, "auto"),
-            os.environ.get(PRECISION_ENV, "fp32"),
-        )
-        where = resolve_device(device)
+        given = _PLACEMENT.get()
+        device, precision = given or placement_from_env()
+        where = resolve_device(device, "--device" if given else f"${DEVICE_ENV}")
         net = load_trained(context.artifacts["spec"], context.artifacts["weights"])
         self.spec = net.spec
         self.net = place(net, where, precision)

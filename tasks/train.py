@@ -47,11 +47,29 @@ from tasks.train_step import use_graphs
 
 # The stage's names, and two it re-exports: Settings (flows/dag.py reads a stage module's Settings) and
 # loss_fn (tests/test_study.py reads it from here; its home is tasks.losses).
-__all__ = ["STAGE", "WHAT", "Settings", "loss_fn", "plan", "plans", "run", "task_name", "train_variant"]
+__all__ = ["STAGE", "WHAT", "Settings", "loss_fn", "plan", "plans", "preflight", "run", "task_name", "train_variant"]
 
 log = logging.getLogger(__name__)
 STAGE = "train"
 WHAT = "training"  # the flow's word for it: "training failed for max"
+
+
+_UNUSED_WHY = {
+    "rebalance": "it rebalances the classification head's loss, and this run trains the regression head",
+    "colour_weight": "it weighs the colourfulness term, and this run's loss has none (train.loss=mse+colourfulness)",
+}
+
+
+def preflight(s: Settings) -> str:
+    """The settings whose refusal depends only on this machine, checked when the run is configured (the
+    flow's preflight, before download starts) and again by :func:`plan`: ``train.accelerator=cuda``,
+    ``train.cuda_graphs=on`` or more ``train.devices`` than GPUs where none (or fewer) are visible. The
+    accelerator the run will train on."""
+    accelerator = distributed.resolve_accelerator(s.accelerator)
+    use_graphs(s.cuda_graphs, torch.device(accelerator), world_size(s), s.hints != "off")  # on: refused on a CPU
+    if accelerator == "cuda" and s.devices > torch.cuda.device_count():
+        raise ConfigError(f"train.devices={s.devices} but {torch.cuda.device_count()} CUDA device(s) are visible")
+    return accelerator
 
 
 def plan(s: Settings, seed: int, variant: str, prepared: dict[str, Any], workdir: Path) -> dict[str, Any]:
@@ -61,11 +79,8 @@ def plan(s: Settings, seed: int, variant: str, prepared: dict[str, Any], workdir
         "seed": seed,
         "variant": variant,
         "imagenet_weights": [f.path.name for f in found if f.available] if s.pretrained else [],
-        "accelerator": distributed.resolve_accelerator(s.accelerator),
+        "accelerator": preflight(s),
     }
-    use_graphs(s.cuda_graphs, torch.device(facts["accelerator"]), world_size(s))  # cuda_graphs=on on a CPU: refused
-    if facts["accelerator"] == "cuda" and s.devices > torch.cuda.device_count():
-        raise ConfigError(f"train.devices={s.devices} but {torch.cuda.device_count()} CUDA device(s) are visible")
     return make_plan(workdir, STAGE, {"prepared": prepared}, s.for_stage(), code_version(__name__), facts)
 
 
@@ -77,6 +92,9 @@ def task_name(variant: str, seed: int, named: bool) -> str:
 def plans(s: Settings, seed: int, inputs: Mapping[str, Any], workdir: Path) -> dict[str, dict[str, Any]]:
     """The flow's view (flows/dag.py): one plan per variant and training seed (the run's seed unless
     ``train.seeds`` says otherwise; the data split keeps the run's seed)."""
+    for name in s.unused():
+        if getattr(s, name) != Settings.model_fields[name].default:
+            log.warning("train.%s=%g is ignored: %s", name, getattr(s, name), _UNUSED_WHY[name])
     seeds = s.seeds or [seed]
     named = len(seeds) > 1 or seeds != [seed]
     return {task_name(v, x, named): plan(s, x, v, inputs["prepare"], workdir) for v in s.variants for x in seeds}

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from model import hints as hinting
 from model.colorizer import Colorizer
 from model.samples import decode_sample
 from storage.atomic import atomic_path
@@ -119,20 +120,23 @@ def train_one_epoch(
     last_step: int,
     after_step: Callable[[], None],
     world: World | None = None,
+    hint_gen: torch.Generator | None = None,
 ) -> None:
     """Steps until the loader is exhausted (end of epoch) or ``last_step``; ``after_step()`` runs after
     each (reading the losses at the loop's boundaries, logging, validation at epoch end, checkpoints).
     Under DDP each rank holds batch / world samples of the global batch (see storage.shards.iter_samples):
     flips are drawn for the whole global batch from the same generator on every rank, each rank takes
     its samples' draws, and the loss recorded is the mean over ranks, so a run's record and its flips do
-    not depend on the process count."""
+    not depend on the process count. A hinted model (``train.hints``) gets a simulated user's hints for
+    each sample from ``hint_gen``, this rank's own generator (saved in the checkpoint per rank)."""
     world = world or World()
     for l_norm, ab in loader:
         flip = None
         if s.hflip:
             flip = (torch.rand(len(ab) * world.size, generator=flips) < 0.5)[world.rank :: world.size]
+        given = None if hint_gen is None else hinting.simulate(ab.float(), s.hints, hint_gen)
         progress.step += 1
-        progress.losses.add(progress.step, step(l_norm, ab, flip))
+        progress.losses.add(progress.step, step(l_norm, ab, flip, given))
         after_step()
         if progress.step >= last_step:
             return
@@ -193,7 +197,15 @@ def run_epochs(
             num_workers=workers,
         )
         train_one_epoch(
-            step_fn, loader, s, t.flips, progress, min(t.total, (epoch + 1) * t.per_epoch), after_step, world
+            step_fn,
+            loader,
+            s,
+            t.flips,
+            progress,
+            min(t.total, (epoch + 1) * t.per_epoch),
+            after_step,
+            world,
+            t.hint_gen,
         )
     return images / (time.perf_counter() - t_start) if images else None
 

@@ -128,6 +128,7 @@ def finish(t: Setup, progress: Progress, record: TrainRecord, images_per_second:
         "pretrained": {"used": t.weights.used, "detail": t.weights.detail},
         "images_per_second": round(images_per_second, 2) if images_per_second else None,
         "seed": t.plan["facts"]["seed"],
+        "batch_size": t.bs,  # the global batch trained on (train.batch_size, unless the split is smaller)
         "world_size": t.world.size,
         "accelerator": t.plan["facts"]["accelerator"],
     }

@@ -22,6 +22,26 @@ def peak_lr(s: Settings, batch: int) -> float:
     return s.lr * {"none": 1.0, "sqrt": math.sqrt(ratio), "linear": ratio}[s.lr_scaling]
 
 
+def plan_warnings(s: Settings, n_train: int, batch: int, total: int) -> list[str]:
+    """What a run is about to do that its settings did not say (logged as warnings, and the batch used is
+    recorded in the manifest): a ``train.batch_size`` above the train split, trained at the split's size
+    instead; a ``train.warmup_steps`` at or past the run's last step, so the rate never reaches its peak."""
+    notes = []
+    if batch < s.batch_size:
+        notes.append(
+            f"train.batch_size={s.batch_size} is more than the train split can fill ({n_train} images): "
+            f"training on batches of {batch} (the manifest's batch_size)"
+        )
+    if s.warmup_steps >= total > 0:
+        peak = peak_lr(s, batch)
+        last = lr_at(s, total - 1, total, peak)
+        notes.append(
+            f"train.warmup_steps={s.warmup_steps} is not shorter than the run ({total} steps): the rate never "
+            f"reaches its peak {peak:.3g} and ends at {last:.3g}; lower train.warmup_steps"
+        )
+    return notes
+
+
 def lr_at(s: Settings, step: int, total: int, peak: float | None = None) -> float:
     """The learning rate for the step after ``step``: a pure function of the step, so a resumed run needs
     nothing saved beyond the optimizer. A linear warm-up to ``peak`` over ``warmup_steps`` (a large batch's

@@ -24,10 +24,11 @@ from storage.stage import SCRATCH
 from tasks import checkpoint
 from tasks.distributed import World
 from tasks.settings.train import Settings
-from tasks.train_schedule import lr_at, peak_lr
+from tasks.train_schedule import lr_at, peak_lr, plan_warnings
 from tasks.train_step import LossLog, make_optimizer, use_graphs
 
 log = logging.getLogger(__name__)
+HINT_SEED = 0x48494E54  # "HINT": the simulated user's stream, apart from the run's seed-derived others
 BEST = "best.pt"  # under scratch: the weights of the best validation so far (train.keep=best)
 
 
@@ -53,6 +54,7 @@ class Setup:
     val_shards: list[Path]
     flips: torch.Generator
     loader_gen: torch.Generator
+    hint_gen: torch.Generator | None = None  # this rank's simulated user (train.hints), None without hints
 
     @property
     def variant(self) -> str:
@@ -95,6 +97,7 @@ def build_setup(out: Path, plan: dict[str, Any], s: Settings, world: World, step
         image_size=prepared["image_size"],
         head=s.head,
         classes=0 if bins is None else len(bins),
+        hints=s.hints,
     )
     # Ranks never download: the launching process fetched what was fetchable (see tasks.train_ddp).
     net, weights = build(spec, s.pretrained, allow_download=world.size == 1)
@@ -104,7 +107,7 @@ def build_setup(out: Path, plan: dict[str, Any], s: Settings, world: World, step
     net.freeze(s.freeze)
     net = net.to(world.device, memory_format=torch.channels_last if s.channels_last else torch.contiguous_format)
     net.train()
-    graphs = use_graphs(s.cuda_graphs, world.device, world.size)
+    graphs = use_graphs(s.cuda_graphs, world.device, world.size, hinted=s.hints != "off")
     n_train = prepared["counts"]["train"]
     bs = min(s.batch_size, n_train) // world.size * world.size
     if bs < 2 * world.size:
@@ -115,6 +118,9 @@ def build_setup(out: Path, plan: dict[str, Any], s: Settings, world: World, step
     per_epoch = n_train // bs
     total = s.epochs * per_epoch if s.max_steps is None else min(s.epochs * per_epoch, s.max_steps)
     peak = peak_lr(s, bs)
+    if world.main:
+        for note in plan_warnings(s, n_train, bs, total):
+            log.warning(note)
     # Adam made at the schedule's rate for the first step the loop takes: step 0's, or on resume the
     # checkpoint's step (whose saved optimizer, loaded over this one by resume(), holds that same rate:
     # the loop sets the next step's rate before each checkpoint). Adam reads its rate only when it
@@ -131,10 +137,13 @@ def build_setup(out: Path, plan: dict[str, Any], s: Settings, world: World, step
     )
     # Own generators: flips are drawn from `flips` (saved in the checkpoint); the DataLoader gets its own
     # generator because every new iterator draws a seed, and a resumed run creates one more iterator.
+    # The simulated user's own generator per rank (its samples' truths are the rank's), seeded apart
+    # from the run's other streams so that turning hints on changes no flip and no data order.
     flips, loader_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    hint_gen = None if s.hints == "off" else torch.Generator().manual_seed(HINT_SEED + seed * 65_537 + world.rank)
     return Setup(
         s, plan, out, world, spec, net, weights, opt, graphs, bs, per_epoch, total, peak, dataset,
-        shard_paths(prepared, "val"), flips, loader_gen,
+        shard_paths(prepared, "val"), flips, loader_gen, hint_gen,
     )  # fmt: skip
 
 
@@ -146,6 +155,8 @@ def resume(t: Setup, state: dict[str, Any] | None) -> Progress:
     t.opt.load_state_dict(state["optimizer"])
     checkpoint.set_rng_state(state["torch_rng"][t.world.rank], t.world.device)
     t.flips.set_state(state["flip_rng"])
+    if t.hint_gen is not None:
+        t.hint_gen.set_state(state["hint_rng"][t.world.rank])
     if t.world.main:
         log.info("%s: resuming from step %d of %d", t.variant, state["step"], t.total)
     return Progress(state["step"], state["history"], state.get("mlflow_run_id"))
@@ -154,6 +165,7 @@ def resume(t: Setup, state: dict[str, Any] | None) -> Progress:
 def save_checkpoint(t: Setup, progress: Progress) -> None:
     """Every rank's RNG state gathered (a collective: all take part), then rank 0 writes the checkpoint."""
     rng = t.world.gather(checkpoint.rng_state(t.world.device))
+    hint_rng = None if t.hint_gen is None else t.world.gather(t.hint_gen.get_state())
     if t.world.main:
         checkpoint.write(
             t.scratch / checkpoint.CHECKPOINT,
@@ -161,5 +173,6 @@ def save_checkpoint(t: Setup, progress: Progress) -> None:
                 **{"model": t.net.state_dict(), "optimizer": t.opt.state_dict(), "step": progress.step},
                 **{"epoch": progress.step // t.per_epoch, "world": t.world.size, "torch_rng": rng},
                 **{"flip_rng": t.flips.get_state(), "history": progress.history, "mlflow_run_id": progress.run_id},
+                **({} if hint_rng is None else {"hint_rng": hint_rng}),
             },
         )

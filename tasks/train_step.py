@@ -43,10 +43,17 @@ class DivergedError(ConfigError):
     """The loss became NaN or infinite: the settings (learning rate, loss) cannot train this model."""
 
 
-def use_graphs(setting: GraphSetting, device: torch.device, world_size: int) -> bool:
+def use_graphs(setting: GraphSetting, device: torch.device, world_size: int, hinted: bool = False) -> bool:
     """Graph or eager: ``auto`` captures on CUDA with one process; ``on`` insists (a mistake on a CPU or
-    under DDP, said in one line); ``off`` never captures."""
+    under DDP, said in one line); ``off`` never captures. A hinted model's step takes simulated hint
+    maps whose patches differ per batch, which a captured graph's static inputs do not hold: eager."""
     if setting == "off":
+        return False
+    if hinted:
+        if setting == "on":
+            raise ConfigError(
+                "train.cuda_graphs=on captures a step without hint inputs; with train.hints use auto or off"
+            )
         return False
     possible = device.type == "cuda" and world_size == 1
     if setting == "on" and not possible:
@@ -98,13 +105,22 @@ class EagerStep:
         self.device = self.params[0].device
         self.cache_casts = True  # autocast's weight-cast cache; a captured graph must not use it
 
-    def body(self, l_norm: torch.Tensor, ab: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
-        """Forward, loss, backward, clip, update on device tensors; returns the loss (not read)."""
+    def body(
+        self,
+        l_norm: torch.Tensor,
+        ab: torch.Tensor,
+        flip: torch.Tensor | None,
+        hints: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Forward, loss, backward, clip, update on device tensors; returns the loss (not read). ``hints``:
+        a hinted model's simulated inputs (model.hints.simulate), drawn from the unflipped truth and
+        flipped with it (the global hint, a histogram, is the same either way)."""
         l_norm, ab = _flipped(l_norm.float(), flip), _flipped(ab.float(), flip)
+        given = {k: v if k == "global_hint" else _flipped(v, flip) for k, v in (hints or {}).items()}
         if self.cfg.channels_last:
             l_norm = l_norm.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.bf16, cache_enabled=self.cache_casts):
-            pred = self.model(l_norm, raw=True)  # ab, or the classification head's logits
+            pred = self.model(l_norm, raw=True, **given)  # ab, or the classification head's logits
         loss = self.criterion(pred.float(), ab, l_norm)
         loss.backward()
         if self.cfg.grad_clip:
@@ -116,9 +132,16 @@ class EagerStep:
         """Batch tensors onto the step's device (non-blocking: pinned memory on CUDA)."""
         return [None if x is None else x.to(self.device, non_blocking=True) for x in xs]
 
-    def __call__(self, l_norm: torch.Tensor, ab: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self,
+        l_norm: torch.Tensor,
+        ab: torch.Tensor,
+        flip: torch.Tensor | None,
+        hints: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
-        return self.body(*self.to_device(l_norm, ab, flip))
+        on_device = dict(zip(hints or {}, self.to_device(*(hints or {}).values()), strict=True))
+        return self.body(*self.to_device(l_norm, ab, flip), on_device or None)
 
 
 class GraphedStep(EagerStep):
@@ -140,7 +163,14 @@ class GraphedStep(EagerStep):
         self.loss: torch.Tensor | None = None
         self.side = torch.cuda.Stream(self.device)
 
-    def __call__(self, l_norm: torch.Tensor, ab: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    def __call__(
+        self,
+        l_norm: torch.Tensor,
+        ab: torch.Tensor,
+        flip: torch.Tensor | None,
+        hints: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        assert hints is None, "a hinted model's step is eager (use_graphs)"
         self.calls += 1
         if self.calls <= WARMUP_STEPS:
             self.side.wait_stream(torch.cuda.current_stream(self.device))

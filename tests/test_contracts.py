@@ -3,6 +3,7 @@ layers that keep formats and settings where they belong."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import shutil
 import subprocess
@@ -159,21 +160,39 @@ def test_every_setting_changes_its_own_stages_key_and_no_other(tmp_path: Path, m
     uses_seed = {stage for stage, p in _plans(base_cfg, tmp_path / "w").items() if "seed" in p["facts"]}
     assert {"download", "prepare", "train-concat"} <= uses_seed
 
+    # Fields that can change a result only beside another setting (tasks.settings.train.Settings.unused):
+    # without it they stay out of every key; with it they move their own stage's.
+    enabled_by = {"train.rebalance": {"head": "classification"}, "train.colour_weight": {"loss": "mse+colourfulness"}}
+    enabled = {}
+    for name, setting in enabled_by.items():
+        data = base_cfg.model_dump()
+        data["train"].update(setting)
+        enabled[name] = (
+            data,
+            {s: p["key"] for s, p in _plans(PipelineConfig.model_validate(data), tmp_path / "w").items()},
+        )
+
+    def keys_with(name: str, value: Any, start: dict[str, Any]) -> dict[str, str]:
+        data = copy.deepcopy(start)
+        node = data
+        for part in name.split(".")[:-1]:
+            node = node[part]
+        node[name.split(".")[-1]] = value
+        return {s: p["key"] for s, p in _plans(PipelineConfig.model_validate(data), tmp_path / "w").items()}
+
     checked = []
     for name, annotation, default, flow_only in _fields(PipelineConfig):
         section = name.split(".")[0] if "." in name else None
         changed_any = False
+        start, before = enabled.get(name, (base_cfg.model_dump(), base))
         for value in _candidates(annotation, default, resources):
-            data = base_cfg.model_dump()
-            node = data
-            for part in name.split(".")[:-1]:
-                node = node[part]
-            node[name.split(".")[-1]] = value
             try:
-                keys = {s: p["key"] for s, p in _plans(PipelineConfig.model_validate(data), tmp_path / "w").items()}
+                keys = keys_with(name, value, start)
+                if name in enabled_by:
+                    assert keys_with(name, value, base_cfg.model_dump()) == base, f"{name} moved a key unused"
             except (ValidationError, UserFacingError):
                 continue  # not a valid value for this field
-            moved = {s for s in keys if keys[s] != base[s]}
+            moved = {s for s in keys if keys[s] != before[s]}
             if flow_only:
                 assert not moved, f"{name} (the flow's) changed the keys of {moved}"
                 changed_any = True

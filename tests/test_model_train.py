@@ -137,10 +137,18 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("head", ["regression", "classification"])
-def test_resumed_training_ends_with_the_same_weights(prepared: dict, tmp_path: Path, monkeypatch, head: str) -> None:
+@pytest.mark.parametrize(
+    ("head", "hints"), [("regression", "off"), ("classification", "off"), ("regression", "local+global")]
+)
+def test_resumed_training_ends_with_the_same_weights(
+    prepared: dict, tmp_path: Path, monkeypatch, head: str, hints: str
+) -> None:
+    """Killed after step 3 (checkpoint at 2), resumed: bitwise the weights of an uninterrupted run, the
+    simulated user's hints included (their generator is in the checkpoint: drawn afresh, steps 3-5
+    would see other hints and end elsewhere)."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     sets = ["train.max_steps=5", "train.checkpoint_every=2", "train.variants=max", f"train.head={head}"]
+    sets.append(f"train.hints={hints}")
     cfg = build_config("tiny", sets)
     straight = train.run(train.plan(cfg.train, cfg.seed, "max", prepared, tmp_path / "a")).manifest
 
@@ -160,6 +168,10 @@ def test_resumed_training_ends_with_the_same_weights(prepared: dict, tmp_path: P
     assert straight["steps"] == resumed["steps"] == 5
     assert resumed["mlflow_run_id"]  # one MLflow run, continued after the crash
     assert resumed["spec"]["head"] == head
+    if hints != "off":  # the hint layers, zero at the start, learned from the simulated points and palettes
+        assert resumed["spec"]["hints"] == hints
+        assert any(k.startswith("hint_local") and b[k].abs().sum() > 0 for k in b)
+        assert any(k.startswith("hint_global") and b[k].abs().sum() > 0 for k in b)
 
 
 def test_truncated_checkpoint_is_detected_and_training_restarts(prepared: dict, tmp_path: Path, monkeypatch, caplog):

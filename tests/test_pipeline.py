@@ -444,6 +444,11 @@ def test_the_classification_head_trains_registers_and_colorizes_at_any_vividness
         outs[name] = np.asarray(Image.open(out)).astype(int)
     assert np.array_equal(outs["default"], outs["0.3"])  # the version decodes at the evaluated temperature
     assert np.abs(outs["0.05"] - outs["1"]).max() > 2  # the vividness changes the colours
+
+    def chroma(img: np.ndarray) -> float:  # how far from grey, on average (max - min channel)
+        return float((img.max(-1) - img.min(-1)).mean())
+
+    assert chroma(outs["1"]) > chroma(outs["0.05"])  # as the help says: higher vividness, more colour
     assert np.abs(outs["0.05"] - outs["0.05 torch"]).max() <= 1  # onnx (auto on a CPU) and torch agree
 
     import mlflow
@@ -543,20 +548,27 @@ def test_a_failed_onnx_export_still_registers_the_champion_on_torch(
 
 
 def test_rest_api_serves_the_champion_and_refuses_malformed_requests(rerun: dict, workdir: Path) -> None:
-    import urllib.error
+    import http.client
     import urllib.request
 
     proc, base = _serve(["serve", "--workdir", str(workdir)], "/ping")
     try:
         image = data.chelsea()[:40:2, :48:2]  # 20 x 24, real colours (only L is used)
 
-        def post(body: bytes) -> tuple[int, bytes]:
-            req = urllib.request.Request(base + "/invocations", body, {"Content-Type": "application/json"})
+        def post(body: bytes, content_type: str | None = "application/json") -> tuple[int, bytes]:
+            """POST with this Content-Type, or none at all (urllib would add a form type of its own)."""
+            host, port = base.removeprefix("http://").rsplit(":", 1)
+            conn = http.client.HTTPConnection(host, int(port), timeout=120)
             try:
-                with urllib.request.urlopen(req, timeout=120) as resp:
-                    return resp.status, resp.read()
-            except urllib.error.HTTPError as exc:
-                return exc.code, exc.read()
+                conn.putrequest("POST", "/invocations")
+                if content_type is not None:
+                    conn.putheader("Content-Type", content_type)
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders(body)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            finally:
+                conn.close()
 
         status, body = post(json.dumps({"inputs": image[None].tolist()}).encode())
         assert status == 200, body[:500]
@@ -566,6 +578,12 @@ def test_rest_api_serves_the_champion_and_refuses_malformed_requests(rerun: dict
         for bad in (b"not json", json.dumps({"inputs": "hello"}).encode(), json.dumps({"rows": [1]}).encode()):
             status, body = post(bad)
             assert 400 <= status < 500 and body, (bad, status)
+        # no Content-Type at all: a 4xx with one line (MLflow alone answers a 500 and logs a traceback)
+        status, body = post(json.dumps({"inputs": image[None].tolist()}).encode(), content_type=None)
+        assert status == 415 and "Content-Type" in json.loads(body)["message"], (status, body[:300])
+        # a parameter the model does not take (vividness to this regression-head model): refused, not ignored
+        status, body = post(json.dumps({"inputs": image[None].tolist(), "params": {"vividness": 0.2}}).encode())
+        assert status == 400 and "classification-head" in json.loads(body)["message"], (status, body[:300])
         with urllib.request.urlopen(base + "/ping", timeout=10) as resp:  # still serving after bad requests
             assert resp.status == 200
     finally:

@@ -6,12 +6,12 @@ read by tasks.distributed.launch). They live here rather than beside that code b
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from model import fusion
-from model.choices import HEADS
+from model.choices import HEADS, HINT_MODES
 from storage.settings import Section, flow_setting
 
 GraphSetting = Literal["auto", "on", "off"]  # train.cuda_graphs: capture the step as a CUDA graph or not
@@ -44,6 +44,11 @@ class Settings(Section):
         "regression",
         description="regression: ab directly (train.loss); classification: a distribution over quantized ab "
         "(rebalanced cross-entropy), decoded at evaluate.temperature",
+    )
+    hints: Literal[HINT_MODES] = Field(  # type: ignore[valid-type]
+        "off",
+        description="what the model learns to take besides L: off; local (clicked colour points, simulated "
+        "in training as Zhang et al. 2017 do); local+global (also a reference photo's palette)",
     )
     rebalance: float = Field(
         0.5, ge=0, le=1, description="classification head: the ab prior's mix with the uniform (1: no rebalancing)"
@@ -130,6 +135,23 @@ class Settings(Section):
                 f"batch_size {self.batch_size} over {world} processes leaves under 2 per process (BatchNorm)"
             )
         return self
+
+    def unused(self) -> list[str]:
+        """The fields that cannot change this run's result: the classification head's ``rebalance`` for a
+        regression head, the colourfulness term's ``colour_weight`` for a loss without that term."""
+        names = [] if self.head == "classification" else ["rebalance"]
+        if self.head != "regression" or self.loss != "mse+colourfulness":
+            names.append("colour_weight")
+        return names
+
+    def for_stage(self) -> dict[str, Any]:
+        """What the stage receives and its key covers, less :meth:`unused` (a regression run with
+        ``rebalance`` set would otherwise retrain to bitwise the same weights under a new key, and
+        evaluate and register would follow)."""
+        given = super().for_stage()
+        for name in self.unused():
+            given.pop(name)
+        return given
 
 
 def world_size(s: Settings) -> int:
