@@ -136,7 +136,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # What makes a test slow (end to end): a Prefect or MLflow server, a pipeline run, worker processes.
-SLOW_FIXTURES = {"prefect_harness", "tiny_prepared", "mlflow_server", "s3_server", "http_server"}
+SLOW_FIXTURES = {"prefect_harness", "tiny_prepared", "prepared", "mlflow_server", "s3_server", "http_server"}
 SLOW_MODULES = {"test_cluster", "test_deploy", "test_ddp", "test_faults", "test_servers", "test_serve", "test_video"}
 
 

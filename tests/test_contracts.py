@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import shutil
 import subprocess
 import sys
@@ -257,6 +258,32 @@ def test_import_contracts_hold() -> None:
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "3 kept, 0 broken" in out.stdout
+
+
+def test_the_acyclic_contract_fails_on_a_cycle_through_a_function_level_import(tmp_path: Path) -> None:
+    """`make lint` fails on a circle: the project's own contract type, run by lint-imports on a package
+    whose two modules import each other (one of them inside a function, as tasks/ did), names both."""
+    pkg = tmp_path / "circle"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from circle import b\n\nVALUE = 1\n")
+    (pkg / "b.py").write_text("def late():\n    from circle import a\n\n    return a.VALUE\n")
+    (tmp_path / "lint.toml").write_text(
+        '[tool.importlinter]\nroot_packages = ["circle"]\n'
+        'contract_types = ["acyclic: tools.import_contracts.AcyclicContract"]\n\n'
+        '[[tool.importlinter.contracts]]\nname = "no cycle"\ntype = "acyclic"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "lint-imports"), "--config", str(tmp_path / "lint.toml"), "--no-cache"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode != 0, out.stdout
+    assert "0 kept, 1 broken" in out.stdout and "circle.a" in out.stdout and "circle.b" in out.stdout, out.stdout
 
 
 def test_the_independence_contract_lists_exactly_the_stages_of_the_dag() -> None:

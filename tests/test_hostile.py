@@ -36,6 +36,7 @@ def test_non_finite_settings_are_refused(setting: str, tmp_path: Path, capsys) -
     assert setting.split("=")[0] in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow  # a training run
 def test_a_diverging_loss_fails_training_and_caches_nothing(tmp_path: Path, monkeypatch) -> None:
     from tasks import download, prepare, train
     from tasks.train_step import DivergedError
@@ -446,6 +447,7 @@ def _start_run(workdir: Path) -> subprocess.Popen:
     return proc
 
 
+@pytest.mark.slow  # a whole `colorize run` process per signal
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=["TERM", "HUP", "INT"])
 def test_a_stopping_signal_stops_the_temporary_prefect_server(tmp_path: Path, sig: signal.Signals) -> None:
     """A supervisor's SIGTERM, a closed terminal's SIGHUP, Ctrl-C: `colorize run` ends and its server too."""
@@ -459,6 +461,7 @@ def test_a_stopping_signal_stops_the_temporary_prefect_server(tmp_path: Path, si
     assert _servers_of(tmp_path) == []
 
 
+@pytest.mark.slow  # a whole `colorize run` process
 def test_an_orphaned_server_of_this_work_dir_is_stopped_by_the_next_run(tmp_path: Path) -> None:
     from flows.env import stop_orphaned_servers
 

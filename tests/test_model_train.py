@@ -105,6 +105,7 @@ def test_missing_pretrained_weights_train_from_scratch_with_a_warning(tmp_path: 
     assert "sha256 prefix" in pretrained.locate("resnet50", allow_download=False).reason
 
 
+@pytest.mark.slow  # 60 training steps
 def test_tiny_preset_overfits_a_fixed_batch() -> None:
     """The wiring learns: 40 Adam steps on 4 images cut the ab loss tenfold. The images are smooth, as
     natural images' ab is: the decoder's finest skip is at 1/4 scale, so per-pixel noise is not learnable
@@ -297,6 +298,7 @@ def test_the_classification_head_predicts_logits_at_half_size_and_decodes_to_ab(
         ColorizerSpec(head="softmax")
 
 
+@pytest.mark.slow  # an ONNX export and its parity check
 def test_the_classification_heads_onnx_export_takes_the_temperature_as_an_input(tmp_path: Path) -> None:
     from model.onnx_engine import TEMPERATURE, OnnxColorizer, export
 
