@@ -154,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     vid.add_argument("--batch", type=positive, default=8, help="frames per network call")
     vid.add_argument("--chunk", type=positive, default=240, help="frames per resumable chunk")
     _add(vid, shared, "--size", "--device", "--precision", "--vividness", "--workdir")
+    vid.add_argument(
+        "--reference",
+        metavar="PHOTO",
+        help="follow this colour photo's palette in every frame (a model trained with train.hints=local+global)",
+    )
 
     a = sub.add_parser("app", help="a web page to colorize photos in a browser (Gradio), on 127.0.0.1")
     _add(a, shared, "--model", "--engine", "--device", "--precision", "--vividness", "--host")
@@ -311,17 +316,32 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from flows.colorize_images import read_guidance
     from flows.colorize_video import VideoColorizer, check_output, load_model, probe
     from flows.env import configure
-    from model.loading import Running
+    from model.inference import Hinted
+    from model.loading import Running, UsageError
+    from storage.fetch import file_digest
 
     src, dest = Path(args.input).expanduser(), Path(args.out).expanduser()
     workdir = _workdir_path(args.workdir)
     configure(workdir)
     info = probe(src)  # a bad input or output is refused (VideoError, exit 2) before the model loads
     check_output(src, dest, info)
-    net, size, identity = load_model(args.model, workdir, Running.from_args(args))
-    colorizer = VideoColorizer(net, args.size or size, args.temporal == "on", args.batch, args.chunk)
+    guidance = read_guidance(args)  # a grey or unreadable reference: exit 2 before the model loads
+    how = Running.from_args(args)
+    if guidance:
+        if how.engine == "onnx":
+            raise UsageError("--engine onnx has no hint inputs; use --engine torch (or auto) with --reference")
+        how = dataclasses.replace(how, engine="torch")
+    net, size, identity = load_model(args.model, workdir, how)
+    size = args.size or size
+    if guidance:  # the same palette for every frame; it changes the colours, so it keys the chunks
+        net = Hinted(net, guidance.inputs(getattr(net.spec, "hints", "off"), size, size, size))
+        identity = {**identity, "reference": file_digest(Path(args.reference).expanduser(), "sha256")}
+    colorizer = VideoColorizer(net, size, args.temporal == "on", args.batch, args.chunk)
     stats = colorizer.run(src, dest, identity, info)
     replaced = " (replaced the existing file)" if stats["replaced"] else ""
     w, h = stats["size"]

@@ -431,3 +431,42 @@ def test_the_vividness_reaches_every_frame_and_keys_the_resumable_chunks(
     assert main([*regression, "--vividness", "0.2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "regression head" in err and "\n" not in err and not (tmp_path / "r.mp4").exists()
+
+
+def test_a_reference_palette_reaches_every_frame_and_keys_the_resumable_chunks(
+    tmp_path: Path, model_dir: Path, caplog, monkeypatch, capsys
+) -> None:
+    """`colorize video --reference`: the same palette for every frame of a hinted model (local+global);
+    a run killed with one reference and rerun with another reuses nothing (it equals a straight run); a
+    model trained without hints, or a grey reference, is one line and exit 2 with nothing written."""
+    import torch
+    from PIL import Image
+
+    clip = make_clip(tmp_path / "pan.mp4", n=8, audio=False)
+    torch.manual_seed(0)
+    net = Colorizer(ColorizerSpec(decoder_width=8, image_size=32, hints="local+global")).eval()
+    with torch.no_grad():
+        for p in net.hint_global.parameters():  # an untrained model's hint layers start at zero
+            p.normal_(0, 500.0)  # large: an untrained decoder passes the bottleneck on only faintly
+    save_trained(net, tmp_path / "model")
+    green, red = tmp_path / "green.png", tmp_path / "red.png"
+    Image.fromarray(np.full((32, 32, 3), (30, 160, 40), dtype=np.uint8)).save(green)
+    Image.fromarray(np.full((32, 32, 3), (200, 30, 30), dtype=np.uint8)).save(red)
+    args = ["video", str(clip), "--model", str(tmp_path / "model"), "--chunk", "4", "--batch", "4"]
+    _killed_in_second_chunk(monkeypatch, [*args, "--reference", str(green), "--out", str(tmp_path / "out.mp4")])
+    caplog.clear()
+    assert main([*args, "--reference", str(red), "--out", str(tmp_path / "out.mp4")]) == 0
+    assert any("model is not the one" in m for m in _warnings(caplog)), _warnings(caplog)
+    assert main([*args, "--reference", str(red), "--out", str(tmp_path / "red.mp4")]) == 0
+    assert main([*args, "--reference", str(green), "--out", str(tmp_path / "green.mp4")]) == 0
+    assert fingerprint(tmp_path / "out.mp4") == fingerprint(tmp_path / "red.mp4")
+    assert fingerprint(tmp_path / "green.mp4") != fingerprint(tmp_path / "red.mp4")
+
+    capsys.readouterr()
+    grey = tmp_path / "grey.png"
+    Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(grey)
+    for model, reference, said in ((model_dir, green, "trained without hints"), (tmp_path / "model", grey, "grey")):
+        out = tmp_path / "refused.mp4"
+        assert main(["video", str(clip), "--model", str(model), "--reference", str(reference), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert said in err and "\n" not in err and not out.exists(), err
