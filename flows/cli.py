@@ -316,13 +316,11 @@ def cmd_image(args: argparse.Namespace) -> int:
 
 
 def cmd_video(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from flows.colorize_images import read_guidance
     from flows.colorize_video import VideoColorizer, check_output, load_model, probe
     from flows.env import configure
     from model.inference import Hinted
-    from model.loading import Running, UsageError
+    from model.loading import Running
     from storage.fetch import file_digest
 
     src, dest = Path(args.input).expanduser(), Path(args.out).expanduser()
@@ -331,12 +329,7 @@ def cmd_video(args: argparse.Namespace) -> int:
     info = probe(src)  # a bad input or output is refused (VideoError, exit 2) before the model loads
     check_output(src, dest, info)
     guidance = read_guidance(args)  # a grey or unreadable reference: exit 2 before the model loads
-    how = Running.from_args(args)
-    if guidance:
-        if how.engine == "onnx":
-            raise UsageError("--engine onnx has no hint inputs; use --engine torch (or auto) with --reference")
-        how = dataclasses.replace(how, engine="torch")
-    net, size, identity = load_model(args.model, workdir, how)
+    net, size, identity = load_model(args.model, workdir, Running.from_args(args), hinted=bool(guidance))
     size = args.size or size
     if guidance:  # the same palette for every frame; it changes the colours, so it keys the chunks
         net = Hinted(net, guidance.inputs(getattr(net.spec, "hints", "off"), size, size, size))

@@ -8,7 +8,6 @@ temp name and renamed, as PNG or JPEG by extension; transparency is kept where t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -76,9 +75,10 @@ class PhotoColorizer:
         spec: str | None,
         workdir: Path,
         how: Running = Running(),  # noqa: B008 - frozen
+        hinted: bool = False,
         **kw: Any,
     ) -> PhotoColorizer:
-        net, size = load_engine(spec, workdir, how)
+        net, size = load_engine(spec, workdir, how, hinted)
         return cls(net, size, **kw)
 
     def colorize_file(
@@ -189,14 +189,9 @@ def colorize_files(args: argparse.Namespace, workdir: Path) -> int:
     if not files:
         return 1 if errors else 2
     guidance = read_guidance(args)  # a bad point, file or reference: exit 2 before the model loads
-    how = Running.from_args(args)
-    if guidance:
-        if how.engine == "onnx":
-            raise UsageError("--engine onnx has no hint inputs; use --engine torch (or auto) with hints")
-        how = dataclasses.replace(how, engine="torch")
     colorizer = PhotoColorizer.load(
-        args.model, workdir, how, max_pixels=args.max_pixels
-    )  # a NoModel or a vividness for a regression model: exit 2
+        args.model, workdir, Running.from_args(args), max_pixels=args.max_pixels, hinted=bool(guidance)
+    )  # a NoModel, a vividness for a regression model, an engine without hint inputs: exit 2
     colorizer.size = args.size or colorizer.size
     colorizer.upscale_max = args.upscale_max
     failed = len(errors)

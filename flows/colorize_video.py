@@ -259,31 +259,37 @@ def _files_digest(root: Path, names: list[str] | None = None) -> str:
     return h.hexdigest()
 
 
-def load_model(spec: str | None, workdir: Path, how: Running = Running()) -> tuple[Any, int, dict[str, Any]]:  # noqa: B008
-    """(network, its input size, what it resolved to) for ``--model``, run ``how``. The identity keys
-    resumable chunks: a registry model is pinned to the version its alias names now, loaded as that
-    version and identified by it and the digest of its artifact files; a stage folder by the digest of
-    its files; a ``--vividness`` other than the model's own is part of it (other colours)."""
-    net, size, identity = _load_model(spec, workdir, how)
+def load_model(
+    spec: str | None,
+    workdir: Path,
+    how: Running = Running(),  # noqa: B008 - frozen
+    hinted: bool = False,
+) -> tuple[Any, int, dict[str, Any]]:
+    """(network, its input size, what it resolved to) for ``--model``, run ``how`` (``hinted``: on an
+    engine that takes hints, model.loading.load_engine). The identity keys resumable chunks: a registry
+    model is pinned to the version its alias names now, loaded as that version and identified by it and
+    the digest of its artifact files; a stage folder by the digest of its files; a ``--vividness`` other
+    than the model's own is part of it (other colours)."""
+    net, size, identity = _load_model(spec, workdir, how, hinted)
     return net, size, identity if how.vividness is None else {**identity, "vividness": how.vividness}
 
 
-def _load_model(spec: str | None, workdir: Path, how: Running) -> tuple[Any, int, dict[str, Any]]:
+def _load_model(spec: str | None, workdir: Path, how: Running, hinted: bool) -> tuple[Any, int, dict[str, Any]]:
     from model.choices import DEFAULT_MODEL
     from model.colorizer import MODEL_FILE, SPEC_FILE
 
     target = spec or DEFAULT_MODEL
     local = Path(target).expanduser()
     if local.is_dir() or local.suffix == ".pt":
-        net, size = load_engine(spec, workdir, how)
+        net, size = load_engine(spec, workdir, how, hinted)
         folder = (local if local.is_dir() else local.parent).resolve()
         return net, size, {"folder": str(folder), "digest": _files_digest(folder, [MODEL_FILE, SPEC_FILE])}
     pinned = registry_version(target, workdir)
     if pinned is None:
-        net, size = load_engine(spec, workdir, how)  # its own message when there is no such model
+        net, size = load_engine(spec, workdir, how, hinted)  # its own message when there is no such model
         return net, size, {"model": target}
     name, version = pinned
-    net, size = load_engine(f"models:/{name}/{version}", workdir, how)
+    net, size = load_engine(f"models:/{name}/{version}", workdir, how, hinted)
     import mlflow
 
     try:

@@ -1,5 +1,5 @@
 """What a flow run's page in Prefect shows beside the states: the stages' progress, the evaluation table
-and the champion, as Prefect artifacts (the stage logs reach the same page through Prefect's extra
+the hint curve and the champion, as Prefect artifacts (the stage logs reach the same page through Prefect's extra
 loggers, set in ``flows.env`` and in ``prefect.yaml``'s job variables).
 
 Artifacts are a view: a failure to write one is logged and never fails the run.
@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 
 EVALUATION_KEY = "colorize-evaluation"
 CHAMPION_KEY = "colorize-champion"
+HINT_CURVE_KEY = "colorize-hint-curve"
+EMBEDDED_PNG_LIMIT = 512 * 1024  # a picture larger than this is linked to MLflow, not embedded
 PROGRESS_EVERY_S = 2.0  # at most one progress update per stage this often, and always the last
 
 
@@ -66,6 +68,21 @@ def evaluation(manifest: Mapping[str, Any]) -> None:
     """The evaluate stage's table (its ``metrics.md``) as the run's markdown artifact."""
     description = "Test-split metrics of every variant and the grayscale baseline"
     _markdown(EVALUATION_KEY, lambda: (Path(manifest["folder"]) / "metrics.md").read_text(), description)
+    if "hint_curve" in manifest:
+        what = "What hints from the truth do to the models trained to take them (hints.md, hints.png)"
+        _markdown(HINT_CURVE_KEY, lambda: _hint_curve_md(Path(manifest["folder"])), what)
+
+
+def _hint_curve_md(folder: Path) -> str:
+    """hints.md with hints.png embedded (a data URI: the page needs no server to show it)."""
+    import base64
+
+    png = (folder / "hints.png").read_bytes()
+    if len(png) > EMBEDDED_PNG_LIMIT:
+        picture = "The curve's picture is the `evaluation/hints.png` artifact of the run in MLflow."
+    else:
+        picture = f"![hint curve](data:image/png;base64,{base64.b64encode(png).decode()})"
+    return "# Hint curve\n\n" + picture + "\n\n" + (folder / "hints.md").read_text()
 
 
 def champion(registered: Mapping[str, Any]) -> None:

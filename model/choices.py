@@ -22,6 +22,8 @@ def side_problem(side: int) -> str | None:
 
 
 HINT_MODES = ("off", "local", "local+global")  # what a model takes besides L: nothing, points, points + a palette
+MAX_POINTS = 256  # the most hint points a request, a file, the page or the evaluation's curve may carry
+HINT_CURVE = (0, 1, 2, 5, 10, 20, 50)  # the evaluation's numbers of points (Zhang'17's sweep's counts)
 HEADS = ("regression", "classification")  # ab directly (MSE-trained), or a distribution over quantized ab
 DEFAULT_VIVIDNESS = 0.38  # the annealed-mean temperature a classification model decodes at (Zhang et al.'s)
 # The annealed-mean temperature's range. Higher is more colour: 1 decodes the distribution's mean, and

@@ -23,20 +23,25 @@ one ``torch.Generator``, whose state a checkpoint keeps, so a resumed run sees t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from model import ab_bins
+from model.choices import MAX_POINTS
 from model.lab import AB_SCALE, rgb8_to_lab
 from storage.errors import ConfigError
+from storage.images import ImageError, load_photo
 
-MAX_POINTS = 256  # the most points a request, a file or the page may carry
 MAX_JSON_BYTES = 1 << 20  # a hints file larger than this is refused before it is parsed
 GEOMETRIC_P = 1 / 8  # Zhang'17: the number of points ~ Geometric(p) - 1, so P(no point) = p
 PATCH_SIDES_AT_256 = (1, 9)  # Zhang'17: patch sides in px at 256 px, uniform; scaled to the crop
@@ -44,6 +49,8 @@ EVAL_PATCH_AT_256 = 6  # the evaluation's points: 6 x 6 px patches at 256 px (Zh
 GLOBAL_SHARE = 0.5  # training: how often the truth's global hint is given (local+global)
 USER_PATCH = 1  # a user's point: a square of this many grid cells per 64 px of the network's side
 GREY_CHROMA = 3.0  # a reference whose mean chroma (Lab units) is under this has no colour to follow
+MAX_REFERENCE_BYTES = 16 << 20  # a reference sent in a request (base64 of its file): at most this many bytes
+MAX_REFERENCE_PIXELS = 16_000_000  # ... and pixels (its palette needs no more; a bomb is refused unread)
 _POINT = re.compile(r"^\s*(-?[0-9.]+)\s*,\s*(-?[0-9.]+)\s*:\s*(#[0-9A-Fa-f]{6})\s*$")
 _COLOUR = re.compile(r"^#[0-9A-Fa-f]{6}$")
 
@@ -238,12 +245,27 @@ def simulate(ab_norm: torch.Tensor, mode: str, gen: torch.Generator) -> dict[str
     return out
 
 
-def evaluation_points(ab_norm: torch.Tensor, n: int, seed: int) -> dict[str, torch.Tensor]:
-    """``n`` points from the truth for every image of a batch, the same for every model that is scored
-    on it (fixed by ``seed``): the evaluation's hint curve."""
-    gen = torch.Generator().manual_seed(seed)
-    hint_ab, mask = sample_points(ab_norm, [n] * ab_norm.shape[0], gen, fixed_side=EVAL_PATCH_AT_256)
+def evaluation_points(ab_norm: torch.Tensor, n: int, seed: int, first_index: int = 0) -> dict[str, torch.Tensor]:
+    """``n`` points from the truth on every image of a batch, ``first_index`` the first image's place in
+    the test split: image i's points are drawn from a generator seeded by (``seed``, i), so they are the
+    same for every model, run and batch size that scores that image (the evaluation's hint curve)."""
+    hint_ab, mask = torch.zeros_like(ab_norm), torch.zeros_like(ab_norm[:, :1])
+    for i in range(ab_norm.shape[0]):
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + first_index + i)
+        one_ab, one_mask = sample_points(ab_norm[i : i + 1], [n], gen, fixed_side=EVAL_PATCH_AT_256)
+        hint_ab[i], mask[i] = one_ab[0], one_mask[0]
     return {"hint_ab": hint_ab, "hint_mask": mask}
+
+
+GLOBAL = "global"  # the hint curve's condition "the truth's global hint, no points"
+
+
+def curve_inputs(ab_norm: torch.Tensor, condition: int | str, seed: int, first_index: int) -> dict[str, torch.Tensor]:
+    """The hint inputs of one condition of the evaluation's curve for a batch of truths: ``n`` points
+    (:func:`evaluation_points`), or :data:`GLOBAL`, the truth's own global hint and no point."""
+    if condition == GLOBAL:
+        return {"global_hint": global_from_ab(ab_norm).to(ab_norm.device)}
+    return evaluation_points(ab_norm, int(condition), seed, first_index)
 
 
 @dataclass(frozen=True)
@@ -270,3 +292,30 @@ class Guidance:
         if self.reference is not None:
             given["global_hint"] = self.reference
         return given
+
+
+def request_guidance(points: object, reference: object) -> Guidance:
+    """The hints of a REST or pyfunc request (``params``): ``hints``, the hints document as a string (the
+    format of :func:`parse_json`, points in each image's own pixels, the same for every image of the
+    request), and ``reference``, a colour photo's file (PNG, JPEG, ...) base64-encoded; empty: not given.
+    Anything else is a one-line HintError."""
+    if not isinstance(points, str) or not isinstance(reference, str):
+        raise HintError("params hints and reference must be strings (a hints JSON document; a base64 image file)")
+    found = parse_json(points, "params hints") if points.strip() else []
+    palette = None
+    if reference.strip():
+        try:
+            data = base64.b64decode(reference, validate=True)
+        except (binascii.Error, ValueError):
+            raise HintError("params reference: not base64 (send the image file's bytes, base64-encoded)") from None
+        if len(data) > MAX_REFERENCE_BYTES:
+            raise HintError(f"params reference: larger than {MAX_REFERENCE_BYTES} bytes")
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "reference"
+            path.write_bytes(data)
+            try:
+                rgb = load_photo(path, MAX_REFERENCE_PIXELS).rgb
+            except ImageError as exc:
+                raise HintError(str(exc).replace(str(path), "params reference")) from None
+        palette = reference_hint(rgb)
+    return Guidance(tuple(found), palette)

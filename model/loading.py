@@ -19,7 +19,7 @@ it is light (no torch, no MLflow): the commands' options build a :class:`Running
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,11 +74,18 @@ class Running:
         return where
 
 
-def load_engine(model: str | None, workdir: Path, how: Running = Running()) -> tuple[Any, int]:  # noqa: B008 - frozen
+def load_engine(
+    model: str | None,
+    workdir: Path,
+    how: Running = Running(),  # noqa: B008 - frozen
+    hinted: bool = False,
+) -> tuple[Any, int]:
     """(the engine, its network input size) for ``model`` (None: the champion, DEFAULT_MODEL, in
     ``workdir``'s registry), run ``how``: on its device, in its precision, decoding at its vividness. A
     user's mistake (no such model, an engine or device that cannot run it) is a :class:`NoModel`, a
-    vividness for a regression model a :class:`UsageError`: one line, exit 2."""
+    vividness for a regression model a :class:`UsageError`: one line, exit 2. ``hinted``: the user gives
+    hints, so the engine must take them: an ONNX export made without hint inputs is replaced by torch
+    under ``auto`` and refused in one line under ``--engine onnx``."""
     from model.inference import with_vividness
 
     where = how.where()
@@ -88,6 +95,10 @@ def load_engine(model: str | None, workdir: Path, how: Running = Running()) -> t
         net, size = _stage_folder(local, where, how)
     else:
         net, size = _registered(model, workdir, how)
+        if hinted and getattr(net, "hint_inputs", None) == ():  # onnxruntime on an export without them
+            if how.engine == "onnx":
+                raise UsageError("--engine onnx: this version's ONNX export has no hint inputs; use --engine torch")
+            net, size = _registered(model, workdir, replace(how, engine="torch"))
     try:
         return with_vividness(net, how.vividness), size
     except ValueError as exc:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from model import hints as hinting
 from model.colorizer import Colorizer, ColorizerSpec
 from model.inference import compose, lightness_input
 from storage.atomic import atomic_path
@@ -48,6 +49,7 @@ RGB_TOLERANCE = 1  # uint8 levels in the colorized photo
 AB_TOLERANCE = 2e-3  # normalized ab (x110 = Lab units)
 ONNX_FILE = "model.onnx"
 TEMPERATURE = "temperature"  # a classification model's second graph input
+HINT_INPUTS = {"off": (), "local": ("hint_ab", "hint_mask"), "local+global": ("hint_ab", "hint_mask", "global_hint")}
 
 
 class ExportMismatch(RuntimeError):
@@ -72,13 +74,19 @@ def check_photos(b: int, h: int, w: int, seed: int) -> list[np.ndarray]:
 
 
 def compare(
-    engine: Any, net: torch.nn.Module, photos: list[np.ndarray], temperature: float | None = None
+    engine: Any,
+    net: torch.nn.Module,
+    photos: list[np.ndarray],
+    temperature: float | None = None,
+    hints: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, int]:
     """(max |ab| difference, normalized; max RGB difference in uint8 levels) between two engines on the
-    same photos, each run at the photo's own size (a classification model decoded at ``temperature``)."""
+    same photos, each run at the photo's own size (a classification model decoded at ``temperature``;
+    a hinted one given ``hints``)."""
     x = torch.cat([lightness_input(p) for p in photos])
+    hints = hints or {}
     with torch.inference_mode():
-        ab_a, ab_b = engine(x, temperature).float(), net(x, temperature).float()
+        ab_a, ab_b = engine(x, temperature, **hints).float(), net(x, temperature, **hints).float()
         rgb = [
             np.abs(compose(p, a).astype(np.int16) - compose(p, b).astype(np.int16)).max()
             for p, a, b in zip(photos, ab_a, ab_b, strict=True)
@@ -93,16 +101,33 @@ def check_temperatures(net: Colorizer) -> list[float | None]:
     return [None, 1.0] if net.classifies else [None]
 
 
+def check_hints(net: Colorizer, photos: list[np.ndarray]) -> list[tuple[str, dict[str, torch.Tensor] | None]]:
+    """The hints an export is checked with: none, and for a hinted model also ten points of the photos'
+    own colours (with their global hint, when the model takes one)."""
+    if net.spec.hints == "off":
+        return [("", None)]
+    from model.lab import AB_SCALE, rgb8_to_lab
+
+    ab = torch.stack([rgb8_to_lab(torch.from_numpy(np.array(p)).permute(2, 0, 1))[1:] / AB_SCALE for p in photos])
+    given = hinting.evaluation_points(ab, 10, seed=0)
+    if net.spec.takes_global:
+        given["global_hint"] = hinting.global_from_ab(ab)
+    return [("", None), ("_hints", given)]
+
+
 def check(engine: Any, net: Colorizer, size: int) -> dict[str, float]:
-    """Compare ``engine`` with eager ``net`` at :func:`check_shapes` (and :func:`check_temperatures`);
-    raises :class:`ExportMismatch` with every measured difference when either tolerance is exceeded."""
+    """Compare ``engine`` with eager ``net`` at :func:`check_shapes` (and :func:`check_temperatures`, and
+    :func:`check_hints`); raises :class:`ExportMismatch` with every measured difference when either
+    tolerance is exceeded."""
     report: dict[str, float] = {}
     for i, (b, h, w) in enumerate(check_shapes(size)):
+        photos = check_photos(b, h, w, seed=i)
         for t in check_temperatures(net):
-            ab, rgb = compare(engine, net, check_photos(b, h, w, seed=i), t)
-            at = "" if t is None else f"_t{t:g}"
-            report[f"max_ab_diff_{b}x{h}x{w}{at}"] = ab
-            report[f"max_rgb_diff_{b}x{h}x{w}{at}"] = rgb
+            for tag, hints in check_hints(net, photos):
+                ab, rgb = compare(engine, net, photos, t, hints)
+                at = ("" if t is None else f"_t{t:g}") + tag
+                report[f"max_ab_diff_{b}x{h}x{w}{at}"] = ab
+                report[f"max_rgb_diff_{b}x{h}x{w}{at}"] = rgb
     report["max_ab_diff"] = max(v for k, v in report.items() if k.startswith("max_ab_diff_"))
     report["max_rgb_diff"] = max(v for k, v in report.items() if k.startswith("max_rgb_diff_"))
     if not (report["max_ab_diff"] <= AB_TOLERANCE and report["max_rgb_diff"] <= RGB_TOLERANCE):
@@ -125,6 +150,20 @@ class _Decoding(torch.nn.Module):
         return self.net(l_norm, temperature)
 
 
+class _Hinted(torch.nn.Module):
+    """A hinted model with its hints (and a classification model's temperature) as graph inputs, in
+    ``names``' order after ``l_norm``: one export serves a photo with hints and one without (all zeros)."""
+
+    def __init__(self, net: Colorizer, names: list[str]) -> None:
+        super().__init__()
+        self.net, self.names = net, names
+
+    def forward(self, l_norm: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        given = dict(zip(self.names, inputs, strict=True))
+        temperature = given.pop(TEMPERATURE, None)
+        return self.net(l_norm, temperature, **given)
+
+
 def write_onnx(net: Colorizer, path: Path) -> None:
     """The ONNX graph of ``net`` at ``path``, batch and sides dynamic (no check: see :func:`export`). A
     classification model's graph carries its decoding, with the temperature as a second input (a float32
@@ -133,11 +172,21 @@ def write_onnx(net: Colorizer, path: Path) -> None:
     example = torch.rand(1, 1, net.spec.image_size, net.spec.image_size)
     dims = {0: "batch", 2: "height", 3: "width"}
     module, args, names = net, (example,), ["l_norm"]
+    axes = {"l_norm": dims, "ab": dims}
     if net.classifies:
         # eval() too: the exporter restores the wrapper's mode afterwards, and a new module's is training,
         # which would leave the network itself in training mode (BatchNorm on batch statistics)
         module = _Decoding(net).eval()
         args, names = (example, torch.tensor([net.spec.temperature])), [*names, TEMPERATURE]
+    if net.spec.hints != "off":  # after the temperature; a model without hints is exported exactly as before
+        side = net.spec.image_size
+        examples = {"hint_ab": torch.zeros(1, 2, side, side), "hint_mask": torch.zeros(1, 1, side, side)}
+        examples["global_hint"] = torch.zeros(1, hinting.global_size())
+        hinted = list(HINT_INPUTS[net.spec.hints])
+        module = _Hinted(net, [*names[1:], *hinted]).eval()
+        args, names = (*args, *(examples[n] for n in hinted)), [*names, *hinted]
+        axes.update({n: dims for n in hinted if n != "global_hint"})
+        axes.update({"global_hint": {0: "batch"}} if "global_hint" in hinted else {})
     with torch.no_grad():
         torch.onnx.export(
             module,
@@ -146,7 +195,7 @@ def write_onnx(net: Colorizer, path: Path) -> None:
             opset_version=OPSET,
             input_names=names,
             output_names=["ab"],
-            dynamic_axes={"l_norm": dims, "ab": dims},
+            dynamic_axes=axes,
             dynamo=False,
         )
 
@@ -174,14 +223,31 @@ class OnnxColorizer:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.spec = spec
-        self.decodes = TEMPERATURE in {i.name for i in self.session.get_inputs()}
+        names = {i.name for i in self.session.get_inputs()}
+        self.decodes = TEMPERATURE in names
+        # the hint inputs this export has: an export made before hints existed has none, whatever the spec
+        self.hint_inputs = tuple(n for n in HINT_INPUTS["local+global"] if n in names)
 
-    def __call__(self, l_norm: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
-        """As the network's forward: a classification model decoded at ``temperature`` (default its spec's)."""
+    @property
+    def takes_hints(self) -> bool:
+        return bool(self.hint_inputs)
+
+    def __call__(self, l_norm: torch.Tensor, temperature: float | None = None, **hints: torch.Tensor) -> torch.Tensor:
+        """As the network's forward: a classification model decoded at ``temperature`` (default its spec's),
+        a hinted one given ``hints`` (model.hints' inputs; a missing one is "not given", zeros)."""
         feed = {"l_norm": np.ascontiguousarray(l_norm.detach().float().cpu().numpy())}
         if self.decodes:
             t = self.spec.temperature if temperature is None else float(temperature)
             feed[TEMPERATURE] = np.array([t], dtype=np.float32)
+        if set(hints) - set(self.hint_inputs):
+            raise hinting.HintError(hinting.NOT_TRAINED if not self.hint_inputs else hinting.NO_GLOBAL)
+        if self.hint_inputs:
+            b, _, h, w = l_norm.shape
+            zeros = {"hint_ab": (b, 2, h, w), "hint_mask": (b, 1, h, w), "global_hint": (b, hinting.global_size())}
+            for name in self.hint_inputs:
+                given = hints.get(name)
+                value = given.detach().float().cpu().numpy() if given is not None else np.zeros(zeros[name], np.float32)
+                feed[name] = np.ascontiguousarray(value)
         return torch.from_numpy(self.session.run(["ab"], feed)[0])
 
     def eval(self) -> OnnxColorizer:

@@ -9,7 +9,11 @@ Input: a uint8 array ``(B, H, W, 3)`` (RGB; only its lightness is used) or ``(B,
 Output: uint8 ``(B, H, W, 3)``, same size as the input. ``mlflow models serve`` accepts the same
 payload as JSON (``{"inputs": [[[[r, g, b], ...]]]}``). A classification-head model takes the parameter
 ``vividness`` (``params={"vividness": 0.2}``, or ``"params"`` beside ``"inputs"`` in the JSON): its
-decoding temperature, default the one it was evaluated at.
+decoding temperature, default the one it was evaluated at. A model trained with hints
+(``train.hints``, model.hints) takes ``hints`` (a hints JSON document as a string, ``{"points": [{"x": ..,
+"y": .., "color": "#RRGGBB"}]}``, points in each image's own pixels, the same for every image of the
+request) and, trained with ``local+global``, ``reference`` (a colour photo's file, base64-encoded); both
+default to "" (not given).
 """
 
 from __future__ import annotations
@@ -25,6 +29,12 @@ import numpy as np
 ENTRY = "import mlflow.models\nfrom model.pyfunc import ColorizerModel\n\nmlflow.models.set_model(ColorizerModel())\n"
 NO_ONNX = "no_onnx_export"  # model_config key: why a version was registered without its ONNX export
 VIVIDNESS = "vividness"  # a classification model's parameter: the decoding temperature (``params``)
+HINTS, REFERENCE = "hints", "reference"  # a hinted model's parameters: points (JSON), a palette (base64)
+
+
+def hint_params(hints: str) -> tuple[str, ...]:
+    """The hint parameters a model trained with ``train.hints=hints`` takes (its signature's)."""
+    return {"off": (), "local": (HINTS,), "local+global": (HINTS, REFERENCE)}[hints]
 
 
 # (device, precision) for the models loaded inside :func:`placing`, as values: how model.loading tells
@@ -110,14 +120,42 @@ class ColorizerModel(mlflow.pyfunc.PythonModel):
                 found += f" in {batch.min()}..{batch.max()}"
             raise _invalid(f"expected uint8 pixel values (whole numbers in 0..255), got {found}")
         batch = batch.astype(np.uint8)
+        params = params or {}
+        guidance = self._guidance(params)
         net = self.engine("auto")
-        vividness = (params or {}).get(VIVIDNESS)
+        if guidance and getattr(net, "hint_inputs", None) == ():  # an ONNX export made without hint inputs
+            net = self.net
+        vividness = params.get(VIVIDNESS)
         if vividness is not None and vividness != self.spec.temperature:
             try:
                 net = with_vividness(net, float(vividness))
             except ValueError as exc:  # out of range, or a regression model
                 raise _invalid(str(exc).replace("--vividness", "vividness")) from None
-        return np.stack([colorize(net, img, self.spec.image_size) for img in batch])
+        size = self.spec.image_size
+        if not guidance:
+            return np.stack([colorize(net, img, size) for img in batch])
+        from model.hints import HintError
+        from model.inference import Hinted
+
+        out = []
+        for img in batch:
+            try:
+                given = guidance.inputs(self.spec.hints, img.shape[1], img.shape[0], size)
+            except HintError as exc:  # a point outside this image
+                raise _invalid(f"params hints: {exc}") from None
+            out.append(colorize(Hinted(net, given), img, size))
+        return np.stack(out)
+
+    def _guidance(self, params: dict[str, Any]) -> Any:
+        """The request's hints (model.hints.Guidance), None when it gives none; a bad one is a 400."""
+        if not any(params.get(name) for name in (HINTS, REFERENCE)):
+            return None
+        from model.hints import HintError, request_guidance
+
+        try:
+            return request_guidance(params.get(HINTS, ""), params.get(REFERENCE, ""))
+        except HintError as exc:
+            raise _invalid(str(exc)) from None
 
 
 def _invalid(message: str) -> Exception:

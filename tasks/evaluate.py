@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ from storage.errors import ConfigError
 from storage.shards import ShardDataset, shard_paths
 from storage.stage import StageResult, make_plan, run_stage
 from storage.tracking import Tracker
+from tasks.evaluate_hints import HintCurve, hint_curve, save_plot, score_conditions, takes_hints
 from tasks.settings.evaluate import Settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,8 @@ def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], w
     """Whether the LPIPS backbone is on disk decides whether LPIPS is scored, and the device the networks
     run on changes their last bits: both are facts in the key. ``evaluate.temperature`` is in the key
     only when a model it decodes is evaluated: on regression heads alone it changes nothing, so setting
-    it neither reruns the stage nor registers a duplicate version (a warning says it is ignored)."""
+    it neither reruns the stage nor registers a duplicate version (a warning says it is ignored). The
+    hint curve's settings likewise, only when a model takes hints."""
     config = s.for_stage()
     if not any(decodes(t) for t in trained):
         del config["temperature"]
@@ -80,6 +82,8 @@ def plan(s: Settings, prepared: dict[str, Any], trained: list[dict[str, Any]], w
                 "evaluated here has a regression head",
                 s.temperature,
             )
+    if not any(takes_hints(t) for t in trained):  # the hint curve scores only models that take hints
+        del config["hint_points"], config["hint_seed"]
     facts = {
         "lpips_backbone_present": s.lpips and locate("alexnet", allow_download=False).available,
         # not resolve_device(s.device): planning (the contract tests, a plan made for another machine) must
@@ -109,19 +113,28 @@ class Scored:
         return [r[metric] for r in self.rows]
 
 
+Hints = Callable[[torch.Tensor, int], dict[str, torch.Tensor]]  # (true ab, first image's index) -> hint inputs
+
+
 def score(
-    predict: Any, prepared: dict[str, Any], lpips: Lpips, batch_size: int, device: torch.device | None = None
+    predict: Any,
+    prepared: dict[str, Any],
+    lpips: Lpips,
+    batch_size: int,
+    device: torch.device | None = None,
+    hints: Hints | None = None,
 ) -> Scored:
     """The scores of ``predict(l_norm) -> ab_norm`` on the test split, images in file order: every model
     is scored on the same images in the same order (paired). The batch stays on ``device`` for the
-    prediction, the Lab conversion, LPIPS and every metric but SSIM (scikit-image's, on the host)."""
+    prediction, the Lab conversion, LPIPS and every metric but SSIM (scikit-image's, on the host).
+    ``hints``: the hint inputs ``predict`` is given with each batch, made from its truth (the hint curve)."""
     device = device or torch.device("cpu")
     rows: list[dict[str, float]] = []
     loader = DataLoader(ShardDataset(shard_paths(prepared, "test"), decode_sample), batch_size=batch_size)
     with torch.no_grad():
         for l_cpu, ab_cpu in loader:
             l_norm, ab = l_cpu.to(device), ab_cpu.to(device)
-            pred = predict(l_norm).float()
+            pred = (predict(l_norm, **hints(ab, len(rows))) if hints else predict(l_norm)).float()
             true_rgb, pred_rgb = lab_norm_to_rgb(l_norm, ab), lab_norm_to_rgb(l_norm, pred)
             batch = batch_metrics(true_rgb, pred_rgb, ab, pred, lpips)
             rows += [{k: batch[k][i] for k in COLUMNS} for i in range(len(ab))]
@@ -319,16 +332,24 @@ def _study(variants: list[str], per_image: PerImage) -> tuple[list[dict[str, Any
 
 
 def log_evaluation(
-    tracker: Tracker, ev: Evaluation, trained: Sequence[dict[str, Any]], out: Path, parent_run_id: str | None
+    tracker: Tracker,
+    ev: Evaluation,
+    trained: Sequence[dict[str, Any]],
+    out: Path,
+    parent_run_id: str | None,
+    curve: HintCurve | None = None,
 ) -> None:
-    """The MLflow side, and nothing else: each model's test metrics (and LPIPS tag) into its training run,
-    the tables and pictures into the pipeline's run."""
+    """The MLflow side, and nothing else: each model's test metrics (and LPIPS tag) and hint curve into
+    its training run, the tables and pictures into the pipeline's run."""
     run_ids = {(t["variant"], t["seed"]): t["mlflow_run_id"] for t in trained}
     for model, metrics, tags in ev.test_metrics():
         tracker.log_metrics(run_ids[model], metrics)
         tracker.set_tags(run_ids[model], tags)
+    for model, metrics in curve.test_metrics() if curve else ():
+        tracker.log_metrics(run_ids[model], metrics)
     if parent_run_id:
-        for name in ("metrics.md", "metrics.csv", "per_image.csv", "grid.png", "study.png"):
+        names = ["metrics.md", "metrics.csv", "per_image.csv", "grid.png", "study.png"]
+        for name in names + (["hints.md", "hints.csv", "hints.png"] if curve else []):
             tracker.log_artifact(parent_run_id, out / name, "evaluation")
 
 
@@ -345,6 +366,11 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         baseline = score(gray_baseline, prepared, lpips, e.batch_size, device)
         scores: dict[tuple[str, int], Scored] = {}
         first: dict[str, torch.nn.Module] = {}  # each variant's lowest-seed model, for the picture grid
+        hinted: dict[tuple[str, int], Any] = {}  # the models that take hints: scored again on the hint curve
+
+        def rescore(net: Any, hints: Any) -> Scored:
+            return score(net, prepared, lpips, e.batch_size, device, hints=hints)
+
         for t in sorted(trained, key=lambda t: (t["variant"], t["seed"])):
             net = load_folder(t["folder"]).to(device)
             if net.classifies:  # the decoding; regression has none
@@ -352,10 +378,20 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
                     raise ValueError(f"{t['folder']}: a classification-head model its train manifest calls regression")
                 net = Vivid(net, temperature)
             first.setdefault(t["variant"], net)
+            if net.spec.hints != "off":
+                hinted[(t["variant"], t["seed"])] = net
             scores[(t["variant"], t["seed"])] = replace(
                 score(net, prepared, lpips, e.batch_size, device), head=net.spec.head
             )
         ev = evaluation(trained, baseline, scores, lpips.missing, temperature)
+        curve = None
+        if hinted:
+            curve = hint_curve(
+                {m: score_conditions(net, scores[m], rescore, e.hint_points, e.hint_seed) for m, net in hinted.items()},
+                lpips.missing,
+            )
+            curve.write(out)
+            save_plot(curve, baseline.means, out / "hints.png")
 
         l_norm, ab = first_batch(shard_paths(prepared, "test"), e.grid_images)
         with torch.no_grad():
@@ -363,8 +399,11 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
         save_png(grid(l_norm, [*cols, ab]), out / "grid.png")
         save_study_plot(ev.variant_table, ev.comparisons, ev.plot_diffs(), PLOTTED, out / "study.png")
         ev.write(out)
-        log_evaluation(Tracker(Path(plan["workdir"])), ev, trained, out, parent_run_id)
+        log_evaluation(Tracker(Path(plan["workdir"])), ev, trained, out, parent_run_id, curve)
         log.info("test metrics:\n%s", ev.markdown())
-        return ev.manifest()
+        if curve is None:
+            return ev.manifest()
+        log.info("hint curve:\n%s", curve.markdown())
+        return {**ev.manifest(), "hint_curve": curve.rows}
 
     return run_stage(plan, work, force=force)

@@ -155,9 +155,28 @@ def decide(evaluated: Mapping[str, Any], trained: Sequence[dict[str, Any]], metr
 
 
 def shipped(spec: Mapping[str, Any]) -> dict[str, Any]:
-    """What the shipped spec says about the model: its head, and a classification head's vividness."""
+    """What the shipped spec says about the model: its head, a classification head's vividness, and the
+    hints a hinted model takes (a model without them is tagged as before hints existed)."""
     classifies = spec.get("head") == "classification"
-    return {"head": spec.get("head", "regression"), **({"vividness": spec["temperature"]} if classifies else {})}
+    hints = spec.get("hints", "off")
+    return {
+        "head": spec.get("head", "regression"),
+        **({"vividness": spec["temperature"]} if classifies else {}),
+        **({"hints": hints} if hints != "off" else {}),
+    }
+
+
+HINTS_SAID = {
+    "off": "Takes no hints (trained with train.hints=off): colorize image --hint/--reference refuse it.",
+    "local": "Takes colour points (colorize image --hint, --hints; trained with train.hints=local).",
+    "local+global": "Takes colour points and a reference photo (colorize image --hint, --hints, --reference; "
+    "colorize video --reference; trained with train.hints=local+global).",
+}
+
+
+def description(champion: Champion, spec: Mapping[str, Any]) -> str:
+    """The registered version's description: the choice and why, then which hints the model takes."""
+    return champion.description() + "\n" + HINTS_SAID[spec.get("hints", "off")]
 
 
 def version_tags(champion: Champion, spec: Mapping[str, Any], onnx: Mapping[str, Any]) -> dict[str, str]:
@@ -274,7 +293,9 @@ def log_version(
     example = np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
     images = Schema([TensorSpec(np.dtype("uint8"), (-1, -1, -1, 3))])  # any batch, any photo size
     classifies = spec.get("head") == "classification"
-    params = ParamSchema([ParamSpec(pyfunc.VIVIDNESS, "double", spec["temperature"])]) if classifies else None
+    taken = [ParamSpec(pyfunc.VIVIDNESS, "double", spec["temperature"])] if classifies else []
+    taken += [ParamSpec(name, "string", "") for name in pyfunc.hint_params(spec.get("hints", "off"))]
+    params = ParamSchema(taken) if taken else None
     signature = ModelSignature(inputs=images, outputs=images, params=params)
     entry = scratch / "colorizer_model.py"
     write_bytes(entry, pyfunc.ENTRY.encode())
@@ -333,7 +354,7 @@ def run(plan: dict[str, Any], force: bool = False) -> StageResult:
             r.alias,
             onnx_path,
             no_onnx=onnx.get("reason"),
-            description=champion.description(),
+            description=description(champion, spec),
             tags=version_tags(champion, spec, onnx),
         )
         write_bytes(out / "registered.txt", f"models:/{r.model_name}@{r.alias} -> version {version}\n".encode())

@@ -165,6 +165,73 @@ def test_evaluation_points_are_the_same_for_every_model_and_count_as_asked() -> 
     assert (a["hint_mask"].flatten(1).sum(1) <= 10 * 4).all() and (a["hint_mask"].flatten(1).sum(1) > 0).all()
 
 
+def test_an_images_evaluation_points_do_not_depend_on_its_batch() -> None:
+    """The hint curve's points on image i come from (seed, i): scored in batches of 4 or of 1, every model
+    sees the same points, and another seed moves them."""
+    truth = torch.rand(4, 2, 32, 32) - 0.5
+    whole = hints.evaluation_points(truth, 5, seed=0, first_index=10)
+    for i in range(4):
+        one = hints.evaluation_points(truth[i : i + 1], 5, seed=0, first_index=10 + i)
+        assert torch.equal(one["hint_mask"][0], whole["hint_mask"][i])
+        assert torch.equal(one["hint_ab"][0], whole["hint_ab"][i])
+    assert not torch.equal(hints.evaluation_points(truth, 5, seed=1, first_index=10)["hint_mask"], whole["hint_mask"])
+    glob = hints.curve_inputs(truth, hints.GLOBAL, 0, 0)
+    assert set(glob) == {"global_hint"} and torch.equal(glob["global_hint"][:, -1], torch.ones(4))
+
+
+def test_the_hint_curve_compares_every_condition_with_the_automatic_output() -> None:
+    """Plain values, no MLflow: each (variant, condition) row is the mean over seeds with a paired interval
+    against 0 points; each model's means become ``test_<metric>_hints_<condition>``."""
+    from tasks.evaluate import Scored
+    from tasks.evaluate_hints import CURVE_METRICS, hint_curve
+
+    rng = np.random.default_rng(0)
+
+    def scored(mse: float) -> Scored:
+        nan = float("nan")  # LPIPS without its backbone
+        rows = [{m: nan if m == "lpips" else mse + rng.normal(0, 1e-4) for m in CURVE_METRICS} for _ in range(20)]
+        return Scored({m: float(np.mean([r[m] for r in rows])) for m in CURVE_METRICS}, rows)
+
+    scores = {("max", s): {0: scored(0.02), 5: scored(0.012), hints.GLOBAL: scored(0.02)} for s in (0, 1)}
+    curve = hint_curve(scores, "no backbone")
+    rows = {(r["variant"], r["condition"]): r for r in curve.rows}
+    assert set(rows) == {("max", "0"), ("max", "5"), ("max", "global")}
+    five = rows[("max", "5")]
+    assert five["n_seeds"] == 2 and five["rgb_mse_high"] < 0 and five["rgb_mse_better"]  # 5 points: lower error
+    assert rows[("max", "global")]["rgb_mse_low"] < 0 < rows[("max", "global")]["rgb_mse_high"]  # no change
+    assert "rgb_mse_diff" not in rows[("max", "0")] and "lpips_diff" not in five  # nothing to compare, or NaN
+    (model, logged), _ = curve.test_metrics()
+    assert model == ("max", 0) and logged["test_rgb_mse_hints_5"] == scores[("max", 0)][5].means["rgb_mse"]
+    assert "test_lpips_hints_5" not in logged  # missing metrics are not logged as NaN
+    md = curve.markdown()
+    assert "5 points" in md and "none (automatic)" in md and "LPIPS missing: no backbone" in md
+
+
+@pytest.mark.parametrize("head", ["regression", "classification"])
+def test_the_onnx_export_of_a_hinted_model_takes_the_hints_as_eager_does(
+    hinted_dir: Path, tmp_path: Path, head: str
+) -> None:
+    """The export has the hint inputs and passes the parity check with hints given (ten points of the
+    check photos' own colours and their palette) as well as without; missing inputs mean "not given"."""
+    from model.onnx_engine import OnnxColorizer, export
+
+    torch.manual_seed(0)
+    net = Colorizer(_spec(head, "max", "local+global")).eval()
+    with torch.no_grad():
+        for p in [*net.hint_local.parameters(), *net.hint_global.parameters()]:
+            p.normal_(0, 0.5)
+    report = export(net, tmp_path / "m.onnx")
+    hinted = [k for k in report if k.startswith("max_ab_diff_") and k.endswith("_hints")]
+    assert len(hinted) == (6 if head == "classification" else 3) and report["max_rgb_diff"] <= 1
+    engine = OnnxColorizer(tmp_path / "m.onnx", net.spec)
+    assert engine.hint_inputs == ("hint_ab", "hint_mask", "global_hint")
+    x = torch.rand(1, 1, 32, 32)
+    given = hints.evaluation_points(torch.rand(1, 2, 32, 32) - 0.5, 5, seed=0)
+    with torch.inference_mode():
+        assert not torch.allclose(engine(x, **given), engine(x), atol=1e-4)  # the points reach the graph
+        assert torch.allclose(engine(x), net(x).float(), atol=2e-3)
+
+
 # ---------------------------------------------------------------- colorize image --hint/--hints/--reference
 @pytest.fixture(scope="module")
 def hinted_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -238,7 +305,7 @@ def test_a_hint_and_a_reference_change_the_colour_and_the_photo_keeps_its_lightn
         (["--hint", "500,10:#ff0000"], "outside the 64x48 photo"),
         (["--hints", "/nonexistent/h.json"], "--hints /nonexistent/h.json"),
         (["--reference", "GREY"], "the reference is grey"),
-        (["--hint", "1,1:#ff0000", "--engine", "onnx"], "--engine onnx has no hint inputs"),
+        (["--hint", "1,1:#ff0000", "--engine", "onnx"], "no ONNX export"),
     ],
 )
 def test_a_bad_hint_is_one_line_and_exit_2(
@@ -281,3 +348,92 @@ def test_a_model_trained_without_hints_or_without_a_reference_refuses_them_in_on
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "without a reference" in err[0] and "local+global" in err[0], err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------- a hinted run, end to end
+def test_a_hinted_run_trains_scores_the_hint_curve_registers_and_takes_hints(
+    tiny_prepared: Path, tmp_path: Path, photo: Path
+) -> None:
+    """train.hints=local+global on the tiny data: the evaluation scores every point count and the global
+    hint against the same model's automatic output, logs them to the model's MLflow run and the run page,
+    and the registered version says it takes hints and takes them from the CLI."""
+    import asyncio
+    from uuid import UUID
+
+    import pandas as pd
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.cli import main
+    from flows.pipeline import pipeline
+    from flows.run_page import HINT_CURVE_KEY
+    from storage.tracking import Tracker
+    from tests.conftest import copy_prepared
+
+    workdir = copy_prepared(tiny_prepared, tmp_path / "w")
+    sets = ["train.hints=local+global", "train.variants=max"]
+    result = pipeline(dataset="sample", preset="tiny", workdir=str(workdir), overrides=sets)
+    folder = Path(result["stages"]["evaluate"])
+    curve = pd.read_csv(folder / "hints.csv", dtype={"condition": str})
+    assert list(curve["condition"]) == ["0", "1", "2", "5", "10", "20", "50", "global"]
+    automatic = pd.read_csv(folder / "metrics.csv").set_index("variant").loc["max"]
+    zero = curve.set_index("condition").loc["0"]
+    assert zero["psnr"] == automatic["psnr"] and zero["rgb_mse"] == automatic["rgb_mse"]  # 0 points: the same row
+    assert curve.loc[curve["condition"] != "0", "psnr_low"].notna().all()  # an interval against 0 points each
+    assert (folder / "hints.png").stat().st_size > 0 and "global (the truth's)" in (folder / "hints.md").read_text()
+
+    tracker = Tracker(workdir)
+    trained = json.loads((Path(result["stages"]["train-max"]) / "manifest.json").read_text())
+    run = tracker.client.get_run(trained["mlflow_run_id"])
+    assert {"test_psnr_hints_10", "test_rgb_mse_hints_50", "test_colorfulness_gap_hints_global"} <= set(
+        run.data.metrics
+    )
+    assert run.data.metrics["test_psnr_hints_0"] == automatic["psnr"]
+    parent = {a.path for a in tracker.client.list_artifacts(result["mlflow_parent_run_id"], "evaluation")}
+    assert {"evaluation/hints.png", "evaluation/hints.md"} <= parent
+
+    async def artifacts() -> list:
+        async with get_client() as client:
+            runs = FlowRunFilter(id=FlowRunFilterId(any_=[UUID(result["flow_run_id"])]))
+            return await client.read_artifacts(flow_run_filter=runs, limit=200)
+
+    page = {a.key: a.data for a in asyncio.run(artifacts()) if a.key}
+    assert "data:image/png;base64," in page[HINT_CURVE_KEY] and "10 points" in page[HINT_CURVE_KEY]
+
+    reg = result["registered"]
+    version = tracker.client.get_model_version(reg["model_name"], reg["version"])
+    assert "Takes colour points and a reference photo" in version.description
+    assert version.tags["hints"] == "local+global"
+    out = tmp_path / "hinted.png"
+    argv = ["image", str(photo), "--out", str(out), "--workdir", str(workdir), "--hint", "10,12:#2040ff"]
+    assert main(argv) == 0 and out.exists()
+
+    # the pyfunc (what `colorize serve` answers REST requests with) takes them as documented parameters
+    import base64
+    import io
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    from storage.tracking import use_store
+
+    use_store(workdir)
+    served = mlflow.pyfunc.load_model(f"models:/{reg['model_name']}/{reg['version']}")
+    assert {p.name for p in served.metadata.get_params_schema().params} == {"hints", "reference"}
+    image = np.asarray(Image.open(photo).convert("RGB"))[None]
+    palette = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), (30, 160, 40), dtype=np.uint8)).save(palette, format="PNG")
+    given = {
+        "hints": hints.to_json([hints.Point(10, 12, "#2040ff")]),
+        "reference": base64.b64encode(palette.getvalue()).decode(),
+    }
+    answer = served.predict(image, params=given)
+    assert answer.shape == image.shape and answer.dtype == np.uint8
+    for bad, said in (
+        ({"hints": hints.to_json([hints.Point(500, 1, "#2040ff")])}, "outside the 64x48 photo"),
+        ({"reference": "not base64!"}, "not base64"),
+        ({"hints": '{"points": [{"x": 1}]}'}, "point 0 must be"),
+    ):
+        with pytest.raises(MlflowException, match=said):
+            served.predict(image, params=bad)

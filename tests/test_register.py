@@ -150,3 +150,13 @@ def test_register_onnx_false_registers_for_the_torch_engine_without_exporting(tm
     assert plan["config"]["onnx"] is False  # in the key: turning it back on registers again, with the export
     with pytest.raises(ValueError):
         register.Settings(metric="colorfulness_truth")
+
+
+def test_the_version_says_which_hints_it_takes(tmp_path: Path) -> None:
+    champion = register.decide(_evaluated(), _trained(tmp_path), "rgb_mse", "ssim")
+    plain = register.description(champion, {"head": "regression"})
+    assert plain.startswith(champion.description()) and "Takes no hints" in plain
+    hinted = {"head": "regression", "hints": "local+global"}
+    assert "--reference" in register.description(champion, hinted)
+    assert register.version_tags(champion, hinted, {"attached": True})["hints"] == "local+global"
+    assert "hints" not in register.version_tags(champion, {"head": "regression"}, {"attached": True})
