@@ -6,6 +6,12 @@ photo, or any picked in the gallery), download the PNGs. It runs the same pipeli
 (flows.colorize_images.PhotoColorizer: the network at its own size, the photo's own full-resolution L).
 A file that is not an image gets a line in the page's status, and the server goes on. The page says
 which model version it runs and that version's test metrics.
+
+For a model trained with hints (``train.hints``, model.hints) the page has a hints panel: click the first
+photo to place a colour point (the colour picker's colour, or one taken by clicking the reference photo),
+upload a reference photo whose palette to follow, remove the last point or all, load a hints JSON, and
+download the hinted PNG and the hints JSON (which ``colorize image --hints`` and the page read back).
+Each change recolours the photo; a bad hint is a line in the panel and the server goes on.
 """
 
 import os
@@ -19,9 +25,10 @@ import numpy as np
 from PIL import Image
 
 from flows.colorize_images import PhotoColorizer, model_summary, save
+from model import hints as hinting
 from model.choices import DEFAULT_VIVIDNESS, VIVIDNESS_RANGE
 from model.loading import Running
-from storage.images import ImageError
+from storage.images import ImageError, load_photo
 
 Pair = tuple[np.ndarray, np.ndarray]  # (before, after) of one photo
 
@@ -68,6 +75,59 @@ def colorize_uploads(
     return gallery, outputs, "\n\n".join(notes), pairs
 
 
+MARK = 5  # the radius in px of a point's mark on the hint photo
+
+
+def hint_modes(colorizer: PhotoColorizer) -> tuple[bool, bool]:
+    """(whether the page shows the hints panel, whether it takes a reference photo)."""
+    mode = getattr(colorizer.net.spec, "hints", "off")
+    return mode != "off", mode == "local+global"
+
+
+def marked(rgb: np.ndarray, points: list[dict[str, Any]]) -> np.ndarray:
+    """The photo with each point drawn as a ring in its colour (white-edged, to show on any background)."""
+    from PIL import ImageDraw
+
+    img = Image.fromarray(rgb).convert("RGB")
+    draw = ImageDraw.Draw(img)
+    for p in points:
+        x, y = p["x"], p["y"]
+        draw.ellipse((x - MARK - 1, y - MARK - 1, x + MARK + 1, y + MARK + 1), outline="white", width=2)
+        draw.ellipse((x - MARK, y - MARK, x + MARK, y + MARK), fill=p["color"], outline="black")
+    return np.asarray(img)
+
+
+def recolour(
+    colorizer: PhotoColorizer,
+    photo: str | None,
+    points: list[dict[str, Any]],
+    reference: np.ndarray | None,
+    upscale: bool,
+    out_dir: Path,
+    vividness: float | None = None,
+) -> tuple[np.ndarray | None, list[str] | None, str]:
+    """(the hinted colour version of ``photo``, [its PNG, the hints JSON] to download, a status line) for
+    the page's points (``{"x", "y", "color"}``, the photo's own pixels) and reference photo. A bad hint or
+    a grey reference is the status line, the picture None."""
+    if photo is None:
+        return None, None, "Colorize a photo first: the points go on the first one."
+    try:
+        found = hinting.from_items(points, "points")
+        palette = hinting.reference_hint(reference) if reference is not None else None
+        guidance = hinting.Guidance(tuple(found), palette)
+        _, after, alpha = colorizer.colorize_file(Path(photo), upscale, vividness, guidance=guidance or None)
+    except (hinting.HintError, ImageError, OSError) as exc:
+        return None, None, f"Hints: {exc}"
+    stem = Path(photo).stem
+    dest, doc = out_dir / f"{stem}_hinted.png", out_dir / f"{stem}_hints.json"
+    save(after, alpha, dest)
+    doc.write_text(hinting.to_json(found))
+    said = f"{len(found)} point{'s' if len(found) != 1 else ''}" + (
+        " and the reference's palette" if palette is not None else ""
+    )
+    return after, [str(dest), str(doc)], f"Hints: {said}."
+
+
 def vividness_slider(colorizer: PhotoColorizer) -> tuple[bool, float]:
     """(whether the page shows a vividness slider: only a classification model has one, where it starts)."""
     spec = colorizer.net.spec
@@ -105,6 +165,46 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
                 gallery = gr.Gallery(label="Before and after (pick one for the slider)", columns=2, elem_id="results")
                 downloads = gr.File(label="Download (PNG)", file_count="multiple", elem_id="downloads")
         pairs = gr.State([])
+        hinted, global_too = hint_modes(colorizer)
+        with gr.Column(visible=hinted):
+            gr.Markdown(
+                "### Colour hints\nClick the photo to place a point of the chosen colour"
+                + (
+                    "; upload a reference photo to follow its palette, and click it to take a colour."
+                    if global_too
+                    else "."
+                )
+            )
+            with gr.Row():
+                with gr.Column():
+                    hint_photo = gr.Image(
+                        label="Click to place a point (the first photo)",
+                        type="numpy",
+                        interactive=False,
+                        elem_id="hint-photo",
+                    )
+                    colour = gr.ColorPicker("#3366cc", label="Point colour", elem_id="hint-colour")
+                    reference = gr.Image(
+                        label="Reference photo (its palette)",
+                        type="numpy",
+                        sources=["upload"],
+                        visible=global_too,
+                        elem_id="reference",
+                    )
+                    with gr.Row():
+                        undo = gr.Button("Remove the last point", elem_id="undo")
+                        clear = gr.Button("Clear the points", elem_id="clear")
+                    hints_file = gr.File(label="Load a hints JSON", file_types=[".json"], elem_id="hints-json")
+                with gr.Column():
+                    hinted_out = gr.Image(label="With the hints", type="numpy", interactive=False, elem_id="hinted")
+                    hint_status = gr.Markdown(elem_id="hint-status")
+                    hint_downloads = gr.File(
+                        label="Download the hinted PNG and the hints JSON",
+                        file_count="multiple",
+                        elem_id="hint-downloads",
+                    )
+        photo_path = gr.State(None)
+        points = gr.State([])
 
         def run(chosen: list[Any] | None, up: bool, t: float, progress: Any = gr.Progress()) -> tuple[Any, ...]:  # noqa: B008
             def tell(fraction: float, what: str) -> None:
@@ -113,15 +213,84 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
             pictures, paths, text, done = colorize_uploads(
                 colorizer, chosen, up, out_dir, tell, vividness=float(t) if shown else None
             )
-            return pictures, paths or None, text, done, (done[0] if done else None)
+            first = _first_photo(chosen)
+            return pictures, paths or None, text, done, (done[0] if done else None), first, _view(first, [])
+
+        def _view(photo: str | None, placed: list[dict[str, Any]]) -> np.ndarray | None:
+            try:
+                return marked(load_photo(photo).rgb, placed) if photo else None
+            except (ImageError, OSError):
+                return None
+
+        def again(photo: str | None, placed: list[dict[str, Any]], ref: Any, up: bool, t: float) -> tuple[Any, ...]:
+            after, files, line = recolour(colorizer, photo, placed, ref, up, out_dir, float(t) if shown else None)
+            return placed, _view(photo, placed), after, files, line
+
+        def place(
+            photo: str | None,
+            placed: list[dict[str, Any]],
+            picked: str,
+            ref: Any,
+            up: bool,
+            t: float,
+            evt: gr.SelectData,
+        ) -> tuple[Any, ...]:
+            """A click on the hint photo: a point there, of the picker's colour."""
+            placed = [*placed, {"x": int(evt.index[0]), "y": int(evt.index[1]), "color": _hex(picked)}]
+            return again(photo, placed, ref, up, t)
+
+        def take(ref: Any, evt: gr.SelectData) -> str:
+            """A click on the reference photo: its colour there becomes the picker's."""
+            r, g, b = (int(v) for v in np.asarray(ref)[int(evt.index[1]), int(evt.index[0]), :3])
+            return f"#{r:02x}{g:02x}{b:02x}"
+
+        def load_hints(doc: Any, photo: str | None, ref: Any, up: bool, t: float) -> tuple[Any, ...]:
+            if doc is None:
+                return again(photo, [], ref, up, t)
+            path = Path(doc if isinstance(doc, str) else doc.name)
+            try:
+                placed = [p.as_dict() for p in hinting.parse_json(path.read_bytes(), path.name)]
+            except hinting.HintError as exc:
+                return [], _view(photo, []), None, None, f"Hints: {exc}"
+            return again(photo, placed, ref, up, t)
 
         def pick(done: list[Pair], evt: gr.SelectData) -> Any:
             """A gallery item (before or after of photo k) puts photo k on the slider."""
             return done[evt.index // 2] if done and evt.index is not None else None
 
-        go.click(run, [files, upscale, vivid], [gallery, downloads, status, pairs, slider])
+        go.click(run, [files, upscale, vivid], [gallery, downloads, status, pairs, slider, photo_path, hint_photo])
         gallery.select(pick, pairs, slider)
+        shown_hints = [points, hint_photo, hinted_out, hint_downloads, hint_status]
+        hint_photo.select(place, [photo_path, points, colour, reference, upscale, vivid], shown_hints)
+        reference.select(take, reference, colour)
+        reference.change(again, [photo_path, points, reference, upscale, vivid], shown_hints)
+        undo.click(
+            lambda p, pl, r, u, t: again(p, pl[:-1], r, u, t),
+            [photo_path, points, reference, upscale, vivid],
+            shown_hints,
+        )
+        clear.click(lambda p, r, u, t: again(p, [], r, u, t), [photo_path, reference, upscale, vivid], shown_hints)
+        hints_file.upload(load_hints, [hints_file, photo_path, reference, upscale, vivid], shown_hints)
     return page
+
+
+def _first_photo(chosen: list[Any] | None) -> str | None:
+    """The first uploaded file's path (where the page's points go)."""
+    if not chosen:
+        return None
+    f = chosen[0]
+    return str(f if isinstance(f, str) else getattr(f, "name", f))
+
+
+def _hex(picked: str) -> str:
+    """The colour picker's value as #rrggbb (Gradio may give rgb(r, g, b) or #rgb)."""
+    text = (picked or "").strip()
+    if text.startswith("rgb"):
+        r, g, b = (round(float(v)) for v in text[text.index("(") + 1 : text.index(")")].split(",")[:3])
+        return f"#{r:02x}{g:02x}{b:02x}"
+    if len(text) == 4 and text.startswith("#"):
+        return "#" + "".join(c * 2 for c in text[1:])
+    return text.lower()
 
 
 def serve(

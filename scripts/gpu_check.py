@@ -22,10 +22,14 @@ is reported in one line with its log kept, and the others go on):
 - ``ddp``: the train stage with ``train.devices`` = the GPU count, when there are two or more.
 
 ImageNet weights are not fetched (``train.pretrained=false``): the machine has no internet, and speed
-does not depend on the weights. ``--device cpu --quick`` runs every part at toy sizes on any machine.
+does not depend on the weights; nor are Real-ESRGAN's (the carried file or nothing). ``--device cpu --quick``
+runs every part at toy sizes on any machine. Every part's timeout comes out of one ``--budget`` (440 s,
+under gpu_check.sh's 470 s), the report is rewritten after each part, and SIGTERM (a device's time limit)
+writes it, removes the scratch folder and exits 143: a check cut short returns what it measured. No
+progress bars (TQDM_DISABLE): one line per part.
 
     bash scripts/gpu_check.sh                  # on the GPU machine: the wheels, then this
-    python scripts/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # a dry run here
+    python scripts/gpu_check.py --device cpu --quick [--out DIR]   # a dry run here (default: a temporary DIR)
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -72,8 +78,24 @@ def needs(*modules: str) -> None:
         raise Skipped(f"not importable here: {', '.join(missing)} (scripts/gpu_wheels.sh lists the wheels)")
 
 
+class Cut(BaseException):
+    """SIGTERM (the device's time limit, or gpu_check.sh's own timeout): write what was measured, stop."""
+
+
+DEADLINE = [math.inf]  # time.monotonic() by which every part must be done (--budget)
+MARGIN = 15.0  # seconds kept back for the report and the clean-up
+
+
+def remaining() -> float:
+    return DEADLINE[0] - time.monotonic() - MARGIN
+
+
 def command(cmd: list[str], log: Path, timeout: float) -> str:
-    """Run ``cmd`` from the repository root; its output goes to ``log``; a failure raises its last line."""
+    """Run ``cmd`` from the repository root; its output goes to ``log``; a failure raises its last line.
+    Its timeout is cut to what the budget has left (a part that has no time left is skipped)."""
+    timeout = min(timeout, remaining())
+    if timeout < 20:
+        raise Skipped(f"no time left in the budget ({max(0, round(timeout))} s)")
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     with log.open("w") as f:
         proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env)
@@ -97,18 +119,29 @@ class Check:
         self.trained: dict[str, Any] | None = None
 
     def run(self, name: str, fn: Callable[[Part], None]) -> None:
+        """One part, then the report rewritten (report.md and report.json grow part by part), so a check
+        cut short still returns what it measured."""
         part = Part(name)
         t0 = time.perf_counter()
         try:
+            if remaining() < 20:
+                raise Skipped("no time left in the budget")
             fn(part)
         except Skipped as exc:
             part.status, part.summary = "skipped", str(exc)
+        except subprocess.TimeoutExpired as exc:
+            part.status, part.summary = "failed", f"cut at {exc.timeout:.0f} s to stay within the budget"
+        except Cut:
+            part.status, part.summary = "cut", "stopped by SIGTERM (a time limit) before it finished"
+            raise
         except Exception as exc:  # noqa: BLE001 - one part's failure is reported, the others still run
             part.status, part.summary = "failed", f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
             (self.out / f"{name}.traceback.txt").write_text(traceback.format_exc())
-        part.seconds = round(time.perf_counter() - t0, 1)
-        self.parts.append(part)
-        print(f"[{part.status}] {name} ({part.seconds} s): {part.summary}", flush=True)
+        finally:
+            part.seconds = round(time.perf_counter() - t0, 1)
+            self.parts.append(part)
+            self.write()
+            print(f"[{part.status}] {name} ({part.seconds} s): {part.summary}", flush=True)
 
     # ------------------------------------------------------------------ parts
     def env(self, part: Part) -> None:
@@ -242,7 +275,7 @@ class Check:
         with contextlib.suppress(Exception):
             from model.realesrgan import resolve_weights
 
-            info = resolve_weights()
+            info = resolve_weights(allow_download=False)  # no network here: never wait on one
             if importlib.util.find_spec("spandrel") is not None:
                 return str(info.path), "realesrgan"
         return None, "bicubic"
@@ -275,6 +308,7 @@ class Check:
             out = self.work / f"colorized-{name}"
             cmd = [sys.executable, "-m", "flows.cli", "image", str(src), "--out", str(out), "--engine", "torch"]
             cmd += ["--model", self.trained["folder"], "--device", device, "--precision", precision]
+            cmd += ["--workdir", str(self.work / "cli")]  # never the checkout's ./work
             t0 = time.perf_counter()
             command(cmd, self.out / f"colorize_image_{name}.log", 300)
             seconds[name] = round(time.perf_counter() - t0, 1)
@@ -301,6 +335,7 @@ class Check:
         out = self.work / "clip-colorized.mp4"
         cmd = [sys.executable, "-m", "flows.cli", "video", str(clip), "--out", str(out)]
         cmd += ["--model", self.trained["folder"], "--device", self.device, "--engine", "torch"]
+        cmd += ["--workdir", str(self.work / "cli")]
         t0 = time.perf_counter()
         command(cmd, self.out / "colorize_video.log", 300)
         fps = frames / (time.perf_counter() - t0)
@@ -404,15 +439,30 @@ class Check:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--out", default="gpu-check")
-    ap.add_argument("--crops", type=int, default=60_000, help="pipeline: 32x32 crops, the CIFAR-10-sized stand-in")
+    ap.add_argument("--out", help="where report.md and report.json go (default: a new temporary folder, printed)")
+    ap.add_argument(
+        "--crops", type=int, help="pipeline: 32x32 crops, the CIFAR-10-sized stand-in (default 60000; 400 with --quick)"
+    )
     ap.add_argument("--quick", action="store_true", help="toy sizes: a dry run of every part")
     ap.add_argument("--parts", help="comma-separated subset of the parts")
+    ap.add_argument(
+        "--budget", type=float, default=440, help="seconds for every part (gpu_check.sh's outer limit is 470)"
+    )
     args = ap.parse_args()
+    args.crops = args.crops or (400 if args.quick else 60_000)
+    args.out = args.out or tempfile.mkdtemp(prefix="gpu-check-report-")
+    print(f"report: {Path(args.out) / 'report.md'} (written after every part)", flush=True)
+    DEADLINE[0] = time.monotonic() + args.budget
     Path(args.out).mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bars: only the output's last 12,000 characters come back
     check = Check(args)
     os.environ.setdefault("TORCH_HOME", str(check.work / "torch"))  # nothing fetched, nothing left behind
+
+    def cut(signum: int, frame: Any) -> None:
+        raise Cut
+
+    signal.signal(signal.SIGTERM, cut)
     parts = [
         "env",
         "train_sweep",
@@ -425,13 +475,15 @@ def main() -> int:
         "ddp",
     ]
     chosen = ["env", *[p for p in args.parts.split(",") if p != "env"]] if args.parts else parts
-    for name in chosen:
-        check.run(name, getattr(check, name))
-    check.write()
-    import shutil
-
-    shutil.rmtree(check.work, ignore_errors=True)
-    print(f"report: {Path(args.out) / 'report.md'}")
+    try:
+        for name in chosen:
+            check.run(name, getattr(check, name))
+    except Cut:
+        print("cut by SIGTERM: the report has every part that finished", flush=True)
+        return 143
+    finally:
+        shutil.rmtree(check.work, ignore_errors=True)  # the check's scratch (work dirs, photos, clips)
+        print(f"report: {Path(args.out) / 'report.md'}", flush=True)
     return 1 if any(p.status == "failed" for p in check.parts) else 0
 
 

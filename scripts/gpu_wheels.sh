@@ -3,24 +3,30 @@
 # no internet), fetched here into .whl/ (ignored by git). The machine already has numpy, pillow, scipy,
 # scikit-image, pandas, matplotlib, tqdm, pyyaml, fsspec, onnxruntime and opencv; it lacks pydantic and
 # webdataset (every stage), PyAV (colorize video), MLflow's client and sqlite store (the train and
-# evaluate stages' tracking) and spandrel (the upscaler's network). Everything that travels, code included,
-# must stay under 64 MiB: the script prints the total.
+# evaluate stages' tracking; the store imports cryptography) and spandrel (the upscaler's network).
+# Everything that travels, code included, must stay under 64 MiB: the script prints both sizes.
 #
 #   bash scripts/gpu_wheels.sh        (then: the device tool's carry names .whl)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PY=${PY:-$ROOT/.venv/bin/python}
+PY=${PY:-python3}  # any Python with pip: the project's .venv is not needed
+"$PY" -m pip --version >/dev/null 2>&1 || { echo "error: scripts/gpu_wheels.sh needs $PY with pip (or PY=/path/to/python)"; exit 2; }
+LOCK=$ROOT/requirements.lock
 DEST=$ROOT/.whl
 grep -qx '/.whl/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.whl/' >>"$ROOT/.git/info/exclude"
 mkdir -p "$DEST"
-version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
-PINNED=(pydantic pydantic-core annotated-types typing-inspection webdataset braceexpand av mlflow-skinny
-  sqlalchemy alembic mako cachetools importlib-metadata opentelemetry-api opentelemetry-sdk opentelemetry-proto
-  opentelemetry-semantic-conventions sqlparse python-dotenv gitpython gitdb smmap databricks-sdk google-auth
-  fastapi starlette uvicorn graphql-core spandrel safetensors einops)
+# each at the version requirements.lock pins (typing-extensions too: the locked pydantic needs the locked
+# one, newer than the machine's); cryptography, cffi and pycparser are what MLflow's sqlite store imports
+PINNED=(pydantic pydantic-core annotated-types typing-inspection typing-extensions webdataset braceexpand av
+  mlflow-skinny sqlalchemy alembic mako cachetools importlib-metadata opentelemetry-api opentelemetry-sdk
+  opentelemetry-proto opentelemetry-semantic-conventions sqlparse python-dotenv gitpython gitdb smmap
+  databricks-sdk google-auth fastapi starlette uvicorn graphql-core spandrel safetensors einops
+  cryptography cffi pycparser)
 SPECS=()
 for name in "${PINNED[@]}"; do
-  if v=$(version "$name" 2>/dev/null); then SPECS+=("$name==$v"); else SPECS+=("$name"); fi
+  v=$(sed -n "s/^$name==\([^ ]*\).*/\1/p" "$LOCK" | head -1)
+  [ -n "$v" ] || { echo "error: $name is not pinned in requirements.lock"; exit 2; }
+  SPECS+=("$name==$v")
 done
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -125,7 +125,9 @@ def build_setup(out: Path, plan: dict[str, Any], s: Settings, world: World, step
     # checkpoint's step (whose saved optimizer, loaded over this one by resume(), holds that same rate:
     # the loop sets the next step's rate before each checkpoint). Adam reads its rate only when it
     # steps, so making it at this rate and setting the rate just before the first step are the same.
-    opt = make_optimizer(net, lr_at(s, step, total, peak), s.weight_decay, capturable=graphs)
+    opt = make_optimizer(
+        net, lr_at(s, step, total, peak), s.weight_decay, capturable=graphs, hint_lr_scale=s.hint_lr_scale
+    )
     dataset = ShardDataset(
         shard_paths(prepared, "train"),
         decode_sample16,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -71,23 +72,36 @@ class StepConfig:
     grad_clip: float | None = 1.0
 
 
+HINT_LAYERS = ("hint_local.", "hint_global.")  # model.colorizer's hint projections (train.hint_lr_scale)
+
+
 def make_optimizer(
-    net: torch.nn.Module, lr: float, weight_decay: float = 0.0, capturable: bool = False
+    net: torch.nn.Module, lr: float, weight_decay: float = 0.0, capturable: bool = False, hint_lr_scale: float = 1.0
 ) -> torch.optim.Adam:
     """Adam over the trainable parameters with the fused kernel: one pass per parameter tensor instead of
     a dozen elementwise kernels (~3% of a CPU step here; same update rule, same state dict layout). For a
-    CUDA graph it is capturable (:class:`GraphedStep` then makes its rate a device tensor)."""
-    params = [p for p in net.parameters() if p.requires_grad]
+    CUDA graph it is capturable (:class:`GraphedStep` then makes its rate a device tensor). A hinted
+    network's hint layers form a second group at ``hint_lr_scale`` times the rate (its ``lr_scale``,
+    which :func:`set_lr` keeps); without hints, or at scale 1, there is one group, as before."""
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    hinted = [p for n, p in named if n.startswith(HINT_LAYERS)]
+    if not hinted or hint_lr_scale == 1.0:
+        params: Any = [p for _, p in named]
+    else:
+        rest = [p for n, p in named if not n.startswith(HINT_LAYERS)]
+        params = [{"params": rest}, {"params": hinted, "lr": lr * hint_lr_scale, "lr_scale": hint_lr_scale}]
     return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True, capturable=capturable)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's next rate: in place when it is a tensor (a captured graph reads that memory)."""
+    """The schedule's next rate (times each group's ``lr_scale``): in place when it is a tensor (a
+    captured graph reads that memory)."""
     for group in opt.param_groups:
+        rate = lr * group.get("lr_scale", 1.0)
         if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
+            group["lr"].fill_(rate)
         else:
-            group["lr"] = lr
+            group["lr"] = rate
 
 
 def _flipped(x: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:

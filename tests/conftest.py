@@ -265,3 +265,29 @@ def wait_http(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             time.sleep(0.5)
     raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"  # Debian's, driven by Playwright
+
+
+def serve_cli(argv: list[str], url_path: str) -> tuple[subprocess.Popen, str]:
+    """``colorize <argv> --port P`` in its own process group (Prefect's test settings left out), once
+    ``url_path`` answers: (the process, its base URL)."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", *argv, "--port", str(port)],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + url_path, proc)
+    return proc, base
+
+
+def stop_cli(proc: subprocess.Popen) -> None:
+    """SIGTERM to a :func:`serve_cli` process group, and wait for it."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=60)

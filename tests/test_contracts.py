@@ -163,7 +163,11 @@ def test_every_setting_changes_its_own_stages_key_and_no_other(tmp_path: Path, m
 
     # Fields that can change a result only beside another setting (tasks.settings.train.Settings.unused):
     # without it they stay out of every key; with it they move their own stage's.
-    enabled_by = {"train.rebalance": {"head": "classification"}, "train.colour_weight": {"loss": "mse+colourfulness"}}
+    enabled_by = {
+        "train.rebalance": {"head": "classification"},
+        "train.colour_weight": {"loss": "mse+colourfulness"},
+        "train.hint_lr_scale": {"hints": "local"},
+    }
     enabled = {}
     for name, setting in enabled_by.items():
         data = base_cfg.model_dump()

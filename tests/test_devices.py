@@ -96,3 +96,37 @@ def test_the_evaluate_key_says_where_the_networks_ran(monkeypatch, tmp_path: Pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     gpu = evaluate.plan(evaluate.Settings(device="auto"), prepared, [], tmp_path)
     assert gpu["facts"]["device"] == "cuda" and gpu["key"] != cpu["key"]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_cut_by_sigterm_returns_what_it_measured_and_leaves_nothing(tmp_path: Path) -> None:
+    """A lent GPU's time limit ends the check with SIGTERM: the report then holds every finished part
+    and the cut one, the scratch folder is gone, nothing lands in the checkout, and no progress bar
+    floods the output."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    scratch, out = tmp_path / "tmp", tmp_path / "out"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    cmd = [sys.executable, "scripts/gpu_check.py", "--device", "cpu", "--quick", "--parts", "train_tiny"]
+    proc = subprocess.Popen(
+        [*cmd, "--out", str(out)], cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "report.json").exists() and time.monotonic() < deadline:  # env has been reported
+        time.sleep(0.2)
+    time.sleep(2)  # inside train_tiny
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 143, output
+    parts = {p["name"]: p["status"] for p in json.loads((out / "report.json").read_text())["parts"]}
+    assert parts == {"env": "ok", "train_tiny": "cut"}
+    assert "| train_tiny | cut |" in (out / "report.md").read_text()
+    assert not list(scratch.glob("gpu-check-*")), "the check's scratch folder was left behind"
+    assert not (root / "gpu-check").exists() and "step/s" not in output  # no report in the checkout, no bars

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CHROMIUM, serve_cli, stop_cli
 
 from model import hints
 from model.colorizer import Colorizer, ColorizerSpec
@@ -437,3 +438,96 @@ def test_a_hinted_run_trains_scores_the_hint_curve_registers_and_takes_hints(
     ):
         with pytest.raises(MlflowException, match=said):
             served.predict(image, params=bad)
+
+
+# ---------------------------------------------------------------- the page
+def test_the_pages_recolouring_takes_points_and_a_reference_and_says_what_is_wrong(
+    photo: Path, hinted_dir: Path, tmp_path: Path
+) -> None:
+    from flows.app import hint_modes, marked, recolour
+    from flows.colorize_images import PhotoColorizer
+
+    colorizer = PhotoColorizer.load(str(hinted_dir), tmp_path)
+    assert hint_modes(colorizer) == (True, True)
+    plain, _, _ = recolour(colorizer, str(photo), [], None, False, tmp_path)
+    point = {"x": 10, "y": 12, "color": "#2040ff"}
+    hinted, files, line = recolour(colorizer, str(photo), [point], None, False, tmp_path)
+    assert line == "Hints: 1 point." and np.abs(hinted.astype(int) - plain.astype(int)).max() > 2
+    assert [Path(f).suffix for f in files] == [".png", ".json"] and hints.parse_json(Path(files[1]).read_text())
+    palette = np.full((16, 16, 3), (30, 160, 40), dtype=np.uint8)
+    assert recolour(colorizer, str(photo), [point], palette, False, tmp_path)[2].endswith("the reference's palette.")
+    for bad, said in (
+        (([{**point, "x": 500}], None), "outside the 64x48 photo"),
+        (([point], np.full((16, 16, 3), 128, dtype=np.uint8)), "the reference is grey"),
+    ):
+        picture, files, line = recolour(colorizer, str(photo), *bad, False, tmp_path)
+        assert picture is None and files is None and said in line
+    assert recolour(colorizer, None, [point], None, False, tmp_path)[2].startswith("Colorize a photo first")
+    ring = marked(np.zeros((48, 64, 3), dtype=np.uint8), [point])
+    assert tuple(ring[12, 10]) == (0x20, 0x40, 0xFF)  # the point drawn in its colour where it is
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium (apt-get install chromium; .ci/run does)")
+def test_the_page_places_a_point_by_a_click_and_recolours(hinted_dir: Path, tmp_path: Path) -> None:
+    """In chromium: a click on the photo places a point and the hinted picture differs from the automatic
+    one; remove and reference work; the downloads are the hinted PNG and a hints JSON that reads back; a
+    grey reference is a line in the panel and the server goes on."""
+    import io
+    import os
+    import urllib.parse
+    import urllib.request
+
+    from PIL import Image
+    from playwright.sync_api import sync_playwright
+
+    from flows.app import demo_image
+
+    photo, palette, grey = tmp_path / "coffee.png", tmp_path / "palette.png", tmp_path / "grey.png"
+    demo_image().resize((240, 160)).save(photo)
+    Image.fromarray(np.full((32, 32, 3), (30, 160, 40), dtype=np.uint8)).save(palette)
+    Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8)).save(grey)
+    proc, base = serve_cli(["app", "--model", str(hinted_dir)], "/")
+
+    def fetch(link) -> bytes:  # noqa: ANN001 - a Playwright locator
+        return urllib.request.urlopen(urllib.parse.urljoin(base, link.get_attribute("href")), timeout=60).read()
+
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(base)
+            page.locator("#go").wait_for(timeout=60_000)
+            page.locator("#photos input[type=file]").set_input_files(str(photo))
+            page.locator("#go").click()
+            automatic = page.locator("#downloads a[href]").first
+            automatic.wait_for(timeout=120_000)
+            target = page.locator("#hint-photo img")
+            target.wait_for(timeout=60_000)
+            box = target.bounding_box()
+            target.click(position={"x": box["width"] * 0.3, "y": box["height"] * 0.4})
+            status = page.locator("#hint-status")
+            status.get_by_text("1 point.").wait_for(timeout=60_000)
+            hinted_png = page.locator("#hint-downloads a[href]").first
+            hinted_png.wait_for(timeout=60_000)
+            plain = np.asarray(Image.open(io.BytesIO(fetch(automatic))).convert("RGB")).astype(int)
+            hinted = np.asarray(Image.open(io.BytesIO(fetch(hinted_png))).convert("RGB")).astype(int)
+            assert hinted.shape == plain.shape == (160, 240, 3)
+            assert np.abs(hinted - plain).max() > 2, "the clicked point changed nothing"
+            target.click(position={"x": box["width"] * 0.7, "y": box["height"] * 0.6})
+            status.get_by_text("2 points.").wait_for(timeout=60_000)
+            page.locator("#undo").click()
+            status.get_by_text("1 point.").wait_for(timeout=60_000)
+            doc = page.locator("#hint-downloads a[href]").nth(1)
+            (point,) = hints.parse_json(fetch(doc))
+            assert 0.2 * 240 < point.x < 0.4 * 240 and 0.3 * 160 < point.y < 0.5 * 160 and point.color == "#3366cc"
+            page.locator("#reference input[type=file]").set_input_files(str(palette))
+            status.get_by_text("1 point and the reference's palette.").wait_for(timeout=60_000)
+            shot = Path(os.environ.get("COLORIZE_APP_HINTS_SCREENSHOT", tmp_path / "hints.png"))
+            page.screenshot(path=str(shot), full_page=True)
+            page.locator("#reference input[type=file]").set_input_files(str(grey))
+            status.get_by_text("the reference is grey").wait_for(timeout=60_000)
+            browser.close()
+        assert proc.poll() is None  # the server goes on after a bad hint
+    finally:
+        stop_cli(proc)

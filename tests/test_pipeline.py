@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import copy_prepared, free_port, wait_http
+from conftest import CHROMIUM, copy_prepared, serve_cli, stop_cli
 from PIL import Image
 from skimage import data
 
@@ -358,32 +358,6 @@ def test_a_copied_or_moved_work_dir_writes_only_into_itself(rerun: dict, workdir
 
 
 # ---------------------------------------------------------------- serving the champion: ONNX, REST, the web page
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-
-
-def _serve(argv: list[str], url_path: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PREFECT_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", *argv, "--port", str(port)],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    wait_http(base + url_path, proc)
-    return proc, base
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    import os
-    import signal
-
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=60)
-
-
 def test_the_champion_is_registered_with_an_onnx_export_that_matches_torch(rerun: dict, workdir: Path, tmp_path):
     reg = json.loads((Path(rerun["stages"]["register"]) / "manifest.json").read_text())
     assert reg["onnx"]["attached"] and reg["onnx"]["max_rgb_diff"] <= 1 and rerun["registered"]["onnx_export"]
@@ -474,7 +448,7 @@ def test_the_classification_head_trains_registers_and_colorizes_at_any_vividness
     _, paths, _, _ = colorize_uploads(vivid, [str(src)], False, tmp_path / "page", vividness=0.05)
     assert np.abs(np.asarray(Image.open(paths[0])).astype(int) - outs["0.05"]).max() <= 1
 
-    proc, base = _serve(["serve", "--model", "models:/vivid@champion", "--workdir", str(workdir)], "/ping")
+    proc, base = serve_cli(["serve", "--model", "models:/vivid@champion", "--workdir", str(workdir)], "/ping")
     try:
         import urllib.request
 
@@ -484,7 +458,7 @@ def test_the_classification_head_trains_registers_and_colorizes_at_any_vividness
             served = np.asarray(json.loads(resp.read())["predictions"], dtype=int)
         assert np.array_equal(served[0], outs["0.05"])
     finally:
-        _stop(proc)
+        stop_cli(proc)
 
     capsys.readouterr()
     assert (
@@ -551,7 +525,7 @@ def test_rest_api_serves_the_champion_and_refuses_malformed_requests(rerun: dict
     import http.client
     import urllib.request
 
-    proc, base = _serve(["serve", "--workdir", str(workdir)], "/ping")
+    proc, base = serve_cli(["serve", "--workdir", str(workdir)], "/ping")
     try:
         image = data.chelsea()[:40:2, :48:2]  # 20 x 24, real colours (only L is used)
 
@@ -587,7 +561,7 @@ def test_rest_api_serves_the_champion_and_refuses_malformed_requests(rerun: dict
         with urllib.request.urlopen(base + "/ping", timeout=10) as resp:  # still serving after bad requests
             assert resp.status == 200
     finally:
-        _stop(proc)
+        stop_cli(proc)
 
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no chromium (apt-get install chromium; .ci/run does)")
@@ -604,7 +578,7 @@ def test_web_page_in_a_real_browser(rerun: dict, workdir: Path, tmp_path: Path) 
     demo_image().save(photo)
     demo_image().resize((150, 100)).save(small)
     (tmp_path / "notes.txt").write_text("not a photo")
-    proc, base = _serve(["app", "--workdir", str(workdir)], "/")
+    proc, base = serve_cli(["app", "--workdir", str(workdir)], "/")
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
@@ -644,4 +618,4 @@ def test_web_page_in_a_real_browser(rerun: dict, workdir: Path, tmp_path: Path) 
             browser.close()
         assert proc.poll() is None  # the server goes on after a bad file
     finally:
-        _stop(proc)
+        stop_cli(proc)

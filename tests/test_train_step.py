@@ -111,3 +111,22 @@ def test_the_train_bench_fills_a_batch_larger_than_the_sample_split_and_steps(tm
         l_norm, ab = next(batches)
         assert l_norm.shape == (64, 1, 32, 32) and ab.shape == (64, 2, 32, 32)
         step((l_norm, ab))
+
+
+def test_the_hint_layers_learn_at_their_own_multiple_of_the_rate_and_nothing_else_moves() -> None:
+    """train.hint_lr_scale: a second Adam group for the hint layers, kept at its multiple by the schedule;
+    without hints, or at 1, one group over every parameter in the order of before."""
+    from tasks.train_step import set_lr
+
+    plain = Colorizer(ColorizerSpec(decoder_width=8, image_size=32))
+    assert len(make_optimizer(plain, 1e-3, hint_lr_scale=10).param_groups) == 1
+    hinted = Colorizer(ColorizerSpec(decoder_width=8, image_size=32, hints="local+global"))
+    (one,) = make_optimizer(hinted, 1e-3).param_groups
+    assert [id(p) for p in one["params"]] == [id(p) for p in hinted.parameters()]
+    opt = make_optimizer(hinted, 1e-3, hint_lr_scale=10)
+    main, hint = opt.param_groups
+    names = {id(p): n for n, p in hinted.named_parameters()}
+    assert all(names[id(p)].startswith(("hint_local.", "hint_global.")) for p in hint["params"])
+    assert len(main["params"]) + len(hint["params"]) == len(list(hinted.parameters()))
+    set_lr(opt, 0.002)
+    assert main["lr"] == 0.002 and math.isclose(hint["lr"], 0.02)

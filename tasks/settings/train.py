@@ -50,6 +50,13 @@ class Settings(Section):
         description="what the model learns to take besides L: off; local (clicked colour points, simulated "
         "in training as Zhang et al. 2017 do); local+global (also a reference photo's palette)",
     )
+    hint_lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1000,
+        description="the hint layers' learning rate as a multiple of train.lr (they start at zero and see "
+        "sparse inputs; train.hints other than off)",
+    )
     rebalance: float = Field(
         0.5, ge=0, le=1, description="classification head: the ab prior's mix with the uniform (1: no rebalancing)"
     )
@@ -138,8 +145,11 @@ class Settings(Section):
 
     def unused(self) -> list[str]:
         """The fields that cannot change this run's result: the classification head's ``rebalance`` for a
-        regression head, the colourfulness term's ``colour_weight`` for a loss without that term."""
+        regression head, the hint layers' ``hint_lr_scale`` without hints, the colourfulness term's
+        ``colour_weight`` for a loss without that term."""
         names = [] if self.head == "classification" else ["rebalance"]
+        if self.hints == "off":
+            names.append("hint_lr_scale")
         if self.head != "regression" or self.loss != "mse+colourfulness":
             names.append("colour_weight")
         return names
