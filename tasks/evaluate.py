@@ -44,7 +44,7 @@ from storage.errors import ConfigError
 from storage.shards import ShardDataset, shard_paths
 from storage.stage import StageResult, make_plan, run_stage
 from storage.tracking import Tracker
-from tasks.evaluate_hints import HintCurve, hint_curve, save_plot, score_conditions, takes_hints
+from tasks.evaluate_hints import HintCurve, hint_curve, save_grid, save_plot, score_conditions, takes_hints
 from tasks.settings.evaluate import Settings
 
 log = logging.getLogger(__name__)
@@ -349,7 +349,7 @@ def log_evaluation(
         tracker.log_metrics(run_ids[model], metrics)
     if parent_run_id:
         names = ["metrics.md", "metrics.csv", "per_image.csv", "grid.png", "study.png"]
-        for name in names + (["hints.md", "hints.csv", "hints.png"] if curve else []):
+        for name in names + (["hints.md", "hints.csv", "hints.png", "hints_grid.png"] if curve else []):
             tracker.log_artifact(parent_run_id, out / name, "evaluation")
 
 
@@ -392,6 +392,8 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
             )
             curve.write(out)
             save_plot(curve, baseline.means, out / "hints.png")
+            l_grid, ab_grid = first_batch(shard_paths(prepared, "test"), e.grid_images)
+            save_grid(hinted[min(hinted)], l_grid, ab_grid, e.hint_seed, out / "hints_grid.png")
 
         l_norm, ab = first_batch(shard_paths(prepared, "test"), e.grid_images)
         with torch.no_grad():

@@ -9,7 +9,8 @@ output, the row the main table already has. Every condition is compared with 0 p
 by the study's two-level bootstrap (model.study.paired): the interval says whether the points helped.
 
 What it finds is a value (:class:`HintCurve`): the table (hints.csv, hints.md, the manifest), each
-model's ``test_<metric>_hints_<n>`` for its MLflow run, and the picture (hints.png).
+model's ``test_<metric>_hints_<n>`` for its MLflow run, and the pictures (hints.png, the curve;
+hints_grid.png, test images grey | automatic | 5 points | 10 points | the global hint | truth).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from model.metrics import HIGHER_IS_BETTER, METRICS
 from model.study import paired
 from storage.atomic import write_bytes
 
+GRID_POINTS = (5, 10)  # hints_grid.png's columns of points
 CURVE_METRICS = ("rgb_mse", "psnr", "ssim", "lpips", "colorfulness_gap")  # the issue's and Zhang'17's measures
 PLOTTED = ("psnr", "rgb_mse", "colorfulness_gap")
 Condition = int | str  # a number of points, or model.hints.GLOBAL
@@ -177,3 +179,20 @@ def save_plot(curve: HintCurve, baseline: Mapping[str, float], path: Path) -> Pa
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+def save_grid(net: Any, l_norm: Any, ab: Any, seed: int, path: Path) -> Path:
+    """hints_grid.png for one hinted model on a batch of test images (``l_norm``, true ``ab``): grey,
+    automatic, :data:`GRID_POINTS` points from the truth (the curve's own points), the truth's global hint
+    (a model that takes one), truth."""
+    import torch
+
+    from model.inference import device_of
+    from model.preview import grid, save_png
+
+    device = device_of(net)
+    l_dev, ab_dev = l_norm.to(device), ab.to(device)
+    given = [{}, *({"c": n} for n in GRID_POINTS)] + ([{"c": GLOBAL}] if net.spec.hints == "local+global" else [])
+    with torch.no_grad():
+        cols = [net(l_dev, **(curve_inputs(ab_dev, g["c"], seed, 0) if g else {})).float().cpu() for g in given]
+    return save_png(grid(l_norm, [*cols, ab]), path)

@@ -362,6 +362,7 @@ def test_a_hinted_run_trains_scores_the_hint_curve_registers_and_takes_hints(
     from uuid import UUID
 
     import pandas as pd
+    from PIL import Image
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -382,6 +383,8 @@ def test_a_hinted_run_trains_scores_the_hint_curve_registers_and_takes_hints(
     assert zero["psnr"] == automatic["psnr"] and zero["rgb_mse"] == automatic["rgb_mse"]  # 0 points: the same row
     assert curve.loc[curve["condition"] != "0", "psnr_low"].notna().all()  # an interval against 0 points each
     assert (folder / "hints.png").stat().st_size > 0 and "global (the truth's)" in (folder / "hints.md").read_text()
+    picture = Image.open(folder / "hints_grid.png")  # grey | automatic | 5 | 10 | global | truth, 4 images
+    assert picture.size == (6 * 32 * 2, 4 * 32 * 2)
 
     tracker = Tracker(workdir)
     trained = json.loads((Path(result["stages"]["train-max"]) / "manifest.json").read_text())
@@ -391,7 +394,7 @@ def test_a_hinted_run_trains_scores_the_hint_curve_registers_and_takes_hints(
     )
     assert run.data.metrics["test_psnr_hints_0"] == automatic["psnr"]
     parent = {a.path for a in tracker.client.list_artifacts(result["mlflow_parent_run_id"], "evaluation")}
-    assert {"evaluation/hints.png", "evaluation/hints.md"} <= parent
+    assert {"evaluation/hints.png", "evaluation/hints.md", "evaluation/hints_grid.png"} <= parent
 
     async def artifacts() -> list:
         async with get_client() as client:
@@ -415,7 +418,6 @@ def test_a_hinted_run_trains_scores_the_hint_curve_registers_and_takes_hints(
 
     import mlflow
     from mlflow.exceptions import MlflowException
-    from PIL import Image
 
     from storage.tracking import use_store
 

@@ -51,11 +51,11 @@ class Settings(Section):
         "in training as Zhang et al. 2017 do); local+global (also a reference photo's palette)",
     )
     hint_lr_scale: float = Field(
-        1.0,
+        10.0,
         gt=0,
         le=1000,
         description="the hint layers' learning rate as a multiple of train.lr (they start at zero and see "
-        "sparse inputs; train.hints other than off)",
+        "sparse inputs; train.hints other than off; docs/hints.md measured 1, 10 and 100)",
     )
     rebalance: float = Field(
         0.5, ge=0, le=1, description="classification head: the ab prior's mix with the uniform (1: no rebalancing)"
