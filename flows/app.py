@@ -214,7 +214,8 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
                 colorizer, chosen, up, out_dir, tell, vividness=float(t) if shown else None
             )
             first = _first_photo(chosen)
-            return pictures, paths or None, text, done, (done[0] if done else None), first, _view(first, [])
+            # a new photo starts without points (the last photo's could fall outside this one)
+            return pictures, paths or None, text, done, (done[0] if done else None), first, _view(first, []), []
 
         def _view(photo: str | None, placed: list[dict[str, Any]]) -> np.ndarray | None:
             try:
@@ -258,7 +259,9 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
             """A gallery item (before or after of photo k) puts photo k on the slider."""
             return done[evt.index // 2] if done and evt.index is not None else None
 
-        go.click(run, [files, upscale, vivid], [gallery, downloads, status, pairs, slider, photo_path, hint_photo])
+        go.click(
+            run, [files, upscale, vivid], [gallery, downloads, status, pairs, slider, photo_path, hint_photo, points]
+        )
         gallery.select(pick, pairs, slider)
         shown_hints = [points, hint_photo, hinted_out, hint_downloads, hint_status]
         hint_photo.select(place, [photo_path, points, colour, reference, upscale, vivid], shown_hints)
