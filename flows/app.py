@@ -50,7 +50,7 @@ def colorize_uploads(
     pairs: list[Pair] = []
     files = files or []
     for i, f in enumerate(files):
-        path = Path(f if isinstance(f, str) else getattr(f, "name", f))
+        path = _upload_path(f)
         name = path.name
         if progress is not None:
             step = "upscaling (Real-ESRGAN), then colorizing" if upscale else "colorizing"
@@ -248,7 +248,7 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
         def load_hints(doc: Any, photo: str | None, ref: Any, up: bool, t: float) -> tuple[Any, ...]:
             if doc is None:
                 return again(photo, [], ref, up, t)
-            path = Path(doc if isinstance(doc, str) else doc.name)
+            path = _upload_path(doc)
             try:
                 placed = [p.as_dict() for p in hinting.parse_json(path.read_bytes(), path.name)]
             except hinting.HintError as exc:
@@ -277,12 +277,14 @@ def build(colorizer: PhotoColorizer, summary: str, out_dir: Path) -> Any:
     return page
 
 
+def _upload_path(f: Any) -> Path:
+    """Where Gradio put an uploaded file (it gives a path, or an object with the path as ``name``)."""
+    return Path(f if isinstance(f, str) else getattr(f, "name", f))
+
+
 def _first_photo(chosen: list[Any] | None) -> str | None:
     """The first uploaded file's path (where the page's points go)."""
-    if not chosen:
-        return None
-    f = chosen[0]
-    return str(f if isinstance(f, str) else getattr(f, "name", f))
+    return str(_upload_path(chosen[0])) if chosen else None
 
 
 def _hex(picked: str) -> str:

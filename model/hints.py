@@ -189,12 +189,16 @@ def reference_hint(rgb: np.ndarray) -> torch.Tensor:
     return global_from_ab((lab[1:] / AB_SCALE)[None])
 
 
-def none_given(batch: int, size: int, mode: str) -> dict[str, torch.Tensor]:
-    """Inputs that give no hint (the automatic output of a hinted model)."""
-    out = {"hint_ab": torch.zeros(batch, 2, size, size), "hint_mask": torch.zeros(batch, 1, size, size)}
+INPUTS = ("hint_ab", "hint_mask", "global_hint")  # the network's hint inputs, in the ONNX graph's order
+
+
+def none_given(batch: int, height: int, width: int, mode: str) -> dict[str, torch.Tensor]:
+    """The hint inputs a model trained with ``train.hints=mode`` takes, each giving no hint (zeros: the
+    automatic output), in :data:`INPUTS`' order."""
+    out = {"hint_ab": torch.zeros(batch, 2, height, width), "hint_mask": torch.zeros(batch, 1, height, width)}
     if mode == "local+global":
         out["global_hint"] = torch.zeros(batch, global_size())
-    return out
+    return {} if mode == "off" else out
 
 
 def _patch_side(size: int, at_256: float) -> int:

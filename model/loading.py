@@ -19,7 +19,7 @@ it is light (no torch, no MLflow): the commands' options build a :class:`Running
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,11 +94,7 @@ def load_engine(
     if local.is_dir() or local.suffix == ".pt":
         net, size = _stage_folder(local, where, how)
     else:
-        net, size = _registered(model, workdir, how)
-        if hinted and getattr(net, "hint_inputs", None) == ():  # onnxruntime on an export without them
-            if how.engine == "onnx":
-                raise UsageError("--engine onnx: this version's ONNX export has no hint inputs; use --engine torch")
-            net, size = _registered(model, workdir, replace(how, engine="torch"))
+        net, size = _registered(model, workdir, how, hinted)
     try:
         return with_vividness(net, how.vividness), size
     except ValueError as exc:
@@ -118,9 +114,9 @@ def _stage_folder(local: Path, where: torch.device, how: Running) -> tuple[Any, 
     return place(net, where, how.precision), net.spec.image_size
 
 
-def _registered(model: str | None, workdir: Path, how: Running) -> tuple[Any, int]:
+def _registered(model: str | None, workdir: Path, how: Running, hinted: bool = False) -> tuple[Any, int]:
     """A registered model or a run's, loaded through its pyfunc (placed as ``how`` says), and the engine
-    it gives for ``how.engine``."""
+    it gives for ``how.engine`` (one that takes hints when ``hinted``)."""
     import mlflow
 
     from model.pyfunc import EngineError, placing
@@ -145,7 +141,7 @@ def _registered(model: str | None, workdir: Path, how: Running) -> tuple[Any, in
         raise NoModel(f"cannot load model {target}: {str(exc).splitlines()[0]}") from None
     inner = loaded.unwrap_python_model()
     try:
-        return inner.engine(how.engine), inner.spec.image_size
+        return inner.engine(how.engine, hinted), inner.spec.image_size
     except EngineError as exc:
         raise NoModel(str(exc)) from None
 

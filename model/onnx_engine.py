@@ -49,7 +49,6 @@ RGB_TOLERANCE = 1  # uint8 levels in the colorized photo
 AB_TOLERANCE = 2e-3  # normalized ab (x110 = Lab units)
 ONNX_FILE = "model.onnx"
 TEMPERATURE = "temperature"  # a classification model's second graph input
-HINT_INPUTS = {"off": (), "local": ("hint_ab", "hint_mask"), "local+global": ("hint_ab", "hint_mask", "global_hint")}
 
 
 class ExportMismatch(RuntimeError):
@@ -180,11 +179,10 @@ def write_onnx(net: Colorizer, path: Path) -> None:
         args, names = (example, torch.tensor([net.spec.temperature])), [*names, TEMPERATURE]
     if net.spec.hints != "off":  # after the temperature; a model without hints is exported exactly as before
         side = net.spec.image_size
-        examples = {"hint_ab": torch.zeros(1, 2, side, side), "hint_mask": torch.zeros(1, 1, side, side)}
-        examples["global_hint"] = torch.zeros(1, hinting.global_size())
-        hinted = list(HINT_INPUTS[net.spec.hints])
+        examples = hinting.none_given(1, side, side, net.spec.hints)
+        hinted = list(examples)
         module = _Hinted(net, [*names[1:], *hinted]).eval()
-        args, names = (*args, *(examples[n] for n in hinted)), [*names, *hinted]
+        args, names = (*args, *examples.values()), [*names, *hinted]
         axes.update({n: dims for n in hinted if n != "global_hint"})
         axes.update({"global_hint": {0: "batch"}} if "global_hint" in hinted else {})
     with torch.no_grad():
@@ -226,7 +224,7 @@ class OnnxColorizer:
         names = {i.name for i in self.session.get_inputs()}
         self.decodes = TEMPERATURE in names
         # the hint inputs this export has: an export made before hints existed has none, whatever the spec
-        self.hint_inputs = tuple(n for n in HINT_INPUTS["local+global"] if n in names)
+        self.hint_inputs = tuple(n for n in hinting.INPUTS if n in names)
 
     @property
     def takes_hints(self) -> bool:
@@ -243,11 +241,9 @@ class OnnxColorizer:
             raise hinting.HintError(hinting.NOT_TRAINED if not self.hint_inputs else hinting.NO_GLOBAL)
         if self.hint_inputs:
             b, _, h, w = l_norm.shape
-            zeros = {"hint_ab": (b, 2, h, w), "hint_mask": (b, 1, h, w), "global_hint": (b, hinting.global_size())}
+            given = {**hinting.none_given(b, h, w, "local+global"), **hints}
             for name in self.hint_inputs:
-                given = hints.get(name)
-                value = given.detach().float().cpu().numpy() if given is not None else np.zeros(zeros[name], np.float32)
-                feed[name] = np.ascontiguousarray(value)
+                feed[name] = np.ascontiguousarray(given[name].detach().float().cpu().numpy())
         return torch.from_numpy(self.session.run(["ab"], feed)[0])
 
     def eval(self) -> OnnxColorizer:

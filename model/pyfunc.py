@@ -81,9 +81,11 @@ class ColorizerModel(mlflow.pyfunc.PythonModel):
         self.no_onnx_reason = (getattr(context, "model_config", None) or {}).get(NO_ONNX)
         self._onnx = None
 
-    def engine(self, name: str = "auto") -> Any:
+    def engine(self, name: str = "auto", hinted: bool = False) -> Any:
         """The network to run: PyTorch, or onnxruntime on the registered ONNX export; ``auto`` as
-        :func:`model.inference.choose_engine` decides for where and how the network was placed."""
+        :func:`model.inference.choose_engine` decides for where and how the network was placed.
+        ``hinted``: it must take hints, so an export made without hint inputs is PyTorch under ``auto``
+        and an :class:`EngineError` under ``onnx``."""
         import importlib.util
 
         from model.inference import choose_engine, device_of, precision_of
@@ -103,6 +105,10 @@ class ColorizerModel(mlflow.pyfunc.PythonModel):
             from model.onnx_engine import OnnxColorizer
 
             self._onnx = OnnxColorizer(self.onnx_path, self.spec)
+        if hinted and not self._onnx.takes_hints:
+            if name == "onnx":
+                raise EngineError("--engine onnx: this version's ONNX export has no hint inputs; use --engine torch")
+            return self.net
         return self._onnx
 
     def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201 - MLflow infers from hints
@@ -122,9 +128,7 @@ class ColorizerModel(mlflow.pyfunc.PythonModel):
         batch = batch.astype(np.uint8)
         params = params or {}
         guidance = self._guidance(params)
-        net = self.engine("auto")
-        if guidance and getattr(net, "hint_inputs", None) == ():  # an ONNX export made without hint inputs
-            net = self.net
+        net = self.engine("auto", hinted=bool(guidance))
         vividness = params.get(VIVIDNESS)
         if vividness is not None and vividness != self.spec.temperature:
             try:

@@ -384,6 +384,7 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
                 score(net, prepared, lpips, e.batch_size, device), head=net.spec.head
             )
         ev = evaluation(trained, baseline, scores, lpips.missing, temperature)
+        l_norm, ab = first_batch(shard_paths(prepared, "test"), e.grid_images)  # grid.png's (and hints_grid.png's)
         curve = None
         if hinted:
             curve = hint_curve(
@@ -392,10 +393,8 @@ def run(plan: dict[str, Any], force: bool = False, parent_run_id: str | None = N
             )
             curve.write(out)
             save_plot(curve, baseline.means, out / "hints.png")
-            l_grid, ab_grid = first_batch(shard_paths(prepared, "test"), e.grid_images)
-            save_grid(hinted[min(hinted)], l_grid, ab_grid, e.hint_seed, out / "hints_grid.png")
+            save_grid(hinted[min(hinted)], l_norm, ab, e.hint_seed, out / "hints_grid.png")
 
-        l_norm, ab = first_batch(shard_paths(prepared, "test"), e.grid_images)
         with torch.no_grad():
             cols = [first[v](l_norm.to(device)).float().cpu() for v in ev.variants]
         save_png(grid(l_norm, [*cols, ab]), out / "grid.png")
