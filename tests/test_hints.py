@@ -533,3 +533,21 @@ def test_the_page_places_a_point_by_a_click_and_recolours(hinted_dir: Path, tmp_
         assert proc.poll() is None  # the server goes on after a bad hint
     finally:
         stop_cli(proc)
+
+
+def test_an_export_without_hint_inputs_gives_torch_under_auto_and_one_line_under_onnx(tmp_path: Path) -> None:
+    """A hinted version whose ONNX export predates the hint inputs: hints run on torch under ``auto``;
+    ``--engine onnx`` says why not; without hints the export is used as before."""
+    from model.onnx_engine import OnnxColorizer, write_onnx
+    from model.pyfunc import ColorizerModel, EngineError
+
+    torch.manual_seed(0)
+    hinted = Colorizer(_spec("regression", "max", "local+global")).eval()
+    write_onnx(Colorizer(_spec("regression", "max")).eval(), tmp_path / "old.onnx")  # no hint inputs
+    served = ColorizerModel()
+    served.spec, served.net, served.onnx_path, served.no_onnx_reason = hinted.spec, hinted, tmp_path / "old.onnx", None
+    served._onnx = None
+    assert isinstance(served.engine("auto"), OnnxColorizer)
+    assert served.engine("auto", hinted=True) is hinted
+    with pytest.raises(EngineError, match="no hint inputs"):
+        served.engine("onnx", hinted=True)
