@@ -12,9 +12,10 @@ if [ -x "$ROOT/.venv/bin/python" ]; then
   PY=$ROOT/.venv/bin/python
 else
   PY=python3
+  SITE=${GPU_CHECK_SITE:-/tmp/site}  # gpu_sim.sh gives its own
   if ls "$ROOT"/.whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$ROOT"/.whl/*.whl
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "$ROOT"/.whl/*.whl
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
   fi
 fi
 export PYTHONUNBUFFERED=1
