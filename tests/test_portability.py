@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ with torch.no_grad():
 print("ATEN", torch.backends.cpu.get_cpu_capability())
 """
 LEFT_OUT: dict[str, str] = {}  # an ISA not run, and why
+WARNINGS: dict[str, set[str]] = {}  # each ISA's warning lines (digits blanked), from every command it ran
 RGB_LEVEL = 1 / 255  # docs/onnx_parity.md: what a user could see in the colorized photo
 
 
@@ -91,11 +93,13 @@ def runs(tiny_prepared: Path, native: tuple[str, str], tmp_path_factory: pytest.
         argv += ["--workdir", str(workdir)]
         out = subprocess.run(argv, cwd=ROOT, env=_env(isa), capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"{isa}: {out.stdout[-2000:]}{out.stderr[-3000:]}"
+        _warnings(isa, out, workdir)
         image = [sys.executable, "-m", "flows.cli", "image", str(photo), "--out", str(workdir / "photo_color.png")]
         out = subprocess.run(
             [*image, "--workdir", str(workdir)], cwd=ROOT, env=_env(isa), capture_output=True, text=True
         )
         assert out.returncode == 0, f"{isa}: {out.stderr[-3000:]}"
+        _warnings(isa, out, workdir)
         done[isa] = workdir
     # One model on every ISA: the native run's champion on the torch engine (onnxruntime's dispatch
     # ignores these settings), so only the kernels differ, not the weights.
@@ -105,6 +109,14 @@ def runs(tiny_prepared: Path, native: tuple[str, str], tmp_path_factory: pytest.
         out = subprocess.run(same, cwd=ROOT, env=_env(isa), capture_output=True, text=True)
         assert out.returncode == 0, f"{isa}: {out.stderr[-3000:]}"
     return done
+
+
+def _warnings(isa: str, out: subprocess.CompletedProcess, workdir: Path) -> None:
+    """What torch, onnxruntime, ncnn and the product warned of: a line naming a warning, its work dir
+    named alike and digits blanked (times, sizes and paths differ between runs, a warning's text does not)."""
+    lines = (out.stdout + out.stderr).replace(str(workdir), "WORKDIR").splitlines()
+    found = {re.sub(r"\d+", "#", line.strip()) for line in lines if re.search(r"warn", line, re.IGNORECASE)}
+    WARNINGS.setdefault(isa, set()).update(found)
 
 
 def _stage(workdir: Path, stage: str) -> dict:
@@ -144,6 +156,11 @@ def test_every_isa_registers_with_its_onnx_export_and_scores_what_the_others_sco
     photos = {isa: np.asarray(Image.open(wd / "native_model.png"), dtype=np.int16) for isa, wd in runs.items()}
     for isa in others:
         assert np.abs(photos[isa] - photos[first]).max() <= 1, f"{isa}: the native model's photo moved by over 1/255"
+    # An older CPU shows its user nothing new: no warning (from torch, onnxruntime, ncnn or the product)
+    # that this CPU's run did not print too, since a user could do nothing about it.
+    for isa in others:
+        new = WARNINGS[isa] - WARNINGS[first]
+        assert not new, f"{isa} warns of what {first} does not: {new}"
 
 
 def _rows(workdir: Path) -> list[dict]:
