@@ -9,7 +9,7 @@
 #
 #   bash scripts/gpu_sim.sh [--parts train_tiny,pipeline]   (extra arguments go to scripts/gpu_check.py)
 #   OUT=DIR bash scripts/gpu_sim.sh     (the report there; otherwise a temporary folder it prints)
-#   GPU_SIM_CACHE=DIR (default ~/.cache/colorize-gpu-sim: about 3 GB of wheels and a 6 GB venv)
+#   GPU_SIM_CACHE=DIR (default ~/.cache/colorize-gpu-sim: about 3 GB of wheels and a 5.6 GB venv)
 #   GPU_SIM_PYTHON=/path/to/python3.12 (default: python3.12 on PATH, then pyenv's)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -59,6 +59,7 @@ env -i HOME="$HOME" PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" LANG=C.UTF-8 P
   bash "$TREE/scripts/gpu_check.sh" --device cpu --quick "$@"
 rc=$?
 set -e
+[ -f "$REPORT/report.json" ] || { say "FAILED: the check wrote no report (exit $rc)"; exit 1; }
 # every part ok, but DDP (it needs two GPUs); what was asked for with --parts only
 "$VENV/bin/python" - "$REPORT/report.json" "$rc" <<'PY'
 import json, sys

@@ -44,7 +44,7 @@ with torch.no_grad():
 print("ATEN", torch.backends.cpu.get_cpu_capability())
 """
 LEFT_OUT: dict[str, str] = {}  # an ISA not run, and why
-WARNINGS: dict[str, set[str]] = {}  # each ISA's warning lines (digits blanked), from every command it ran
+WARNINGS: dict[str, set[str]] = {}  # each ISA's warning lines (keys, digits blanked), from every command it ran
 RGB_LEVEL = 1 / 255  # docs/onnx_parity.md: what a user could see in the colorized photo
 
 
@@ -113,9 +113,12 @@ def runs(tiny_prepared: Path, native: tuple[str, str], tmp_path_factory: pytest.
 
 def _warnings(isa: str, out: subprocess.CompletedProcess, workdir: Path) -> None:
     """What torch, onnxruntime, ncnn and the product warned of: a line naming a warning, its work dir
-    named alike and digits blanked (times, sizes and paths differ between runs, a warning's text does not)."""
+    named alike, stage keys and digits blanked (times, sizes, keys and paths differ between runs, a
+    warning's text does not)."""
     lines = (out.stdout + out.stderr).replace(str(workdir), "WORKDIR").splitlines()
-    found = {re.sub(r"\d+", "#", line.strip()) for line in lines if re.search(r"warn", line, re.IGNORECASE)}
+    found = {
+        re.sub(r"[0-9a-f]{8,}|\d+", "#", line.strip()) for line in lines if re.search(r"warn", line, re.IGNORECASE)
+    }
     WARNINGS.setdefault(isa, set()).update(found)
 
 
