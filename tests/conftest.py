@@ -4,6 +4,7 @@ real servers on 127.0.0.1 started for the session: an S3 server (rclone) and an 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import http.server
 import os
 import shutil
@@ -155,12 +156,23 @@ PREPARED_STAGES = ("download", "upscale", "prepare")
 @pytest.fixture(scope="session")
 def tiny_prepared(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A work dir whose tiny-preset download, upscale and prepare stages are finished, made once per
-    session: a test that needs the tiny data but checks nothing about making it copies these folders
-    (:func:`copy_prepared`) instead of rebuilding the same data."""
+    test run: a test that needs the tiny data but checks nothing about making it copies these folders
+    (:func:`copy_prepared`) instead of rebuilding the same data. Under pytest-xdist the workers share it
+    (the run's common temporary folder): the first to need it builds it under a file lock, the others
+    wait for it, and nobody writes into it afterwards."""
     from flows.pipeline import pipeline
 
-    workdir = tmp_path_factory.mktemp("tiny-prepared")
-    pipeline(dataset="sample", preset="tiny", workdir=str(workdir), until="prepare")
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # pytest-of-<user>/pytest-<n>: this run's, common to its workers
+    workdir = shared / "tiny-prepared"
+    with open(shared / "tiny-prepared.lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        if not (workdir / ".complete").exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            pipeline(dataset="sample", preset="tiny", workdir=str(workdir), until="prepare")
+            (workdir / ".complete").touch()
+        fcntl.flock(fh, fcntl.LOCK_UN)
     return workdir
 
 

@@ -72,6 +72,8 @@ def runs(tiny_prepared: Path, native: tuple[str, str], tmp_path_factory: pytest.
     """One tiny pipeline per ISA (its own work dir holding the shared prepared data) and `colorize
     image` with its champion; an ISA that cannot be forced here, or that is the native one, is left
     out with the reason."""
+    from prefect.settings import PREFECT_API_URL  # after the session's harness set Prefect's home
+
     photo = tmp_path_factory.mktemp("photo") / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(photo)
     done: dict[str, Path] = {}
@@ -91,7 +93,9 @@ def runs(tiny_prepared: Path, native: tuple[str, str], tmp_path_factory: pytest.
         workdir = copy_prepared(tiny_prepared, tmp_path_factory.mktemp(f"isa-{isa}"))
         argv = [sys.executable, "-m", "flows.cli", "run", "--preset", "tiny", "--variants", "max"]
         argv += ["--workdir", str(workdir)]
-        out = subprocess.run(argv, cwd=ROOT, env=_env(isa), capture_output=True, text=True, timeout=900)
+        # on the session's Prefect server: a temporary one per run is not what this test is about
+        env = _env(isa, PREFECT_API_URL=PREFECT_API_URL.value())
+        out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert out.returncode == 0, f"{isa}: {out.stdout[-2000:]}{out.stderr[-3000:]}"
         _warnings(isa, out, workdir)
         image = [sys.executable, "-m", "flows.cli", "image", str(photo), "--out", str(workdir / "photo_color.png")]
