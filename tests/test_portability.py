@@ -4,7 +4,8 @@ and MKL limited to AVX2, then to the x86-64 baseline). onnxruntime keeps its own
 register's ONNX parity gate compares two different kernel families: the case that once failed on
 another CPU. The three runs share one prepared dataset (they differ from training on). Each run trains
 its own weights, so their photos are compared through one model: the native run's champion, on the torch
-engine, under every ISA.
+engine, under every ISA. An older ISA's runs must print no warning the native run does not (a user
+could do nothing about one). The pipeline runs use the session's Prefect server.
 
 The settings (docs/onnx_parity.md): ``ATEN_CPU_CAPABILITY`` (default | avx2 | avx512),
 ``ONEDNN_MAX_CPU_ISA`` (SSE41 | AVX2 | AVX512_CORE ...), ``MKL_ENABLE_INSTRUCTIONS`` (SSE4_2 | AVX2 ...).
